@@ -1,0 +1,12 @@
+"""fwserve head ops: many sessions' classifier heads read and written in one launch.
+
+    from kernels import head_forward, sgd_step, delta_step, prototype_step, rls_step
+    from kernels import reference   # float64 definitions of every op
+
+Triton kernels run for CUDA tensors, batched torch for CPU tensors (see kernels.ops).
+"""
+
+from . import reference
+from .ops import delta_step, head_forward, prototype_step, rls_step, sgd_step
+
+__all__ = ["head_forward", "sgd_step", "delta_step", "prototype_step", "rls_step", "reference"]

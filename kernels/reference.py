@@ -1,0 +1,181 @@
+"""Float64 references for the head ops: the definition of what each op computes.
+
+These are deliberately naive — a Python loop over sessions and, for the sequential rules, over
+rows — so that they can be read against the math. Every fast path (batched torch, Triton) is
+tested against them. Each function takes the same arguments as its public op, returns new
+tensors (float64) instead of updating in place, and never mutates its inputs.
+
+Notation, shared by all ops:
+    x [B, d]          feature rows; row i belongs to slot s_i = slots[i] (-1: no session)
+    W [S, C, d]       stacked heads, b [S, C] biases
+    n_s               n_classes[s]: classes c >= n_s are masked (logit -inf, never updated)
+    R_s               rows of slot s in arrival order, n_rows_s = |R_s|
+    onehot(y)         the length-C indicator of class y
+    h_s               a hyper-parameter given as a float or a per-slot tensor [S]
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = [
+    "head_forward_ref",
+    "sgd_step_ref",
+    "delta_step_ref",
+    "prototype_step_ref",
+    "rls_step_ref",
+    "per_slot",
+]
+
+NORM_EPS = 1e-12  # same floor as torch.nn.functional.normalize: a zero row stays zero
+
+
+def per_slot(value, num_slots: int) -> torch.Tensor:
+    """A float or a per-slot tensor [S], as a float64 tensor [S] on the CPU."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", torch.float64).reshape(num_slots)
+    return torch.full((num_slots,), float(value), dtype=torch.float64)
+
+
+def _unit(v: torch.Tensor) -> torch.Tensor:
+    return v / v.norm().clamp_min(NORM_EPS)
+
+
+def _rows_by_slot(slots: torch.Tensor) -> dict[int, list[int]]:
+    rows: dict[int, list[int]] = {}
+    for i, s in enumerate(slots.tolist()):
+        if s >= 0:
+            rows.setdefault(s, []).append(i)
+    return rows
+
+
+def _f64(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().to("cpu", torch.float64).clone()
+
+
+def head_forward_ref(x, W, b, slots, n_classes, normalize=None) -> torch.Tensor:
+    """Grouped head forward (BGMV): each row is scored by its own slot's head.
+
+        logits[i, c] = W[s_i, c] . u_i + b[s_i, c]    for c <  n_{s_i}
+                     = -inf                           for c >= n_{s_i}
+        logits[i, :] = 0                              if s_i = -1
+        u_i = x_i / max(||x_i||, eps) if normalize[s_i] else x_i
+
+    Returns float64 [B, C].
+    """
+    x, W, b = _f64(x), _f64(W), _f64(b)
+    B, C = x.shape[0], W.shape[1]
+    out = torch.zeros(B, C, dtype=torch.float64)
+    for i, s in enumerate(slots.tolist()):
+        if s < 0:
+            continue
+        u = _unit(x[i]) if normalize is not None and bool(normalize[s]) else x[i]
+        n = int(n_classes[s])
+        out[i, :n] = W[s, :n] @ u + b[s, :n]
+        out[i, n:] = float("-inf")
+    return out
+
+
+def sgd_step_ref(x, y, slots, W, b, n_classes, lr, weight_decay=0.0):
+    """One SGD step on the softmax cross-entropy, mini-batch mean per slot.
+
+    For every slot s with n_rows_s > 0, using the heads as they were before the call:
+        p_i = softmax(W_s[:n_s] x_i + b_s[:n_s])                  (over the live classes)
+        g_i = p_i - onehot(y_i)                                    [n_s]
+        W_s[:n_s] <- W_s[:n_s] - lr_s * (sum_i g_i x_i^T / n_rows_s + wd_s * W_s[:n_s])
+        b_s[:n_s] <- b_s[:n_s] - lr_s *  sum_i g_i       / n_rows_s
+    Masked classes (c >= n_s) and slots without rows are untouched (no weight decay either).
+    The bias is not decayed. Returns (W, b) as new float64 tensors.
+    """
+    x, W, b = _f64(x), _f64(W), _f64(b)
+    lr, wd = per_slot(lr, W.shape[0]), per_slot(weight_decay, W.shape[0])
+    for s, rows in _rows_by_slot(slots).items():
+        n = int(n_classes[s])
+        xs = x[rows]
+        p = torch.softmax(xs @ W[s, :n].T + b[s, :n], dim=1)
+        g = p - torch.nn.functional.one_hot(y[rows].cpu(), n).to(torch.float64)
+        grad_W = g.T @ xs / len(rows)
+        grad_b = g.sum(0) / len(rows)
+        W[s, :n] -= lr[s] * (grad_W + wd[s] * W[s, :n])
+        b[s, :n] -= lr[s] * grad_b
+    return W, b
+
+
+def delta_step_ref(x, y, slots, W, n_classes, beta):
+    """Delta rule (least mean squares) on unit-norm keys, rows applied one by one.
+
+    For every row i of slot s, in arrival order (each row sees the updates of the rows before):
+        k   = x_i / max(||x_i||, eps)
+        e   = onehot(y_i) - W_s[:n_s] k                            [n_s]
+        W_s[:n_s] <- W_s[:n_s] + beta_s * e k^T
+    With beta_s = 1 a row is stored exactly: afterwards W_s k = onehot(y_i).
+    Returns W as a new float64 tensor.
+    """
+    x, W = _f64(x), _f64(W)
+    beta = per_slot(beta, W.shape[0])
+    for s, rows in _rows_by_slot(slots).items():
+        n = int(n_classes[s])
+        for i in rows:
+            k = _unit(x[i])
+            e = -(W[s, :n] @ k)
+            e[int(y[i])] += 1.0
+            W[s, :n] += beta[s] * torch.outer(e, k)
+    return W
+
+
+def prototype_step_ref(x, y, slots, state_rows, sums, counts, W, n_classes, temperature):
+    """Class prototypes: running class sums/counts, head = scaled unit class means.
+
+    For every row i (slot s_i, state row r_i):
+        sums[r_i, y_i]   += x_i
+        counts[r_i, y_i] += 1
+    then for every slot s that had rows (r its state row), for every class c:
+        W[s, c] = temperature_s * m_c / max(||m_c||, eps),  m_c = sums[r, c] / counts[r, c]
+                  if c < n_s and counts[r, c] > 0, else 0
+    head_forward with normalize=True then yields temperature_s * cos(x, m_c): cosine
+    nearest-class-mean. Returns (sums, counts, W) as new float64 tensors.
+    """
+    x, sums, counts, W = _f64(x), _f64(sums), _f64(counts), _f64(W)
+    temperature = per_slot(temperature, W.shape[0])
+    touched: dict[int, int] = {}
+    for i, s in enumerate(slots.tolist()):
+        if s < 0:
+            continue
+        r, c = int(state_rows[i]), int(y[i])
+        sums[r, c] += x[i]
+        counts[r, c] += 1
+        touched[s] = r
+    for s, r in touched.items():
+        W[s] = 0.0
+        for c in range(int(n_classes[s])):
+            if counts[r, c] > 0:
+                W[s, c] = temperature[s] * _unit(sums[r, c] / counts[r, c])
+    return sums, counts, W
+
+
+def rls_step_ref(x, y, slots, state_rows, W, P, n_classes):
+    """Recursive least squares (ridge regression onto one-hot targets), rows one by one.
+
+    For every row i of slot s (state row r), in arrival order, with P = P[r]:
+        k = P x_i
+        g = k / (1 + x_i^T k)                                      (Sherman-Morrison gain)
+        e = onehot(y_i) - W_s[:n_s] x_i                            [n_s]
+        W_s[:n_s] <- W_s[:n_s] + e g^T
+        P <- P - k k^T / (1 + x_i^T k)                             (= P - g k^T, symmetric form)
+    Starting from P = I / lambda and W_s = 0, after rows X [N, d] with one-hot targets Y [N, n_s]:
+        P   = (X^T X + lambda I)^-1
+        W_s = Y^T X (X^T X + lambda I)^-1                          (closed-form ridge)
+    Returns (W, P) as new float64 tensors.
+    """
+    x, W, P = _f64(x), _f64(W), _f64(P)
+    for s, rows in _rows_by_slot(slots).items():
+        n = int(n_classes[s])
+        for i in rows:
+            r = int(state_rows[i])
+            k = P[r] @ x[i]
+            denom = 1.0 + x[i] @ k
+            e = -(W[s, :n] @ x[i])
+            e[int(y[i])] += 1.0
+            W[s, :n] += torch.outer(e, k / denom)
+            P[r] -= torch.outer(k, k) / denom
+    return W, P

@@ -1,0 +1,227 @@
+"""Batched torch implementations of the head ops (the CPU path).
+
+No Python loop runs over sessions. Rows are grouped into per-slot segments once (a stable sort,
+so a segment keeps arrival order); every op then works on the U touched slots at once:
+gathered heads, batched matmuls, index_add_. The sequential rules (delta, RLS) loop over the
+position within a segment — at most the largest number of rows any one slot has in the batch,
+usually a handful — and each step updates every slot that still has a row, vectorised.
+
+Math and semantics: see the docstrings of the public ops (kernels/ops.py) and kernels/reference.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+NORM_EPS = 1e-12
+
+
+@dataclass
+class Segments:
+    """Valid rows (slot >= 0) grouped by slot; each group keeps arrival order."""
+
+    rows: torch.Tensor  # [N] row indices into the batch, grouped by segment
+    slot: torch.Tensor  # [U] the slot of each segment
+    count: torch.Tensor  # [U] rows per segment
+    seg: torch.Tensor  # [N] segment of each grouped row
+    pos: torch.Tensor  # [N] position of each grouped row inside its segment
+    counts_list: list[int]  # count, on the host (sizes loops and padded buffers)
+
+    @property
+    def num_segments(self) -> int:
+        return len(self.counts_list)
+
+    @property
+    def max_count(self) -> int:
+        return max(self.counts_list, default=0)
+
+    def first_rows(self) -> torch.Tensor:
+        """The first (earliest) batch row of every segment, [U]."""
+        return self.rows[self.count.cumsum(0) - self.count]
+
+    def padded(self, values: torch.Tensor, length: int) -> torch.Tensor:
+        """values [N, ...] in grouped order -> zero-padded [U, length, ...]."""
+        out = values.new_zeros((self.num_segments, length) + tuple(values.shape[1:]))
+        out[self.seg, self.pos] = values
+        return out
+
+
+def segments(slots: torch.Tensor, by_count: bool = False) -> Segments:
+    """Group the batch rows by slot. With by_count, segments are ordered longest first, so the
+    segments that still have a row at position p are exactly the first few (a prefix)."""
+    valid_rows = (slots >= 0).nonzero().squeeze(1)
+    sorted_slots, order = torch.sort(slots[valid_rows], stable=True)
+    rows = valid_rows[order]
+    slot, count = torch.unique_consecutive(sorted_slots, return_counts=True)
+    if by_count and slot.numel() > 1:
+        # Move whole segments, longest first; rows inside a segment keep arrival order.
+        old_starts = count.cumsum(0) - count
+        perm = torch.argsort(count, descending=True, stable=True)
+        slot, count = slot[perm], count[perm]
+        seg, pos = _segment_and_position(count)
+        rows = rows[old_starts[perm][seg] + pos]
+    else:
+        seg, pos = _segment_and_position(count)
+    return Segments(rows, slot, count, seg, pos, count.tolist())
+
+
+def _segment_and_position(count: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For consecutive segments of the given lengths: each row's segment and its position in it."""
+    seg = torch.repeat_interleave(torch.arange(count.numel(), device=count.device), count)
+    pos = torch.arange(seg.numel(), device=count.device) - (count.cumsum(0) - count)[seg]
+    return seg, pos
+
+
+def _padding_is_cheap(seg: Segments) -> bool:
+    """Padded [U, L, .] buffers waste (U*L - N) rows; accept them while they stay comparable to N."""
+    n = seg.rows.numel()
+    return seg.num_segments * seg.max_count <= 2 * n + 64
+
+
+def _grouped_matvec(xr: torch.Tensor, heads: torch.Tensor, seg: Segments) -> torch.Tensor:
+    """out[j] = heads[seg.seg[j]] @ xr[j]: xr [N, d] grouped rows, heads [U, C, d] -> [N, C]."""
+    if seg.num_segments == 1:
+        return xr @ heads[0].T
+    if _padding_is_cheap(seg):
+        # Rows sharing a slot become one small GEMM each, batched: heads are read once per slot.
+        out = torch.bmm(seg.padded(xr, seg.max_count), heads.transpose(1, 2))
+        return out[seg.seg, seg.pos]
+    return torch.bmm(heads[seg.seg], xr.unsqueeze(2)).squeeze(2)
+
+
+def _grouped_outer_sum(g: torch.Tensor, xr: torch.Tensor, seg: Segments) -> torch.Tensor:
+    """out[u] = sum over rows j of segment u of g[j] x[j]^T: g [N, C], xr [N, d] -> [U, C, d]."""
+    if seg.num_segments == 1:
+        return (g.T @ xr).unsqueeze(0)
+    if _padding_is_cheap(seg):
+        length = seg.max_count
+        return torch.bmm(seg.padded(g, length).transpose(1, 2), seg.padded(xr, length))
+    out = g.new_zeros((seg.num_segments, g.shape[1], xr.shape[1]))
+    return out.index_add_(0, seg.seg, g.unsqueeze(2) * xr.unsqueeze(1))
+
+
+def _live_classes(n_classes: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """[U, C] bool: class c is live for a slot with n classes iff c < n."""
+    return torch.arange(num_classes, device=n_classes.device) < n_classes.unsqueeze(1)
+
+
+def head_forward_torch(x, W, b, slots, n_classes, normalize=None) -> torch.Tensor:
+    B, C = x.shape[0], W.shape[1]
+    out = torch.zeros((B, C), dtype=torch.float32, device=x.device)
+    seg = segments(slots)
+    if seg.rows.numel() == 0:
+        return out
+    xr = x[seg.rows].float()
+    if normalize is not None:
+        unit_rows = normalize[seg.slot].bool()[seg.seg]
+        xr = torch.where(unit_rows.unsqueeze(1), F.normalize(xr, dim=1, eps=NORM_EPS), xr)
+    logits = _grouped_matvec(xr, W[seg.slot], seg) + b[seg.slot][seg.seg]
+    live = _live_classes(n_classes[seg.slot], C)[seg.seg]
+    out[seg.rows] = logits.masked_fill_(~live, float("-inf"))
+    return out
+
+
+def sgd_step_torch(x, y, slots, W, b, n_classes, lr, weight_decay) -> None:
+    """lr, weight_decay: float32 [S]. One gather of the touched heads, two batched GEMMs
+    (logits, gradient), one index_add_ back."""
+    seg = segments(slots)
+    if seg.rows.numel() == 0:
+        return
+    C = W.shape[1]
+    xr = x[seg.rows].float()
+    heads = W[seg.slot]
+    live = _live_classes(n_classes[seg.slot], C)
+    logits = _grouped_matvec(xr, heads, seg) + b[seg.slot][seg.seg]
+    g = torch.softmax(logits.masked_fill_(~live[seg.seg], float("-inf")), dim=1)
+    g[torch.arange(g.shape[0], device=g.device), y[seg.rows]] -= 1.0  # p - onehot(y)
+    g /= seg.count[seg.seg].unsqueeze(1)  # mean over the slot's rows
+
+    step = -lr[seg.slot].unsqueeze(1) * live  # [U, C]; masked classes get a zero step
+    grad_W = _grouped_outer_sum(g, xr, seg)
+    grad_W.addcmul_(weight_decay[seg.slot].view(-1, 1, 1), heads)
+    grad_b = g.new_zeros((seg.num_segments, C)).index_add_(0, seg.seg, g)
+    W.index_add_(0, seg.slot, grad_W.mul_(step.unsqueeze(2)))
+    b.index_add_(0, seg.slot, grad_b.mul_(step))
+
+
+def delta_step_torch(x, y, slots, W, n_classes, beta) -> None:
+    """beta: float32 [S]. Loops over the position within a slot's rows (sequential semantics),
+    vectorised over all slots that have a row at that position."""
+    seg = segments(slots, by_count=True)
+    if seg.rows.numel() == 0:
+        return
+    C = W.shape[1]
+    keys = F.normalize(x[seg.rows].float(), dim=1, eps=NORM_EPS)
+    table = seg.padded(torch.arange(seg.rows.numel(), device=x.device), seg.max_count)
+    labels = y[seg.rows]
+    heads = W[seg.slot]
+    live = _live_classes(n_classes[seg.slot], C)
+    beta_u = beta[seg.slot].unsqueeze(1)
+    for p, active in enumerate(_active_prefix_sizes(seg.counts_list)):
+        j = table[:active, p]
+        k = keys[j]
+        target = F.one_hot(labels[j], C).float()
+        error = target - torch.bmm(heads[:active], k.unsqueeze(2)).squeeze(2)
+        error = torch.where(live[:active], error * beta_u[:active], 0.0)
+        heads[:active].baddbmm_(error.unsqueeze(2), k.unsqueeze(1))
+    W.index_copy_(0, seg.slot, heads)
+
+
+def prototype_step_torch(x, y, slots, state_rows, sums, counts, W, n_classes, temperature) -> None:
+    """temperature: float32 [S]. Scatter-adds into the class sums, then rewrites every touched
+    head from its sums in one batched normalisation."""
+    seg = segments(slots)
+    if seg.rows.numel() == 0:
+        return
+    C = W.shape[1]
+    r, labels = state_rows[seg.rows], y[seg.rows]
+    sums.index_put_((r, labels), x[seg.rows].float(), accumulate=True)
+    counts.index_put_((r, labels), torch.ones_like(labels, dtype=counts.dtype), accumulate=True)
+
+    state_u = state_rows[seg.first_rows()]
+    class_sums, class_counts = sums[state_u], counts[state_u]
+    means = class_sums / class_counts.clamp_min(1.0).unsqueeze(2)
+    heads = F.normalize(means, dim=2, eps=NORM_EPS) * temperature[seg.slot].view(-1, 1, 1)
+    keep = (class_counts > 0) & _live_classes(n_classes[seg.slot], C)
+    W.index_copy_(0, seg.slot, torch.where(keep.unsqueeze(2), heads, 0.0))
+
+
+def rls_step_torch(x, y, slots, state_rows, W, P, n_classes) -> None:
+    """Loops over the position within a slot's rows, vectorised over slots. P is updated as
+    P - s s^T with s = k / sqrt(1 + x^T k), which keeps it exactly symmetric."""
+    seg = segments(slots, by_count=True)
+    if seg.rows.numel() == 0:
+        return
+    C = W.shape[1]
+    xr = x[seg.rows].float()
+    table = seg.padded(torch.arange(seg.rows.numel(), device=x.device), seg.max_count)
+    labels = y[seg.rows]
+    state_u = state_rows[seg.first_rows()]
+    heads, inverses = W[seg.slot], P[state_u]
+    live = _live_classes(n_classes[seg.slot], C)
+    for p, active in enumerate(_active_prefix_sizes(seg.counts_list)):
+        j = table[:active, p]
+        xa = xr[j]
+        k = torch.bmm(inverses[:active], xa.unsqueeze(2)).squeeze(2)
+        denom = 1.0 + (xa * k).sum(1, keepdim=True)
+        target = F.one_hot(labels[j], C).float()
+        error = target - torch.bmm(heads[:active], xa.unsqueeze(2)).squeeze(2)
+        error = torch.where(live[:active], error, 0.0)
+        heads[:active].baddbmm_(error.unsqueeze(2), (k / denom).unsqueeze(1))
+        s = k * denom.rsqrt()
+        inverses[:active].baddbmm_(s.unsqueeze(2), s.unsqueeze(1), alpha=-1.0)
+    W.index_copy_(0, seg.slot, heads)
+    P.index_copy_(0, state_u, inverses)
+
+
+def _active_prefix_sizes(counts_desc: list[int]) -> list[int]:
+    """For segments sorted longest first: how many have a row at position p, for every p."""
+    sizes, active = [], len(counts_desc)
+    for p in range(counts_desc[0] if counts_desc else 0):
+        while counts_desc[active - 1] <= p:
+            active -= 1
+        sizes.append(active)
+    return sizes
