@@ -1,0 +1,90 @@
+"""The frozen backbone as the server sees it: features, a base head, preprocessing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from models.checkpoint import load_into, read_state_dict
+from models.config import DEFAULT_BACKBONE, ViTConfig, get_config
+from models.preprocess import preprocess
+from models.vit import VisionTransformer
+
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+BUNDLED_WEIGHTS = {DEFAULT_BACKBONE: WEIGHTS_DIR / f"{DEFAULT_BACKBONE}.safetensors"}
+
+
+class Backbone:
+    """A VisionTransformer frozen for serving (eval mode, no grad) and its base linear head."""
+
+    def __init__(self, model: VisionTransformer, device: str | torch.device = "cpu"):
+        self.model = model.to(device).eval().requires_grad_(False)
+        self.config: ViTConfig = model.cfg
+        self.device = torch.device(device)
+
+    @property
+    def embed_dim(self) -> int:
+        return self.config.embed_dim
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.config.labels)
+
+    @property
+    def head(self) -> nn.Linear:
+        return self.model.head
+
+    def preprocess(self, image: Image.Image | np.ndarray) -> torch.Tensor:
+        """A plain image -> float32 [C, H, W] on the CPU, ready to stack into a batch."""
+        return preprocess(image, self.config)
+
+    @torch.inference_mode()
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, C, H, W] -> [B, d] float32."""
+        x = x.to(self.device, non_blocking=True)
+        if self.device.type == "cuda":
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                return self.model.features(x).float()
+        return self.model.features(x)
+
+    @torch.inference_mode()
+    def base_logits(self, feats: torch.Tensor) -> torch.Tensor:
+        """[B, d] -> [B, num_classes] with the backbone's own head."""
+        return self.model.head(feats.to(self.device).float())
+
+
+def bundled_weights(name: str) -> Path | None:
+    path = BUNDLED_WEIGHTS.get(name)
+    return path if path is not None and path.is_file() else None
+
+
+def load_backbone(
+    name: str = DEFAULT_BACKBONE,
+    weights: str | Path | None = None,
+    device: str | torch.device = "cpu",
+    random_init: bool = False,
+    seed: int = 0,
+    **overrides,
+) -> Backbone:
+    """Build a named backbone and load its weights.
+
+    weights: a timm-layout checkpoint; by default the bundled weights of `name`, if it has any.
+    random_init: skip loading (seeded random weights), e.g. to benchmark a ViT-S at real size.
+    overrides: config fields to change, e.g. img_size=384 (position embeddings are resampled).
+    """
+    cfg = get_config(name)
+    if overrides:
+        cfg = cfg.with_overrides(**overrides)
+    model = VisionTransformer(cfg)
+    if random_init:
+        model.reset_parameters(seed=seed)
+    else:
+        path = Path(weights) if weights is not None else bundled_weights(name)
+        if path is None:
+            raise ValueError(f"backbone {name!r} has no bundled weights: pass weights=PATH or random_init=True")
+        load_into(model, read_state_dict(path))
+    return Backbone(model, device=device)

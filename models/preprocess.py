@@ -1,0 +1,53 @@
+"""Turning a client's plain image into the tensor a backbone expects (the config's spec)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+
+from models.config import ViTConfig
+
+_RESAMPLE = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+}
+
+
+def array_to_image(array: np.ndarray) -> Image.Image:
+    """An H x W or H x W x C array of pixel values 0..255 -> a PIL image.
+
+    Raises ValueError for shapes or values that are not an image.
+    """
+    array = np.asarray(array, dtype=np.float32)
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[:, :, 0]
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (3, 4)):
+        raise ValueError(f"an array image must be H x W or H x W x C with C in (1, 3, 4); got shape {list(array.shape)}")
+    if min(array.shape[:2]) < 1:
+        raise ValueError("an array image must not be empty")
+    if not np.isfinite(array).all():
+        raise ValueError("an array image must not contain NaN or Inf")
+    if array.min() < 0 or array.max() > 255:
+        raise ValueError("array pixel values must lie in 0..255")
+    return Image.fromarray(np.rint(array).astype(np.uint8))
+
+
+def preprocess(image: Image.Image | np.ndarray, cfg: ViTConfig) -> torch.Tensor:
+    """Image -> float32 [C, H, W]: channels converted, resized to img_size, normalised."""
+    if not isinstance(image, Image.Image):
+        image = array_to_image(image)
+    mode = "L" if cfg.in_chans == 1 else "RGB"
+    if image.mode != mode:
+        image = image.convert(mode)
+    size = (cfg.img_size, cfg.img_size)
+    if image.size != size:
+        image = image.resize(size, _RESAMPLE[cfg.resize])
+    pixels = np.asarray(image, dtype=np.float32) / 255.0
+    if pixels.ndim == 2:
+        pixels = pixels[:, :, None]
+    x = torch.from_numpy(pixels).permute(2, 0, 1)  # [C, H, W]
+    mean = torch.tensor(cfg.mean, dtype=torch.float32)[:, None, None]
+    std = torch.tensor(cfg.std, dtype=torch.float32)[:, None, None]
+    return ((x - mean) / std).contiguous()
