@@ -15,6 +15,7 @@ impl: "auto" (Triton for CUDA tensors, torch for CPU tensors), "torch" or "trito
 from __future__ import annotations
 
 import importlib
+import sys
 
 import torch
 
@@ -26,7 +27,16 @@ __all__ = ["head_forward", "sgd_step", "delta_step", "prototype_step", "rls_step
 
 def _triton(module: str):
     """The Triton launcher module, imported on first use (Triton may be absent)."""
-    return importlib.import_module(f"kernels.{module}")
+    name = f"kernels.{module}"
+    if name in sys.modules:
+        return sys.modules[name]
+    launcher = importlib.import_module(name)
+    # Importing kernels.head_forward binds the submodule to the package attribute of the same
+    # name, shadowing the public function: put the public ops back.
+    package = sys.modules["kernels"]
+    for op in __all__:
+        setattr(package, op, globals()[op])
+    return launcher
 
 
 def head_forward(x, W, b, slots, n_classes, normalize=None, impl="auto") -> torch.Tensor:

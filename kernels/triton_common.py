@@ -1,0 +1,58 @@
+"""Launcher helpers shared by the Triton ops (imported only when Triton is used).
+
+Segment kernels: the launcher sorts the batch rows by slot (stable, so each slot's rows keep
+arrival order) and gives every sorted position j the range [seg_start[j], seg_end[j]) of its
+slot's rows. A grid over sorted positions then lets the program at a segment's first position
+own that whole slot and every other program return at once; this needs no host synchronisation
+to count the slots.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+
+NORM_EPS = 1e-12
+
+
+@dataclass
+class SortedRows:
+    order: torch.Tensor  # [B] int64: batch row at each sorted position (slot -1 rows first)
+    slots: torch.Tensor  # [B] int64: slot at each sorted position
+    seg_start: torch.Tensor  # [B] int64: first sorted position of that slot's rows
+    seg_end: torch.Tensor  # [B] int64: one past the last
+
+
+def sort_rows_by_slot(slots: torch.Tensor) -> SortedRows:
+    sorted_slots, order = torch.sort(slots.long(), stable=True)
+    seg_start = torch.searchsorted(sorted_slots, sorted_slots, right=False)
+    seg_end = torch.searchsorted(sorted_slots, sorted_slots, right=True)
+    return SortedRows(order.contiguous(), sorted_slots.contiguous(), seg_start, seg_end)
+
+
+def rows_per_slot(slots: torch.Tensor, num_slots: int) -> torch.Tensor:
+    """[S] float32: how many batch rows name each slot (slot -1 rows ignored)."""
+    valid = slots >= 0
+    return torch.bincount(slots.clamp_min(0).long(), weights=valid.float(), minlength=num_slots).float()
+
+
+def block_size(n: int, cap: int, floor: int = 16) -> int:
+    return max(floor, min(triton.next_power_of_2(max(n, 1)), cap))
+
+
+def tile_sizes(num_classes: int, d: int, tile_elements: int = 8192, class_cap: int = 128) -> tuple[int, int]:
+    """(BLOCK_C, BLOCK_D) for a [BLOCK_C, BLOCK_D] fp32 tile of about tile_elements: as many
+    classes as fit so a feature row is read once, then the widest feature block that fits."""
+    block_c = block_size(num_classes, class_cap)
+    block_d = block_size(d, max(16, tile_elements // block_c))
+    return block_c, block_d
+
+
+def on_gpu(t: torch.Tensor) -> bool:
+    return t.is_cuda
+
+
+def contiguous_rows(x: torch.Tensor) -> torch.Tensor:
+    return x if x.is_contiguous() else x.contiguous()
