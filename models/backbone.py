@@ -79,7 +79,7 @@ def load_backbone(
     cfg = get_config(name)
     if overrides:
         cfg = cfg.with_overrides(**overrides)
-    model = VisionTransformer(cfg)
+    model = VisionTransformer(cfg, init=False)
     if random_init:
         model.reset_parameters(seed=seed)
     else:

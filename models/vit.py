@@ -64,7 +64,7 @@ class Block(nn.Module):
 
 
 class VisionTransformer(nn.Module):
-    def __init__(self, cfg: ViTConfig):
+    def __init__(self, cfg: ViTConfig, init: bool = True):
         super().__init__()
         self.cfg = cfg
         self.patch_embed = PatchEmbed(cfg)
@@ -73,7 +73,8 @@ class VisionTransformer(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(cfg.embed_dim, eps=cfg.layer_norm_eps)
         self.head = nn.Linear(cfg.embed_dim, cfg.num_classes)
-        self.reset_parameters()
+        if init:  # skipped when a checkpoint overwrites every tensor anyway (large models init slowly)
+            self.reset_parameters()
 
     @torch.no_grad()
     def reset_parameters(self, seed: int | None = None) -> None:
