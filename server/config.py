@@ -1,0 +1,117 @@
+"""Server settings: one pydantic-settings object, filled from ``FWSERVE_*`` environment
+variables and (through ``server.cli``) command-line flags. Flags win over the environment,
+the environment wins over the defaults below.
+
+Every field's ``description`` is its ``--help`` text; the flag name is the field name with
+dashes (``max_batch_size`` -> ``--max-batch-size``, env ``FWSERVE_MAX_BATCH_SIZE``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="FWSERVE_", extra="forbid", validate_default=True)
+
+    # network
+    host: str = Field("127.0.0.1", description="Interface to bind.")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port to bind (0 = any free port).")
+    log_level: str = Field("info", description="uvicorn log level (critical, error, warning, info, debug).")
+
+    # backbone
+    backbone: str = Field(
+        "fwserve-mnist-vit",
+        description="Named backbone config (fwserve-mnist-vit, vit_tiny_patch16_224, "
+        "vit_small_patch16_224, vit_base_patch16_224). Also the model name in the v2 API.",
+    )
+    weights: Optional[Path] = Field(
+        None,
+        description="timm-layout checkpoint (.safetensors or .pth) for the backbone; "
+        "default: the bundled weights of the named backbone.",
+    )
+    random_init: bool = Field(
+        False, description="Build the backbone with random weights (benchmarks at real sizes)."
+    )
+    device: str = Field("auto", description="Torch device: auto (cuda when available, else cpu), cpu, cuda, cuda:N.")
+    torch_threads: Optional[int] = Field(
+        None, ge=1, description="torch.set_num_threads for CPU inference; default: torch's choice."
+    )
+    warmup: bool = Field(True, description="Run one warm-up batch before reporting ready.")
+
+    # batching
+    max_batch_size: int = Field(64, ge=1, description="Most rows (instances) in one micro-batch.")
+    max_wait_ms: float = Field(
+        2.0, ge=0, description="How long the batcher waits to fill a micro-batch after its first request."
+    )
+    max_queue_size: int = Field(
+        1024, ge=1, description="Most requests waiting in the batch queue; beyond it requests get 503 + Retry-After."
+    )
+    request_timeout_s: float = Field(
+        30.0, gt=0, description="Seconds a request may wait for its batch; a request that times out before "
+        "its batch starts is dropped (an adapt is then not applied) and answered 504."
+    )
+    retry_after_s: int = Field(1, ge=0, description="Retry-After seconds sent with 503 responses.")
+
+    # sessions
+    max_device_sessions: int = Field(
+        1024, ge=1, description="Session heads resident in device slot tensors; least recently used ones move to host."
+    )
+    max_host_sessions: int = Field(
+        4096, ge=0, description="Session heads kept in host memory; beyond it least recently used ones go to disk."
+    )
+    snapshot_dir: Path = Field(
+        Path("snapshots"), description="Directory for the disk tier (one safetensors file per session)."
+    )
+    max_classes: int = Field(64, ge=2, description="Most classes a session head may have (slot tensor width).")
+    max_sessions: int = Field(
+        1_000_000, ge=1, description="Most sessions in all tiers together; creating more is refused (409)."
+    )
+
+    # requests
+    max_instances: int = Field(256, ge=1, description="Most instances (or support examples) in one request.")
+    max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="Largest request body in bytes (413 beyond).")
+    max_image_pixels: int = Field(
+        4096 * 4096, ge=1, description="Largest decoded image (width x height) accepted."
+    )
+    max_top_k: int = Field(20, ge=1, description="Largest top_k a request may ask for.")
+    max_episodic_steps: int = Field(100, ge=1, description="Most passes over the support set of an episodic head.")
+
+    # feature cache and workers
+    feature_cache_size: int = Field(
+        4096, ge=0, description="Entries in the feature LRU cache keyed by image content hash (0 disables it)."
+    )
+    decode_workers: int = Field(4, ge=1, description="Threads decoding and preprocessing images off the event loop.")
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        v = v.strip().lower()
+        if v != "auto" and not (v == "cpu" or v == "cuda" or v.startswith("cuda:")):
+            raise ValueError("device must be auto, cpu, cuda or cuda:N")
+        return v
+
+    @field_validator("log_level")
+    @classmethod
+    def _log_level(cls, v: str) -> str:
+        v = v.strip().lower()
+        if v not in {"critical", "error", "warning", "info", "debug", "trace"}:
+            raise ValueError("log_level must be one of critical, error, warning, info, debug, trace")
+        return v
+
+    @model_validator(mode="after")
+    def _weights_xor_random(self) -> "Settings":
+        if self.weights is not None and self.random_init:
+            raise ValueError("weights and random_init exclude each other")
+        return self
+
+    def resolved_device(self) -> str:
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"

@@ -1,0 +1,87 @@
+"""Error type and JSON error envelope.
+
+Every error response is ``{"error": {"code": <str>, "message": <str>}}``; 4xx when the client
+is at fault, 503 when the server is overloaded or not ready, 504 on timeout, 500 otherwise.
+Code that knows nothing of HTTP (batcher, store) raises ``ApiError`` too: it only carries a
+status and a code, and app.py turns it into the response.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+
+class ApiError(Exception):
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        headers: Optional[dict[str, str]] = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.headers = headers or {}
+
+    def body(self) -> dict:
+        return error_body(self.code, self.message)
+
+
+def error_body(code: str, message: str) -> dict:
+    return {"error": {"code": code, "message": message}}
+
+
+def bad_request(code: str, message: str) -> ApiError:
+    return ApiError(400, code, message)
+
+
+def invalid(code: str, message: str) -> ApiError:
+    """Well-formed JSON whose content is wrong (shape, label, values): 422."""
+    return ApiError(422, code, message)
+
+
+def not_found(code: str, message: str) -> ApiError:
+    return ApiError(404, code, message)
+
+
+def session_not_found(session_id: str) -> ApiError:
+    return ApiError(404, "session_not_found", f"unknown session {session_id!r}")
+
+
+def conflict(code: str, message: str) -> ApiError:
+    return ApiError(409, code, message)
+
+
+def overloaded(retry_after_s: int, message: str = "request queue is full; retry later") -> ApiError:
+    return ApiError(503, "overloaded", message, headers={"Retry-After": str(retry_after_s)})
+
+
+def not_ready(retry_after_s: int) -> ApiError:
+    return ApiError(
+        503, "not_ready", "the backbone is still loading", headers={"Retry-After": str(retry_after_s)}
+    )
+
+
+def timeout(seconds: float) -> ApiError:
+    return ApiError(504, "timeout", f"request was not served within {seconds:g} s and was dropped")
+
+
+# status -> default code for errors raised by Starlette/FastAPI themselves
+STATUS_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    406: "not_acceptable",
+    409: "conflict",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    422: "invalid_request",
+    429: "too_many_requests",
+    500: "internal",
+    503: "unavailable",
+    504: "timeout",
+}
