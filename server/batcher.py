@@ -175,6 +175,7 @@ class Batcher:
             m.queue_wait.observe(start - job.enqueued)
         m.batch_size.observe(sum(j.n_rows for j in jobs))
         m.batch_requests.observe(len(jobs))
+        m.batch_sessions.observe(len({j.session_id for j in jobs if j.session_id is not None}))
         self._features([r for j in jobs for r in j.all_rows()])
         results: dict[int, dict] = {}
         self._session_jobs([j for j in jobs if j.kind != "episodic"], results)

@@ -55,6 +55,12 @@ class Metrics:
             buckets=_BATCH,
             registry=r,
         )
+        self.batch_sessions = Histogram(
+            "fwserve_batch_sessions",
+            "Distinct sessions per micro-batch (requests of different sessions share batches).",
+            buckets=_BATCH,
+            registry=r,
+        )
         self.backbone_forward = Histogram(
             "fwserve_backbone_forward_seconds",
             "One backbone forward over a micro-batch's feature-cache misses.",

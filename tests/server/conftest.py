@@ -1,0 +1,108 @@
+"""Live servers for the server tests: the real app under uvicorn on a free port, in a thread.
+
+One backbone (the bundled MNIST ViT; seeded random weights where the bundled file is absent)
+is loaded once per test session and shared by every app, so each server starts in well under
+a second.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+import threading
+import time
+from contextlib import contextmanager
+
+import httpx
+import numpy as np
+import pytest
+import uvicorn
+
+from server.app import create_app
+from server.config import Settings
+
+BACKBONE = "fwserve-mnist-vit"
+
+
+@pytest.fixture(scope="session")
+def backbone():
+    from models import bundled_weights, load_backbone
+
+    return load_backbone(BACKBONE, random_init=bundled_weights(BACKBONE) is None)
+
+
+class LiveServer:
+    def __init__(self, app, sock: socket.socket) -> None:
+        self.app = app
+        self.runtime = app.state.runtime
+        self.port = sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
+
+    def start(self, timeout: float = 60.0) -> "LiveServer":
+        self.thread.start()
+        deadline = time.monotonic() + timeout
+        with httpx.Client(base_url=self.url, timeout=5) as c:
+            while True:
+                try:
+                    if c.get("/v2/health/ready").status_code == 200:
+                        return self
+                except httpx.TransportError:
+                    pass
+                if time.monotonic() > deadline or not self.thread.is_alive():
+                    raise RuntimeError(f"server did not become ready: {self.runtime.load_error}")
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(15)
+
+    def client(self, **kw) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=kw.pop("timeout", 30), **kw)
+
+    def metric(self, text_name: str, labels: str = "") -> float:
+        """Sum of the samples `text_name{...labels...}` in a fresh scrape."""
+        text = httpx.get(self.url + "/metrics").text
+        return metric_value(text, text_name, labels)
+
+
+def metric_value(text: str, name: str, labels: str = "") -> float:
+    total = 0.0
+    for line in text.splitlines():
+        m = re.match(rf"^{re.escape(name)}(\{{[^}}]*\}})? (\S+)$", line)
+        if m and all(part in (m.group(1) or "") for part in labels.split(",") if part):
+            total += float(m.group(2))
+    return total
+
+
+@contextmanager
+def live_server(backbone, tmp_path, **overrides):
+    settings = Settings(snapshot_dir=tmp_path / "snapshots", **{"max_wait_ms": 5.0, **overrides})
+    app = create_app(settings, backbone=backbone)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    srv = LiveServer(app, sock).start()
+    try:
+        yield srv
+    finally:
+        srv.stop()
+        sock.close()
+
+
+@pytest.fixture(scope="module")
+def server(backbone, tmp_path_factory):
+    """A server with default settings (small limits where a test needs them)."""
+    with live_server(backbone, tmp_path_factory.mktemp("srv"), max_wait_ms=10.0) as srv:
+        yield srv
+
+
+def digits(n: int, seed: int = 0, size: int = 28) -> list[np.ndarray]:
+    """n distinct random 'images' (uint8 values as float arrays [size, size])."""
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, size=(size, size)).astype(np.float32) for _ in range(n)]
+
+
+def arr(x: np.ndarray) -> dict:
+    return {"array": x.tolist()}
