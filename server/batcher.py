@@ -86,6 +86,7 @@ class Batcher:
         self._cond = threading.Condition()
         self._stop = False
         self._thread: Optional[threading.Thread] = None
+        self.batches_started = 0  # micro-batches taken by the worker (for tests and debugging)
 
     # ---- producer side ----------------------------------------------------------------------
 
@@ -170,6 +171,7 @@ class Batcher:
 
     def process(self, jobs: list[Job]) -> None:
         m = self.metrics
+        self.batches_started += 1
         start = time.perf_counter()
         for job in jobs:
             m.queue_wait.observe(start - job.enqueued)
