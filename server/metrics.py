@@ -113,6 +113,17 @@ class Metrics:
         self.adapted = Counter(
             "fwserve_adapted_examples", "Labelled examples applied to session heads, by rule.", ["rule"], registry=r
         )
+        # expose every labelled series from the start (0 until observed)
+        for tier in ("host", "disk"):
+            self.evictions.labels(to_tier=tier)
+            self.restores.labels(from_tier=tier)
+        for reason in ("queue_full", "timeout"):
+            self.rejected.labels(reason=reason)
+        from server.rules import RULES
+
+        for rule in RULES:
+            for metric in (self.head_update, self.prequential_correct, self.prequential_total, self.adapted):
+                metric.labels(rule=rule)
         self.ready = Gauge("fwserve_ready", "1 once the backbone is loaded and warmed up.", registry=r)
         self.build_info = Info("fwserve_build", "Build and runtime information.", registry=r)
 
