@@ -60,9 +60,15 @@ def serve(argv: Sequence[str]) -> int:
     if err:
         print(f"fwserve serve: {err}", file=sys.stderr)
         return 2
+    import logging
+
     import uvicorn
 
     from server.app import create_app
+
+    level = "DEBUG" if settings.log_level == "trace" else settings.log_level.upper()
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s:     %(name)s: %(message)s")
+    logging.getLogger("fwserve").setLevel(level)
 
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
                 timeout_graceful_shutdown=10)

@@ -9,7 +9,8 @@
 
 An instance is a numpy array (pixel values 0..255, ``[H, W]`` or ``[H, W, C]``), encoded image
 bytes (PNG/JPEG), a PIL image, or a ready dict (``{"image": b64}`` / ``{"array": [...]}``).
-Errors raise ``FwserveError`` with the server's status, code and message.
+Errors raise ``FwserveError`` with the server's status, code and message. With ``retries=N``
+a request answered 503 (queue full, not ready) is retried up to N times after its Retry-After.
 """
 
 from __future__ import annotations
@@ -211,12 +212,30 @@ class _Api:
         return self._do(_Call("GET", "/metrics", lambda r: r.text))
 
 
+def _retry_delay(r: httpx.Response, call: _Call, attempt: int, retries: int) -> Optional[float]:
+    """Seconds to wait before retrying a 503, or None to stop."""
+    if r.status_code != 503 or 503 in call.ok or attempt >= retries:
+        return None
+    ra = r.headers.get("retry-after", "")
+    return float(ra) if ra.replace(".", "", 1).isdigit() else 0.1 * 2 ** attempt
+
+
 class Client(_Api):
-    def __init__(self, base_url: str = "http://127.0.0.1:8000", timeout: float = 60.0, **httpx_kwargs) -> None:
+    def __init__(self, base_url: str = "http://127.0.0.1:8000", timeout: float = 60.0, retries: int = 0,
+                 **httpx_kwargs) -> None:
         self.http = httpx.Client(base_url=base_url, timeout=timeout, **httpx_kwargs)
+        self.retries = retries
 
     def _do(self, call: _Call):
-        r = self.http.request(call.method, call.path, json=call.json, content=call.content, headers=call.headers)
+        attempt = 0
+        while True:
+            r = self.http.request(call.method, call.path, json=call.json, content=call.content,
+                                  headers=call.headers)
+            delay = _retry_delay(r, call, attempt, self.retries)
+            if delay is None:
+                break
+            time.sleep(delay)
+            attempt += 1
         _raise_for(r, call.ok)
         return call.parse(r)
 
@@ -243,12 +262,23 @@ class Client(_Api):
 
 
 class AsyncClient(_Api):
-    def __init__(self, base_url: str = "http://127.0.0.1:8000", timeout: float = 60.0, **httpx_kwargs) -> None:
+    def __init__(self, base_url: str = "http://127.0.0.1:8000", timeout: float = 60.0, retries: int = 0,
+                 **httpx_kwargs) -> None:
         self.http = httpx.AsyncClient(base_url=base_url, timeout=timeout, **httpx_kwargs)
+        self.retries = retries
 
     async def _do(self, call: _Call):
-        r = await self.http.request(call.method, call.path, json=call.json, content=call.content,
-                                    headers=call.headers)
+        import asyncio
+
+        attempt = 0
+        while True:
+            r = await self.http.request(call.method, call.path, json=call.json, content=call.content,
+                                        headers=call.headers)
+            delay = _retry_delay(r, call, attempt, self.retries)
+            if delay is None:
+                break
+            await asyncio.sleep(delay)
+            attempt += 1
         _raise_for(r, call.ok)
         return call.parse(r)
 

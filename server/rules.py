@@ -50,7 +50,7 @@ class Hyper:
     help: str = ""
 
     def check(self, rule: str, name: str, value) -> float:
-        if isinstance(value, bool):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise invalid("invalid_hyperparameter", f"{rule}.{name} must be a number")
         v = float(value)
         ok = math.isfinite(v) and (v > self.low if self.low_open else v >= self.low) and v <= self.high

@@ -72,9 +72,9 @@ class Runtime:
             self.store = SessionStore(s, bb.embed_dim, bb.head.weight, bb.head.bias, bb.class_names, device,
                                       s.backbone, self.metrics)
             self.batcher = Batcher(bb, self.store, self.cache, self.metrics, s)
-            self.batcher.start()
             if s.warmup:
-                self._warmup()
+                self._warmup()  # on this thread, before the worker starts
+            self.batcher.start()
             self.metrics.set_build_info(s.backbone, device)
             self.metrics.ready.set(1)
             self.ready = True

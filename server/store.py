@@ -241,7 +241,8 @@ class SessionStore:
             setattr(sess, attr, v)
         self._check_tensors(sess, tensors)
         now = time.time()
-        sess.created_at = float(meta.get("created_at", now))
+        created = meta.get("created_at", now)
+        sess.created_at = float(created) if isinstance(created, (int, float)) and not isinstance(created, bool) else now
         sess.updated_at = now
         with self.lock:
             old = self.sessions.get(session_id)
@@ -457,6 +458,9 @@ class SessionStore:
             raise invalid("invalid_snapshot", "body is not a fwserve session export (safetensors)") from None
         if not isinstance(meta, dict) or meta.get("format") != EXPORT_FORMAT:
             raise invalid("invalid_snapshot", f"snapshot format must be {EXPORT_FORMAT!r}")
+        if meta.get("backbone") != self.backbone_name:
+            raise invalid("invalid_snapshot", f"snapshot was made on backbone {meta.get('backbone')!r}; "
+                          f"this server serves {self.backbone_name!r}")
         if meta.get("embed_dim") != self.d:
             raise invalid("invalid_snapshot", f"snapshot embed_dim {meta.get('embed_dim')} != backbone's {self.d}")
         for key, typ in (("rule", str), ("classes", list), ("hyperparameters", dict)):

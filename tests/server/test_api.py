@@ -219,3 +219,65 @@ def test_async_client(server):
                 await c.adapt(s.id, [xs[0]], ["zzz"])
 
     asyncio.run(main())
+
+
+def test_import_rejects_foreign_or_inconsistent_snapshots(server):
+    import json
+
+    from safetensors.torch import save as st_save
+
+    with Client(server.url) as c:
+        sid = c.create_session("rls", classes=["a", "b"]).id
+        data = c.export_session(sid)
+        tensors = st_load(data)
+        meta = json.loads(header_metadata(data)["fwserve"])
+
+        def variant(tensors=tensors, **changes):
+            return st_save(tensors, metadata={"fwserve": json.dumps({**meta, **changes})})
+
+        cases = {
+            "other backbone": variant(backbone="vit_small_patch16_224"),
+            "other width": variant(embed_dim=7),
+            "unknown rule": variant(rule="hebbian"),
+            "bad hyper": variant(hyperparameters={"lambda": "big"}),
+            "class count": variant(classes=["a", "b", "c"]),
+            "missing state": variant(tensors={k: v for k, v in tensors.items() if k != "P"}),
+            "nan": variant(tensors={**tensors, "W": tensors["W"] * float("nan")}),
+            "negative version": variant(version=-1),
+        }
+        for what, blob in cases.items():
+            with pytest.raises(FwserveError) as ei:
+                c.import_session("imported", blob)
+            assert ei.value.status == 422, what
+        with pytest.raises(FwserveError):
+            c.get_session("imported")
+        assert c.import_session("imported", variant()).rule == "rls"
+
+
+def header_metadata(data: bytes) -> dict:
+    """The __metadata__ of a safetensors blob."""
+    import json
+
+    n = int.from_bytes(data[:8], "little")
+    return json.loads(data[8:8 + n])["__metadata__"]
+
+
+def test_client_retries_503():
+    import httpx
+
+    calls = []
+
+    def handler(request):
+        calls.append(1)
+        if len(calls) < 3:
+            return httpx.Response(503, headers={"retry-after": "0"},
+                                  json={"error": {"code": "overloaded", "message": "full"}})
+        return httpx.Response(200, json={"id": "s", "version": 0})
+
+    with Client("http://test", retries=2, transport=httpx.MockTransport(handler)) as c:
+        assert c.create_session("sgd", ["a"]).id == "s" and len(calls) == 3
+    calls.clear()
+    with Client("http://test", retries=1, transport=httpx.MockTransport(handler)) as c:
+        with pytest.raises(FwserveError) as ei:
+            c.create_session("sgd", ["a"])
+        assert ei.value.status == 503 and ei.value.code == "overloaded"
