@@ -93,7 +93,7 @@ def sgd_step_ref(x, y, slots, W, b, n_classes, lr, weight_decay=0.0):
         n = int(n_classes[s])
         xs = x[rows]
         p = torch.softmax(xs @ W[s, :n].T + b[s, :n], dim=1)
-        g = p - torch.nn.functional.one_hot(y[rows].cpu(), n).to(torch.float64)
+        g = p - torch.nn.functional.one_hot(y[rows].cpu().long(), n).to(torch.float64)
         grad_W = g.T @ xs / len(rows)
         grad_b = g.sum(0) / len(rows)
         W[s, :n] -= lr[s] * (grad_W + wd[s] * W[s, :n])

@@ -38,12 +38,25 @@ class Segments:
     def max_count(self) -> int:
         return max(self.counts_list, default=0)
 
+    @property
+    def is_rectangular(self) -> bool:
+        """Every segment has max_count rows: grouped rows are already a [U, L] grid."""
+        return self.rows.numel() == self.num_segments * self.max_count
+
+    def unpad(self, values: torch.Tensor) -> torch.Tensor:
+        """[U, L, ...] -> [N, ...] in grouped order (inverse of padded)."""
+        if self.is_rectangular:
+            return values.reshape((self.rows.numel(),) + tuple(values.shape[2:]))
+        return values[self.seg, self.pos]
+
     def first_rows(self) -> torch.Tensor:
         """The first (earliest) batch row of every segment, [U]."""
         return self.rows[self.count.cumsum(0) - self.count]
 
     def padded(self, values: torch.Tensor, length: int) -> torch.Tensor:
         """values [N, ...] in grouped order -> zero-padded [U, length, ...]."""
+        if self.is_rectangular and length == self.max_count:
+            return values.view((self.num_segments, length) + tuple(values.shape[1:]))
         out = values.new_zeros((self.num_segments, length) + tuple(values.shape[1:]))
         out[self.seg, self.pos] = values
         return out
@@ -52,6 +65,7 @@ class Segments:
 def segments(slots: torch.Tensor, by_count: bool = False) -> Segments:
     """Group the batch rows by slot. With by_count, segments are ordered longest first, so the
     segments that still have a row at position p are exactly the first few (a prefix)."""
+    slots = slots.long()
     valid_rows = (slots >= 0).nonzero().squeeze(1)
     sorted_slots, order = torch.sort(slots[valid_rows], stable=True)
     rows = valid_rows[order]
@@ -87,20 +101,21 @@ def _grouped_matvec(xr: torch.Tensor, heads: torch.Tensor, seg: Segments) -> tor
         return xr @ heads[0].T
     if _padding_is_cheap(seg):
         # Rows sharing a slot become one small GEMM each, batched: heads are read once per slot.
-        out = torch.bmm(seg.padded(xr, seg.max_count), heads.transpose(1, 2))
-        return out[seg.seg, seg.pos]
-    return torch.bmm(heads[seg.seg], xr.unsqueeze(2)).squeeze(2)
+        out = torch.bmm(heads, seg.padded(xr, seg.max_count).transpose(1, 2))  # [U, C, L]
+        return seg.unpad(out.transpose(1, 2))
+    return torch.bmm(heads.index_select(0, seg.seg), xr.unsqueeze(2)).squeeze(2)
 
 
-def _grouped_outer_sum(g: torch.Tensor, xr: torch.Tensor, seg: Segments) -> torch.Tensor:
-    """out[u] = sum over rows j of segment u of g[j] x[j]^T: g [N, C], xr [N, d] -> [U, C, d]."""
+def _add_grouped_outer(heads: torch.Tensor, g: torch.Tensor, xr: torch.Tensor, seg: Segments) -> None:
+    """heads[u] += sum over rows j of segment u of g[j] x[j]^T, in place: heads [U, C, d],
+    g [N, C], xr [N, d]."""
     if seg.num_segments == 1:
-        return (g.T @ xr).unsqueeze(0)
-    if _padding_is_cheap(seg):
+        heads[0].addmm_(g.T, xr)
+    elif _padding_is_cheap(seg):
         length = seg.max_count
-        return torch.bmm(seg.padded(g, length).transpose(1, 2), seg.padded(xr, length))
-    out = g.new_zeros((seg.num_segments, g.shape[1], xr.shape[1]))
-    return out.index_add_(0, seg.seg, g.unsqueeze(2) * xr.unsqueeze(1))
+        heads.baddbmm_(seg.padded(g, length).transpose(1, 2), seg.padded(xr, length))
+    else:
+        heads.index_add_(0, seg.seg, g.unsqueeze(2) * xr.unsqueeze(1))
 
 
 def _live_classes(n_classes: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -118,33 +133,35 @@ def head_forward_torch(x, W, b, slots, n_classes, normalize=None) -> torch.Tenso
     if normalize is not None:
         unit_rows = normalize[seg.slot].bool()[seg.seg]
         xr = torch.where(unit_rows.unsqueeze(1), F.normalize(xr, dim=1, eps=NORM_EPS), xr)
-    logits = _grouped_matvec(xr, W[seg.slot], seg) + b[seg.slot][seg.seg]
+    logits = _grouped_matvec(xr, W.index_select(0, seg.slot), seg) + b.index_select(0, seg.slot)[seg.seg]
     live = _live_classes(n_classes[seg.slot], C)[seg.seg]
     out[seg.rows] = logits.masked_fill_(~live, float("-inf"))
     return out
 
 
 def sgd_step_torch(x, y, slots, W, b, n_classes, lr, weight_decay) -> None:
-    """lr, weight_decay: float32 [S]. One gather of the touched heads, two batched GEMMs
-    (logits, gradient), one index_add_ back."""
+    """lr, weight_decay: float32 [S]. One gather of the touched heads, a batched GEMM for the
+    logits, the decay and the gradient step fused into one in-place batched GEMM, one copy back."""
     seg = segments(slots)
     if seg.rows.numel() == 0:
         return
     C = W.shape[1]
     xr = x[seg.rows].float()
-    heads = W[seg.slot]
-    live = _live_classes(n_classes[seg.slot], C)
-    logits = _grouped_matvec(xr, heads, seg) + b[seg.slot][seg.seg]
+    heads = W.index_select(0, seg.slot)
+    live = _live_classes(n_classes.index_select(0, seg.slot), C)
+    logits = _grouped_matvec(xr, heads, seg) + b.index_select(0, seg.slot)[seg.seg]
     g = torch.softmax(logits.masked_fill_(~live[seg.seg], float("-inf")), dim=1)
-    g[torch.arange(g.shape[0], device=g.device), y[seg.rows]] -= 1.0  # p - onehot(y)
-    g /= seg.count[seg.seg].unsqueeze(1)  # mean over the slot's rows
+    g[torch.arange(g.shape[0], device=g.device), y[seg.rows]] -= 1.0  # p - onehot(y); 0 on masked classes
+    lr_u = lr.index_select(0, seg.slot)
+    # Fold "- lr / rows of the slot" into the small [N, C] factor so the big update is one GEMM.
+    step = g * (-lr_u / seg.count)[seg.seg].unsqueeze(1)
 
-    step = -lr[seg.slot].unsqueeze(1) * live  # [U, C]; masked classes get a zero step
-    grad_W = _grouped_outer_sum(g, xr, seg)
-    grad_W.addcmul_(weight_decay[seg.slot].view(-1, 1, 1), heads)
-    grad_b = g.new_zeros((seg.num_segments, C)).index_add_(0, seg.seg, g)
-    W.index_add_(0, seg.slot, grad_W.mul_(step.unsqueeze(2)))
-    b.index_add_(0, seg.slot, grad_b.mul_(step))
+    wd_u = weight_decay.index_select(0, seg.slot)
+    if bool((wd_u != 0).any()):
+        heads.mul_(torch.where(live, 1.0 - lr_u.unsqueeze(1) * wd_u.unsqueeze(1), 1.0).unsqueeze(2))
+    _add_grouped_outer(heads, step, xr, seg)
+    W.index_copy_(0, seg.slot, heads)
+    b.index_add_(0, seg.slot, step.new_zeros((seg.num_segments, C)).index_add_(0, seg.seg, step))
 
 
 def delta_step_torch(x, y, slots, W, n_classes, beta) -> None:
@@ -156,8 +173,8 @@ def delta_step_torch(x, y, slots, W, n_classes, beta) -> None:
     C = W.shape[1]
     keys = F.normalize(x[seg.rows].float(), dim=1, eps=NORM_EPS)
     table = seg.padded(torch.arange(seg.rows.numel(), device=x.device), seg.max_count)
-    labels = y[seg.rows]
-    heads = W[seg.slot]
+    labels = y[seg.rows].long()
+    heads = W.index_select(0, seg.slot)
     live = _live_classes(n_classes[seg.slot], C)
     beta_u = beta[seg.slot].unsqueeze(1)
     for p, active in enumerate(_active_prefix_sizes(seg.counts_list)):
@@ -177,11 +194,11 @@ def prototype_step_torch(x, y, slots, state_rows, sums, counts, W, n_classes, te
     if seg.rows.numel() == 0:
         return
     C = W.shape[1]
-    r, labels = state_rows[seg.rows], y[seg.rows]
+    r, labels = state_rows[seg.rows].long(), y[seg.rows].long()
     sums.index_put_((r, labels), x[seg.rows].float(), accumulate=True)
     counts.index_put_((r, labels), torch.ones_like(labels, dtype=counts.dtype), accumulate=True)
 
-    state_u = state_rows[seg.first_rows()]
+    state_u = state_rows[seg.first_rows()].long()
     class_sums, class_counts = sums[state_u], counts[state_u]
     means = class_sums / class_counts.clamp_min(1.0).unsqueeze(2)
     heads = F.normalize(means, dim=2, eps=NORM_EPS) * temperature[seg.slot].view(-1, 1, 1)
@@ -198,9 +215,9 @@ def rls_step_torch(x, y, slots, state_rows, W, P, n_classes) -> None:
     C = W.shape[1]
     xr = x[seg.rows].float()
     table = seg.padded(torch.arange(seg.rows.numel(), device=x.device), seg.max_count)
-    labels = y[seg.rows]
-    state_u = state_rows[seg.first_rows()]
-    heads, inverses = W[seg.slot], P[state_u]
+    labels = y[seg.rows].long()
+    state_u = state_rows[seg.first_rows()].long()
+    heads, inverses = W.index_select(0, seg.slot), P.index_select(0, state_u)
     live = _live_classes(n_classes[seg.slot], C)
     for p, active in enumerate(_active_prefix_sizes(seg.counts_list)):
         j = table[:active, p]

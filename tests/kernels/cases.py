@@ -27,7 +27,8 @@ SEQUENCE_RMSE = {torch.float32: 1e-4, torch.bfloat16: 2e-4}
 CASES = [
     pytest.param(dict(C=10, d=100, dtype=torch.float32, layout="mixed"), id="C10-d100-fp32-mixed"),
     pytest.param(dict(C=37, d=192, dtype=torch.float32, layout="one_session"), id="C37-d192-fp32-one_session"),
-    pytest.param(dict(C=37, d=100, dtype=torch.bfloat16, layout="mixed"), id="C37-d100-bf16-mixed"),
+    pytest.param(dict(C=37, d=100, dtype=torch.bfloat16, layout="mixed", index_dtype=torch.int32),
+                 id="C37-d100-bf16-mixed-int32"),
     pytest.param(dict(C=10, d=192, dtype=torch.bfloat16, layout="one_session"), id="C10-d192-bf16-one_session"),
 ]
 
