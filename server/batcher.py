@@ -220,7 +220,7 @@ class Batcher:
     def _session_jobs(self, jobs: list[Job], results: dict[int, dict]) -> None:
         if not jobs:
             return
-        store, m = self.store, self.metrics
+        store = self.store
         with store.lock:
             found, missing = store.acquire(j.session_id for j in jobs if j.session_id)
             live, ys = [], {}

@@ -61,3 +61,44 @@ def test_usage(capsys):
     assert cli.main([]) == 2
     assert cli.main(["--help"]) == 0
     assert "serve" in capsys.readouterr().out
+
+
+def test_serve_subprocess_boots_and_stops(tmp_path):
+    """`fwserve serve` in its own process: ready over HTTP, clean exit on SIGTERM."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import time
+
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "FWSERVE_SNAPSHOT_DIR": str(tmp_path / "snap"), "FWSERVE_LOG_LEVEL": "info",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    log = open(tmp_path / "serve.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve", "--random-init", "--port", str(port),
+                             "--max-device-sessions", "4", "--torch-threads", "1"],
+                            env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert proc.poll() is None, (tmp_path / "serve.log").read_text()
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/v2/health/ready").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "server not ready"
+            time.sleep(0.2)
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/sessions", json={"rule": "sgd", "classes": ["a", "b"]})
+        assert r.status_code == 201
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(30)
+    log.close()
+    out = (tmp_path / "serve.log").read_text()
+    assert rc in (0, -signal.SIGTERM), out  # uvicorn re-raises the signal after a graceful shutdown
+    assert "Application shutdown complete" in out, out
