@@ -28,7 +28,9 @@ from . import ops
 
 OPS = ("head_forward", "sgd", "delta", "prototype", "rls")
 FULL_GRID = dict(d=(192, 384, 768), C=(10, 100), sessions=(1, 64, 256, 1024))
-QUICK_GRID = dict(d=(192, 768), C=(10, 100), sessions=(1, 256, 1024))
+QUICK_GRID = dict(d=(192, 768), C=(10,), sessions=(1, 256, 1024))
+# RLS moves d*d floats per row; at d = 768 one call takes seconds on a CPU, too slow for --quick.
+QUICK_MAX_RLS_D = 192
 ROWS = 256
 
 
@@ -146,14 +148,15 @@ def shared_matmul_call(t: Setup) -> Callable[[], object]:
     return lambda: torch.addmm(b0, t.x, W0.T)
 
 
-def time_call(fn: Callable[[], object], device: str, min_seconds: float, max_calls: int = 50) -> float:
+def time_call(fn: Callable[[], object], device: str, min_seconds: float, max_calls: int = 50,
+              min_calls: int = 3) -> float:
     """Median seconds per call, after one warm-up call."""
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     fn()
     sync()
     samples: list[float] = []
     start = time.perf_counter()
-    while len(samples) < 3 or (time.perf_counter() - start < min_seconds and len(samples) < max_calls):
+    while len(samples) < min_calls or (time.perf_counter() - start < min_seconds and len(samples) < max_calls):
         t0 = time.perf_counter()
         fn()
         sync()
@@ -164,7 +167,8 @@ def time_call(fn: Callable[[], object], device: str, min_seconds: float, max_cal
 
 
 def run(grid: dict, impls: tuple[str, ...], ops_: tuple[str, ...] = OPS, rows: int = ROWS, device: str = "cpu",
-        min_seconds: float = 0.2, log: Callable[[str], None] | None = print) -> list[dict]:
+        min_seconds: float = 0.2, max_rls_d: int | None = None,
+        log: Callable[[str], None] | None = print) -> list[dict]:
     results = []
     for d in grid["d"]:
         for C in grid["C"]:
@@ -173,6 +177,8 @@ def run(grid: dict, impls: tuple[str, ...], ops_: tuple[str, ...] = OPS, rows: i
                 shape = dict(sessions=sessions, d=d, C=C, rows=rows)
                 candidates = [("head_forward_shared", "torch", shared_matmul_call(setup))]
                 for op in ops_:
+                    if op == "rls" and max_rls_d is not None and d > max_rls_d:
+                        continue
                     for impl in impls:
                         call = loop_call(op, setup) if impl == "loop" else kernel_call(op, impl, setup)
                         candidates.append((op, impl, call))
@@ -213,16 +219,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--ops", default=",".join(OPS), help="comma-separated subset of " + ",".join(OPS))
     parser.add_argument("--impls", default=None, help="comma-separated subset of loop,torch,triton")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (default 1: on a shared, small CPU, OpenMP barriers "
+                             "waiting on a descheduled thread swamp the timings; 0 = torch's choice)")
     args = parser.parse_args(argv)
-    if args.threads:
+    if args.threads > 0:
         torch.set_num_threads(args.threads)
     impls = tuple(args.impls.split(",")) if args.impls else (
         ("loop", "torch", "triton") if args.device.startswith("cuda") else ("loop", "torch"))
     grid = QUICK_GRID if args.quick else FULL_GRID
     started = time.perf_counter()
     results = run(grid, impls, tuple(args.ops.split(",")), device=args.device,
-                  min_seconds=0.05 if args.quick else 0.3)
+                  min_seconds=0.05 if args.quick else 0.3, max_rls_d=QUICK_MAX_RLS_D if args.quick else None)
     print()
     print(format_table(results))
     print(f"\n{len(results)} timings in {time.perf_counter() - started:.1f} s on {args.device} "

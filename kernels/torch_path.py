@@ -29,6 +29,7 @@ class Segments:
     seg: torch.Tensor  # [N] segment of each grouped row
     pos: torch.Tensor  # [N] position of each grouped row inside its segment
     counts_list: list[int]  # count, on the host (sizes loops and padded buffers)
+    rows_in_place: bool = False  # rows == arange(N): the batch is already grouped
 
     @property
     def num_segments(self) -> int:
@@ -48,6 +49,12 @@ class Segments:
         if self.is_rectangular:
             return values.reshape((self.rows.numel(),) + tuple(values.shape[2:]))
         return values[self.seg, self.pos]
+
+    def gather_rows(self, values: torch.Tensor) -> torch.Tensor:
+        """values [B, ...] -> [N, ...] in grouped order (no copy when the batch already is)."""
+        if self.rows_in_place and self.rows.numel() == values.shape[0]:
+            return values
+        return values.index_select(0, self.rows)
 
     def first_rows(self) -> torch.Tensor:
         """The first (earliest) batch row of every segment, [U]."""
@@ -79,7 +86,8 @@ def segments(slots: torch.Tensor, by_count: bool = False) -> Segments:
         rows = rows[old_starts[perm][seg] + pos]
     else:
         seg, pos = _segment_and_position(count)
-    return Segments(rows, slot, count, seg, pos, count.tolist())
+    in_place = bool(rows.numel() == slots.numel() and torch.equal(rows, torch.arange(rows.numel(), device=rows.device)))
+    return Segments(rows, slot, count, seg, pos, count.tolist(), in_place)
 
 
 def _segment_and_position(count: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -129,13 +137,13 @@ def head_forward_torch(x, W, b, slots, n_classes, normalize=None) -> torch.Tenso
     seg = segments(slots)
     if seg.rows.numel() == 0:
         return out
-    xr = x[seg.rows].float()
+    xr = seg.gather_rows(x).float()
     if normalize is not None:
         unit_rows = normalize[seg.slot].bool()[seg.seg]
         xr = torch.where(unit_rows.unsqueeze(1), F.normalize(xr, dim=1, eps=NORM_EPS), xr)
-    logits = _grouped_matvec(xr, W.index_select(0, seg.slot), seg) + b.index_select(0, seg.slot)[seg.seg]
+    logits = _grouped_matvec(xr, W.index_select(0, seg.slot), seg) + b.index_select(0, seg.slot).index_select(0, seg.seg)
     live = _live_classes(n_classes[seg.slot], C)[seg.seg]
-    out[seg.rows] = logits.masked_fill_(~live, float("-inf"))
+    out.index_copy_(0, seg.rows, logits.masked_fill_(~live, float("-inf")))
     return out
 
 
@@ -146,10 +154,10 @@ def sgd_step_torch(x, y, slots, W, b, n_classes, lr, weight_decay) -> None:
     if seg.rows.numel() == 0:
         return
     C = W.shape[1]
-    xr = x[seg.rows].float()
+    xr = seg.gather_rows(x).float()
     heads = W.index_select(0, seg.slot)
     live = _live_classes(n_classes.index_select(0, seg.slot), C)
-    logits = _grouped_matvec(xr, heads, seg) + b.index_select(0, seg.slot)[seg.seg]
+    logits = _grouped_matvec(xr, heads, seg) + b.index_select(0, seg.slot).index_select(0, seg.seg)
     g = torch.softmax(logits.masked_fill_(~live[seg.seg], float("-inf")), dim=1)
     g[torch.arange(g.shape[0], device=g.device), y[seg.rows]] -= 1.0  # p - onehot(y); 0 on masked classes
     lr_u = lr.index_select(0, seg.slot)
@@ -171,7 +179,7 @@ def delta_step_torch(x, y, slots, W, n_classes, beta) -> None:
     if seg.rows.numel() == 0:
         return
     C = W.shape[1]
-    keys = F.normalize(x[seg.rows].float(), dim=1, eps=NORM_EPS)
+    keys = F.normalize(seg.gather_rows(x).float(), dim=1, eps=NORM_EPS)
     table = seg.padded(torch.arange(seg.rows.numel(), device=x.device), seg.max_count)
     labels = y[seg.rows].long()
     heads = W.index_select(0, seg.slot)
@@ -179,7 +187,7 @@ def delta_step_torch(x, y, slots, W, n_classes, beta) -> None:
     beta_u = beta[seg.slot].unsqueeze(1)
     for p, active in enumerate(_active_prefix_sizes(seg.counts_list)):
         j = table[:active, p]
-        k = keys[j]
+        k = keys.index_select(0, j)
         target = F.one_hot(labels[j], C).float()
         error = target - torch.bmm(heads[:active], k.unsqueeze(2)).squeeze(2)
         error = torch.where(live[:active], error * beta_u[:active], 0.0)
@@ -195,7 +203,7 @@ def prototype_step_torch(x, y, slots, state_rows, sums, counts, W, n_classes, te
         return
     C = W.shape[1]
     r, labels = state_rows[seg.rows].long(), y[seg.rows].long()
-    sums.index_put_((r, labels), x[seg.rows].float(), accumulate=True)
+    sums.index_put_((r, labels), seg.gather_rows(x).float(), accumulate=True)
     counts.index_put_((r, labels), torch.ones_like(labels, dtype=counts.dtype), accumulate=True)
 
     state_u = state_rows[seg.first_rows()].long()
@@ -213,7 +221,7 @@ def rls_step_torch(x, y, slots, state_rows, W, P, n_classes) -> None:
     if seg.rows.numel() == 0:
         return
     C = W.shape[1]
-    xr = x[seg.rows].float()
+    xr = seg.gather_rows(x).float()
     table = seg.padded(torch.arange(seg.rows.numel(), device=x.device), seg.max_count)
     labels = y[seg.rows].long()
     state_u = state_rows[seg.first_rows()].long()
@@ -221,7 +229,7 @@ def rls_step_torch(x, y, slots, state_rows, W, P, n_classes) -> None:
     live = _live_classes(n_classes[seg.slot], C)
     for p, active in enumerate(_active_prefix_sizes(seg.counts_list)):
         j = table[:active, p]
-        xa = xr[j]
+        xa = xr.index_select(0, j)
         k = torch.bmm(inverses[:active], xa.unsqueeze(2)).squeeze(2)
         denom = 1.0 + (xa * k).sum(1, keepdim=True)
         target = F.one_hot(labels[j], C).float()
