@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from collections.abc import Callable
 
@@ -93,6 +94,7 @@ def loop_call(op: str, t: Setup) -> Callable[[], object]:
                 lin.weight.copy_(t.W[s])
                 lin.bias.copy_(t.b[s])
             heads[s] = lin
+        t.loop_heads = heads  # the user's state lives in these modules, not in t.W / t.b
         if op == "head_forward":
             def forward():
                 out = torch.zeros(t.rows, C, device=t.x.device)
@@ -166,9 +168,10 @@ def time_call(fn: Callable[[], object], device: str, min_seconds: float, max_cal
     return statistics.median(samples)
 
 
-def run(grid: dict, impls: tuple[str, ...], ops_: tuple[str, ...] = OPS, rows: int = ROWS, device: str = "cpu",
+def run(grid: dict, impls: tuple[str, ...], ops_: tuple[str, ...] = OPS, rows: int | None = None, device: str = "cpu",
         min_seconds: float = 0.2, max_rls_d: int | None = None,
         log: Callable[[str], None] | None = print) -> list[dict]:
+    rows = rows or ROWS
     results = []
     for d in grid["d"]:
         for C in grid["C"]:
@@ -234,7 +237,8 @@ def main(argv: list[str] | None = None) -> None:
     print()
     print(format_table(results))
     print(f"\n{len(results)} timings in {time.perf_counter() - started:.1f} s on {args.device} "
-          f"({torch.get_num_threads()} threads, {ROWS} rows per call)")
+          f"({torch.get_num_threads()} threads, {ROWS} rows per call; command: python -m kernels.bench "
+          f"{' '.join(argv if argv is not None else sys.argv[1:])})")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

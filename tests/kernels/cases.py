@@ -52,8 +52,16 @@ class Problem:
 
     def next_batch(self, layout: str = "mixed") -> "Batch":
         """A fresh batch for the same heads and state (multi-step sequences)."""
-        return draw_batch(self.generator, self.n_classes, self.state_of_slot, self.x.shape[1],
-                          max(self.x.shape[0], 1), self.x.dtype, layout)
+        device = self.x.device
+        with torch.device("cpu"):
+            batch = draw_batch(self.generator, self.n_classes.cpu(), self.state_of_slot, self.x.shape[1],
+                               max(self.x.shape[0], 1), self.x.dtype, layout)
+        return Batch(*(getattr(batch, f).to(device) for f in ("x", "y", "slots", "state_rows")))
+
+    def to(self, device) -> "Problem":
+        for name in ("x", "y", "slots", "state_rows", "n_classes", "W", "b", "sums", "counts", "P", "per_slot"):
+            setattr(self, name, getattr(self, name).to(device))
+        return self
 
     def clone_state(self) -> dict[str, torch.Tensor]:
         return {k: getattr(self, k).clone() for k in ("W", "b", "sums", "counts", "P")}
@@ -65,7 +73,15 @@ def fresh_seed() -> int:
 
 def make_problem(C: int, d: int, dtype=torch.float32, layout: str = "mixed", B: int = 12, S: int = 6,
                  seed: int | None = None, index_dtype=torch.int64, poison: bool = True) -> Problem:
-    seed = fresh_seed() if seed is None else seed
+    """Drawn on the CPU (seeded generator), then moved to the default device (CUDA when the
+    kernel tests run on a GPU)."""
+    device = torch.get_default_device()
+    with torch.device("cpu"):
+        p = _make_problem_on_cpu(C, d, dtype, layout, B, S, fresh_seed() if seed is None else seed, index_dtype, poison)
+    return p.to(device)
+
+
+def _make_problem_on_cpu(C, d, dtype, layout, B, S, seed, index_dtype, poison) -> Problem:
     g = torch.Generator().manual_seed(seed)
     R = S + 1  # one state row more than slots: it belongs to nobody
 

@@ -9,16 +9,25 @@ import kernels
 from kernels import dispatch
 
 
+CPU = torch.device("cpu")
+
+
 def test_auto_is_torch_for_cpu_tensors():
-    assert dispatch.resolve_impl("auto", torch.zeros(1)) == "torch"
-    assert dispatch.resolve_impl("torch", torch.zeros(1)) == "torch"
+    assert dispatch.resolve_impl("auto", torch.zeros(1, device=CPU)) == "torch"
+    assert dispatch.resolve_impl("torch", torch.zeros(1, device=CPU)) == "torch"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_auto_is_triton_for_cuda_tensors():
+    assert dispatch.resolve_impl("auto", torch.zeros(1, device="cuda")) == "triton"
 
 
 def test_forced_triton_on_cpu_needs_the_interpreter(monkeypatch):
-    assert dispatch.resolve_impl("triton", torch.zeros(1)) == "triton"  # tests run interpreted
+    if dispatch.interpreter_enabled():
+        assert dispatch.resolve_impl("triton", torch.zeros(1, device=CPU)) == "triton"
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
-        dispatch.resolve_impl("triton", torch.zeros(1))
+        dispatch.resolve_impl("triton", torch.zeros(1, device=CPU))
 
 
 def test_unknown_impl_is_rejected():
@@ -28,6 +37,7 @@ def test_unknown_impl_is_rejected():
 
 
 def test_auto_routes_cpu_tensors_to_the_torch_path(monkeypatch):
+    torch.set_default_device(CPU)  # undone by the autouse fixture in conftest.py
     calls = []
     monkeypatch.setattr(kernels.ops.torch_path, "sgd_step_torch", lambda *a: calls.append("torch"))
     kernels.sgd_step(torch.zeros(1, 4), torch.zeros(1, dtype=torch.int64), torch.zeros(1, dtype=torch.int64),

@@ -58,8 +58,8 @@ def test_triton_writes_every_grad_logit():
     p = make_problem(C=37, d=100, layout="mixed")
     scratch = torch.full((p.x.shape[0], 37), float("nan"))
     S = p.W.shape[0]
-    sgd_step_triton(p.x, p.y, p.slots, p.W.clone(), p.b.clone(), p.n_classes, per_slot(0.5, S, "cpu"),
-                    per_slot(0.0, S, "cpu"), grad_logits=scratch)
+    sgd_step_triton(p.x, p.y, p.slots, p.W.clone(), p.b.clone(), p.n_classes, per_slot(0.5, S, p.W.device),
+                    per_slot(0.0, S, p.W.device), grad_logits=scratch)
     assert not scratch.isnan().any()
     # Rows of one slot sum to zero over classes (softmax minus one-hot), skipped rows are zero.
     torch.testing.assert_close(scratch.sum(1), torch.zeros(p.x.shape[0]), atol=1e-6, rtol=0)
