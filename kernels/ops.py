@@ -19,10 +19,10 @@ import sys
 
 import torch
 
-from . import torch_path
+from . import label_free_torch, torch_path
 from .dispatch import check_batch, check_state, per_slot, resolve_impl
 
-__all__ = ["head_forward", "sgd_step", "delta_step", "prototype_step", "rls_step"]
+__all__ = ["head_forward", "sgd_step", "delta_step", "prototype_step", "rls_step", "support_step", "entropy_step"]
 
 
 def _triton(module: str):
@@ -139,3 +139,57 @@ def rls_step(x, y, slots, state_rows, W, P, n_classes, impl="auto") -> None:
         _triton("rls").rls_step_triton(x, y, slots, state_rows, W, P, n_classes)
     else:
         torch_path.rls_step_torch(x, y, slots, state_rows, W, P, n_classes)
+
+
+def support_step(x, y, priority, slots, state_rows, supports, support_priority, W, n_classes, capacity,
+                 temperature, impl="auto") -> None:
+    """Capped per-class supports (T3A-style) and their cosine head, in place.
+
+    supports [R, C, K, d] (unit rows) and support_priority [R, C, K] (lower is better; +inf =
+    empty) are a state pool. y [B] is each row's class (a pseudo-label or a label), priority [B]
+    float32 its priority (an entropy; labelled rows get a lower one). k_s = min(int(capacity_s), K).
+    For every row i of slot s (state row r, class c = y_i), in arrival order:
+        j = first index of max(support_priority[r, c, :k_s])
+        if priority_i < support_priority[r, c, j]:
+            supports[r, c, j] = x_i / max(||x_i||, 1e-12);  support_priority[r, c, j] = priority_i
+    then every slot with rows is rewritten, for every live class c:
+        W[s, c] = temperature_s * m / max(||m||, 1e-12),  m = sum of its kept supports (0 if none)
+    The bias and masked classes are not touched. Rows the caller filtered out carry slot -1.
+    head_forward(..., normalize=True) then gives temperature * cosine to the support means.
+    """
+    check_batch(x, slots, W, y)
+    S, C, d = W.shape
+    R, K = supports.shape[0], supports.shape[2]
+    check_state("supports", supports, (R, C, K, d))
+    check_state("support_priority", support_priority, (R, C, K))
+    if priority.shape != (x.shape[0],):
+        raise ValueError(f"priority must be [B]={x.shape[0]}, got {tuple(priority.shape)}")
+    capacity, temperature = per_slot(capacity, S, W.device), per_slot(temperature, S, W.device)
+    if resolve_impl(impl, x) == "triton":
+        _triton("support").support_step_triton(x, y, priority, slots, state_rows, supports, support_priority, W,
+                                               n_classes, capacity, temperature)
+    else:
+        label_free_torch.support_step_torch(x, y, priority, slots, state_rows, supports, support_priority, W,
+                                            n_classes, capacity, temperature)
+
+
+def entropy_step(x, y, slots, W, b, n_classes, lr, min_confidence, impl="auto") -> None:
+    """One entropy-minimisation step on the head (TENT, head only), in place; mean per slot.
+
+    y [B]: a label, or -1 for an unlabelled row. For every slot s, all rows seeing the heads as
+    they were before the call, p_i = softmax over live classes of (W_s x_i + b_s):
+        labelled row:                          g_i = p_i - onehot(y_i)          (cross-entropy)
+        unlabelled, max p_i >= min_confidence_s: g_i = -p_i * (log p_i + H(p_i)) (entropy H)
+        otherwise the row does not count
+        W_s <- W_s - lr_s * sum_i g_i x_i^T / m_s,  b_s <- b_s - lr_s * sum_i g_i / m_s
+    with m_s the slot's rows that count (a slot with none is untouched). Masked classes are
+    never updated.
+    """
+    check_batch(x, slots, W, y)
+    S, C, _ = W.shape
+    check_state("b", b, (S, C))
+    lr, min_confidence = per_slot(lr, S, W.device), per_slot(min_confidence, S, W.device)
+    if resolve_impl(impl, x) == "triton":
+        _triton("entropy").entropy_step_triton(x, y, slots, W, b, n_classes, lr, min_confidence)
+    else:
+        label_free_torch.entropy_step_torch(x, y, slots, W, b, n_classes, lr, min_confidence)

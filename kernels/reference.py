@@ -24,6 +24,8 @@ __all__ = [
     "delta_step_ref",
     "prototype_step_ref",
     "rls_step_ref",
+    "support_step_ref",
+    "entropy_step_ref",
     "per_slot",
 ]
 
@@ -179,3 +181,91 @@ def rls_step_ref(x, y, slots, state_rows, W, P, n_classes):
             W[s, :n] += torch.outer(e, k / denom)
             P[r] -= torch.outer(k, k) / denom
     return W, P
+
+
+def support_step_ref(x, y, priority, slots, state_rows, supports, support_priority, W, n_classes, capacity,
+                     temperature):
+    """Capped per-class supports (T3A-style), head = scaled unit sum of a class's supports.
+
+    supports [R, C, K, d] hold unit feature rows, support_priority [R, C, K] their priorities
+    (lower is better: an entropy; +inf marks an empty entry). k_s = min(int(capacity_s), K).
+    For every row i of slot s (state row r, class c = y_i, priority h_i = priority[i]), in
+    arrival order:
+        E = support_priority[r, c, :k_s]
+        j = the first index of max(E)                       (an empty entry if there is one)
+        if h_i < E[j]:  supports[r, c, j] = x_i / max(||x_i||, eps);  support_priority[r, c, j] = h_i
+    A row never displaces an entry of equal priority (older entries win ties). Then every slot s
+    with rows (state row r) is rewritten, for every live class c < n_s:
+        m = sum of supports[r, c, k] over k < k_s with finite support_priority[r, c, k]
+        W[s, c] = temperature_s * m / max(||m||, eps)           (0 when the class has no support)
+    Masked classes and the bias are not touched. Returns (supports, support_priority, W) as new
+    float64 tensors.
+    """
+    x, supports, support_priority, W = _f64(x), _f64(supports), _f64(support_priority), _f64(W)
+    priority = _f64(priority)
+    capacity, temperature = per_slot(capacity, W.shape[0]), per_slot(temperature, W.shape[0])
+    K = supports.shape[2]
+    touched: dict[int, int] = {}
+    for i, s in enumerate(slots.tolist()):
+        if s < 0:
+            continue
+        r, c, k = int(state_rows[i]), int(y[i]), min(int(capacity[s]), K)
+        touched[s] = r
+        if k == 0:
+            continue
+        E = support_priority[r, c, :k]
+        j = int(torch.argmax(E))  # first index of the maximum
+        if priority[i] < E[j]:
+            supports[r, c, j] = _unit(x[i])
+            support_priority[r, c, j] = priority[i]
+    for s, r in touched.items():
+        k = min(int(capacity[s]), K)
+        for c in range(int(n_classes[s])):
+            m = torch.zeros(W.shape[2], dtype=torch.float64)
+            for j in range(k):
+                if torch.isfinite(support_priority[r, c, j]):
+                    m += supports[r, c, j]
+            W[s, c] = temperature[s] * _unit(m)
+    return supports, support_priority, W
+
+
+def entropy_step_ref(x, y, slots, W, b, n_classes, lr, min_confidence):
+    """One step of entropy minimisation on unlabelled rows (TENT on the head), cross-entropy on
+    labelled ones; mini-batch mean per slot over the rows that count.
+
+    For every slot s, using the heads as they were before the call, for each of its rows i:
+        z_i = W_s[:n_s] x_i + b_s[:n_s];  p_i = softmax(z_i);  log p_i = log_softmax(z_i)
+        H_i = -sum_c p_ic log p_ic
+        y_i >= 0 (labelled):              g_i = p_i - onehot(y_i)            (d CE / d z)
+        y_i = -1 and max_c p_ic >= conf_s: g_i = -p_i * (log p_i + H_i)      (d H_i / d z)
+        otherwise:                        the row does not count
+    With m_s rows counting (nothing happens when m_s = 0):
+        W_s[:n_s] <- W_s[:n_s] - lr_s * sum_i g_i x_i^T / m_s
+        b_s[:n_s] <- b_s[:n_s] - lr_s * sum_i g_i       / m_s
+    Masked classes and slots without rows are untouched. Returns (W, b) as new float64 tensors.
+    """
+    x, W, b = _f64(x), _f64(W), _f64(b)
+    lr, conf = per_slot(lr, W.shape[0]), per_slot(min_confidence, W.shape[0])
+    for s, rows in _rows_by_slot(slots).items():
+        n = int(n_classes[s])
+        grad_W = torch.zeros(n, W.shape[2], dtype=torch.float64)
+        grad_b = torch.zeros(n, dtype=torch.float64)
+        m = 0
+        for i in rows:
+            z = W[s, :n] @ x[i] + b[s, :n]
+            p, logp = torch.softmax(z, 0), torch.log_softmax(z, 0)
+            if int(y[i]) >= 0:
+                g = p.clone()
+                g[int(y[i])] -= 1.0
+            elif p.max() >= conf[s]:
+                H = -(p * logp).sum()
+                g = -p * (logp + H)
+            else:
+                continue
+            grad_W += torch.outer(g, x[i])
+            grad_b += g
+            m += 1
+        if m:
+            W[s, :n] -= lr[s] * grad_W / m
+            b[s, :n] -= lr[s] * grad_b / m
+    return W, b
