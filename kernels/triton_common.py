@@ -50,9 +50,5 @@ def tile_sizes(num_classes: int, d: int, tile_elements: int = 8192, class_cap: i
     return block_c, block_d
 
 
-def on_gpu(t: torch.Tensor) -> bool:
-    return t.is_cuda
-
-
 def contiguous_rows(x: torch.Tensor) -> torch.Tensor:
     return x if x.is_contiguous() else x.contiguous()
