@@ -228,20 +228,22 @@ class Batcher:
                 if job.session_id in missing:
                     job.future.set_exception(session_not_found(job.session_id))
                     continue
+                sess = found.get(job.session_id) if job.session_id else None
                 if job.kind == "adapt":
-                    sess = found[job.session_id]
                     try:
-                        ys[id(job)] = [sess.label_index(lab) for lab in job.labels]
+                        ys[id(job)] = _label_indices(sess, job.labels)
                     except ApiError as e:
                         job.future.set_exception(ApiError(e.status, e.code, f"{e.message} (session {sess.id!r})"))
                         continue
+                elif sess is not None and sess.hyper.get("adapt_on_predict"):
+                    ys[id(job)] = [-1] * len(job.rows)  # test-time adaptation on the predict's own instances
                 live.append(job)
             rounds: dict[int, list[Job]] = defaultdict(list)
             n_adapts: dict[str, int] = defaultdict(int)
             for job in live:
                 r = n_adapts[job.session_id] if job.session_id else 0
                 rounds[r].append(job)
-                if job.kind == "adapt":
+                if id(job) in ys:
                     n_adapts[job.session_id] += 1
             for r in sorted(rounds):
                 self._round(rounds[r], found, ys, results)
@@ -273,10 +275,12 @@ class Batcher:
             if j.kind == "predict":
                 results[id(j)] = {"head": "session", "session_id": sess.id, "version": sess.version,
                                   "predictions": preds}
+                if id(j) in ys:  # adapt_on_predict: the predictions above, then an unlabelled update
+                    by_rule[sess.rule.name].append(j)
             else:
                 for pred, y in zip(preds, ys[id(j)]):
-                    pred["true_label"] = sess.classes[y]
-                    pred["correct"] = pred["index"] == y
+                    pred["true_label"] = sess.classes[y] if y >= 0 else None
+                    pred["correct"] = pred["index"] == y if y >= 0 else None
                 results[id(j)] = {"session_id": sess.id, "predictions": preds}
                 by_rule[sess.rule.name].append(j)
 
@@ -291,19 +295,24 @@ class Batcher:
                 rows_ = torch.tensor([found[j.session_id].state_row for j in rjobs for _ in j.rows],
                                      dtype=torch.int64, device=xs.device)
             t0 = time.perf_counter()
-            store.apply(rule, xs, y, sl, rows_)
+            resets = store.apply(rule, xs, y, sl, rows_)
             if xs.is_cuda:
                 torch.cuda.synchronize(xs.device)
             dt = time.perf_counter() - t0
             m.head_update.labels(rule=rule_name).observe(dt)
+            if resets:
+                m.label_free_resets.labels(rule=rule_name).inc(resets)
             for j in rjobs:
                 res = results[id(j)]
-                correct = sum(p["correct"] for p in res["predictions"])
-                res["version"] = store.commit(found[j.session_id], len(j.rows), correct)
+                labelled = sum(v >= 0 for v in ys[id(j)])
+                correct = sum(bool(p.get("correct")) for p in res["predictions"])
+                version = store.commit(found[j.session_id], len(j.rows), correct, labelled)
+                if j.kind == "adapt":
+                    res["version"] = version
+                    res["update_seconds"] = dt
                 res["applied"] = len(j.rows)
-                res["update_seconds"] = dt
                 m.prequential_correct.labels(rule=rule_name).inc(correct)
-                m.prequential_total.labels(rule=rule_name).inc(len(j.rows))
+                m.prequential_total.labels(rule=rule_name).inc(labelled)
                 m.adapted.labels(rule=rule_name).inc(len(j.rows))
 
     # ---- episodic jobs --------------------------------------------------------------------
@@ -373,6 +382,14 @@ def _episodic_heads(specs: list[Episodic], d: int, device) -> tuple[Heads, list[
                 pool[k][row][tuple(slice(0, s) for s in t.shape)] = t.to(device)
         heads.pools[name] = pool
     return heads, state_rows
+
+
+def _label_indices(sess, labels: list) -> list[int]:
+    """Adapt labels -> class indices; -1 for a missing label (label-free rules only)."""
+    if sess.rule.needs_labels and any(lab is None for lab in labels):
+        raise ApiError(422, "missing_label", f"rule {sess.rule.name!r} needs a label on every instance "
+                       "(the label-free rules are t3a and tent)")
+    return [-1 if lab is None else sess.label_index(lab) for lab in labels]
 
 
 def _predictions(probs: torch.Tensor, classes: list[str], top_k: int) -> list[dict]:

@@ -113,6 +113,12 @@ class Metrics:
         self.adapted = Counter(
             "fwserve_adapted_examples", "Labelled examples applied to session heads, by rule.", ["rule"], registry=r
         )
+        self.label_free_resets = Counter(
+            "fwserve_label_free_resets",
+            "Sessions of label-free rules reset to their initial head by the collapse guard, by rule.",
+            ["rule"],
+            registry=r,
+        )
         # expose every labelled series from the start (0 until observed)
         for tier in ("host", "disk"):
             self.evictions.labels(to_tier=tier)
@@ -122,7 +128,8 @@ class Metrics:
         from server.rules import RULES
 
         for rule in RULES:
-            for metric in (self.head_update, self.prequential_correct, self.prequential_total, self.adapted):
+            for metric in (self.head_update, self.prequential_correct, self.prequential_total, self.adapted,
+                           self.label_free_resets):
                 metric.labels(rule=rule)
         self.ready = Gauge("fwserve_ready", "1 once the backbone is loaded and warmed up.", registry=r)
         self.build_info = Info("fwserve_build", "Build and runtime information.", registry=r)

@@ -38,11 +38,18 @@ class LabelledInstance(Instance):
     label: Label = Field(..., description="class name (string) or class index (integer)")
 
 
+class AdaptInstance(Instance):
+    label: Optional[Label] = Field(
+        None, description="class name (string) or class index (integer); omit it to adapt a label-free "
+        "rule (t3a, tent) on the instance itself"
+    )
+
+
 # --- sessions ------------------------------------------------------------------------------
 
 
 class SessionCreate(_Body):
-    rule: str = Field(..., description="adaptation rule: sgd, delta, prototype, rls")
+    rule: str = Field(..., description="adaptation rule: sgd, delta, prototype, rls; label-free: t3a, tent")
     classes: Optional[list[str]] = Field(
         None, description="label names of the head; default: the backbone's base classes"
     )
@@ -92,8 +99,8 @@ class Prediction(Scored):
 
 
 class PrequentialPrediction(Prediction):
-    true_label: str
-    correct: bool
+    true_label: Optional[str] = Field(None, description="null for an unlabelled instance")
+    correct: Optional[bool] = Field(None, description="null for an unlabelled instance")
 
 
 class PredictRequest(_Body):
@@ -124,11 +131,15 @@ class PredictResponse(BaseModel):
     session_id: Optional[str]
     version: Optional[int] = Field(None, description="session version used (null for base/episodic)")
     predictions: list[Prediction]
+    applied: Optional[int] = Field(
+        None, description="sessions with adapt_on_predict: instances the session then adapted on (the "
+        "predictions were made before; the session's version is now version + 1)"
+    )
 
 
 class AdaptRequest(_Body):
     session_id: str
-    instances: list[LabelledInstance] = Field(..., min_length=1)
+    instances: list[AdaptInstance] = Field(..., min_length=1)
 
 
 class AdaptResponse(BaseModel):

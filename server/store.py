@@ -16,6 +16,7 @@ micro-batches and never interleave with an update.
 from __future__ import annotations
 
 import hashlib
+import math
 import json
 import threading
 import time
@@ -270,18 +271,20 @@ class SessionStore:
             return found, set(ids) - set(found)
 
     def apply(self, rule: Rule, x: torch.Tensor, y: torch.Tensor, slots: torch.Tensor,
-              state_rows: Optional[torch.Tensor]) -> None:
-        """One grouped kernel update over rows of sessions of `rule` (already acquired)."""
+              state_rows: Optional[torch.Tensor]) -> Optional[int]:
+        """One grouped kernel update over rows of sessions of `rule` (already acquired); returns
+        what the rule reports (label-free rules: sessions reset by their collapse guard)."""
         with self.lock:
-            rule.update(self.heads, x, y, slots, state_rows)
+            return rule.update(self.heads, x, y, slots, state_rows)
 
-    def commit(self, sess: Session, n_examples: int, correct: int) -> int:
-        """Book one applied adapt request: version + 1, statistics; returns the new version."""
+    def commit(self, sess: Session, n_examples: int, correct: int, labelled: Optional[int] = None) -> int:
+        """Book one applied adapt request: version + 1, statistics; returns the new version.
+        `labelled`: how many of the examples had a label (prequential total); default all."""
         with self.lock:
             sess.version += 1
             sess.seen += n_examples
             sess.correct += correct
-            sess.total += n_examples
+            sess.total += n_examples if labelled is None else labelled
             sess.updated_at = time.time()
             return sess.version
 
@@ -303,7 +306,7 @@ class SessionStore:
         t = {"W": torch.zeros(n, d), "b": torch.zeros(n)}
         if sess.init == "base":
             t["W"], t["b"] = self.base_W.clone(), self.base_b.clone()
-        t.update(sess.rule.init_state(n, d, sess.hyper))
+        t.update(sess.rule.init_state(n, d, sess.hyper, head=dict(t)))
         return t
 
     def _place(self, sess: Session, tensors: dict[str, torch.Tensor], pinned) -> None:
@@ -441,7 +444,8 @@ class SessionStore:
             if tuple(t.shape) != shape or t.dtype != torch.float32:
                 raise invalid("invalid_snapshot", f"tensor {k} must be float32 {list(shape)}, "
                               f"got {t.dtype} {list(t.shape)} (backbone embed_dim is {d})")
-            if not torch.isfinite(t).all():
+            bad = ~torch.isfinite(t) if k not in sess.rule.inf_state else t.isnan() | (t == -math.inf)
+            if bad.any():
                 raise invalid("invalid_snapshot", f"tensor {k} has NaN or Inf")
 
     def _serialize(self, sess: Session, tensors: dict[str, torch.Tensor]) -> bytes:

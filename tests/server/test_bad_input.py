@@ -49,7 +49,7 @@ BAD = {
                       "unknown_label"),
     "label_index_out_of_range": ("/v1/adapt", {"instances": [{**GOOD, "label": 7}]}, 422, "unknown_label"),
     "too_many_instances": ("/v1/adapt", {"instances": [{**GOOD, "label": "a"}] * 9}, 422, "too_many_instances"),
-    "missing_label": ("/v1/adapt", {"instances": [GOOD]}, 422, "invalid_request"),
+    "missing_label": ("/v1/adapt", {"instances": [GOOD]}, 422, "missing_label"),  # label-free rules only
     "image_and_array": ("/v1/adapt", {"instances": [{**GOOD, "image": "AAAA", "label": "a"}]}, 422,
                         "invalid_request"),
     "no_instances": ("/v1/adapt", {"instances": []}, 422, "invalid_request"),
