@@ -14,8 +14,8 @@ import yaml
 
 from tests.deploy.crd_schemas import SCHEMAS
 from tests.deploy.helpers import (
-    COMPONENTS, K8S, MONITORING, OVERLAYS, by_kind, env_name, exported_metric_names, one, render,
-    render_dir, run, settings_fields,
+    COMPONENTS, K8S, MONITORING, OVERLAYS, by_kind, env_name, exported_metric_names, one, render, run,
+    settings_fields,
 )
 
 # a recent release and the oldest one we support (autoscaling/v2, policy/v1 are GA since 1.23;
@@ -27,18 +27,7 @@ HARDWARE = {"cpu": "cpu", "gpu": "cuda", "single": "cpu"}
 
 def test_overlays_present():
     assert {"cpu", "gpu"} <= set(OVERLAYS)
-    assert {"istio-gateway", "redis", "single-replica"} <= set(COMPONENTS)
-
-
-def _with_components(tmp_path, overlay: str, components: list[str]) -> tuple[dict, ...]:
-    """Render an overlay plus extra components through a scratch kustomization."""
-    d = tmp_path / "k"
-    d.mkdir()
-    rel = os.path.relpath(K8S, d)
-    (d / "kustomization.yaml").write_text(yaml.safe_dump({
-        "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization", "namespace": "fwserve",
-        "resources": [f"{rel}/overlays/{overlay}"], "components": [f"{rel}/components/{c}" for c in components]}))
-    return render_dir(str(d))
+    assert {"cpu", "istio-gateway", "redis", "single-replica"} <= set(COMPONENTS)
 
 
 def _kubernetes_validate(docs, version: str, tmp_path) -> set[str]:
@@ -65,12 +54,24 @@ def test_overlay_validates_strict(overlay, kubernetes_validate, tmp_path):
         assert unknown <= CUSTOM_KINDS, f"no schema for {unknown - CUSTOM_KINDS} (wrong apiVersion?)"
 
 
-def test_redis_component_validates_strict(kubernetes_validate, tmp_path):
-    docs = _with_components(tmp_path, "cpu", ["redis"])
+@pytest.mark.parametrize("overlay", ["cpu", "gpu"])
+def test_shared_redis_store(overlay):
+    docs = render(overlay)
     sts = one(docs, "StatefulSet", "fwserve-redis")
     assert sts["metadata"]["namespace"] == "fwserve"
-    assert _kubernetes_validate(docs, KUBERNETES_VERSIONS[-1], tmp_path) <= CUSTOM_KINDS
     _check_restricted(sts["spec"]["template"]["spec"])
+    args = sts["spec"]["template"]["spec"]["containers"][0]["args"]
+    opts = dict(zip(args[::2], args[1::2]))
+    # the durability the server's wal mode documents: a write is answered after its AOF fsync
+    assert opts["--appendonly"] == "yes" and opts["--appendfsync"] == "always"
+    assert opts["--maxmemory-policy"] == "noeviction"
+    # the server points at this Redis
+    cm = _config(docs)
+    url = re.fullmatch(r"redis://([a-z0-9-]+):(\d+)/\d+", cm["FWSERVE_STORE"])
+    assert url and cm["FWSERVE_DURABILITY"] == "wal"
+    svc = one(docs, "Service", url.group(1))
+    assert int(url.group(2)) in {p["port"] for p in svc["spec"]["ports"]}
+    assert _selects({"matchLabels": svc["spec"]["selector"]}, sts["spec"]["template"]["metadata"]["labels"])
     # the server's egress rule and Redis's ingress rule select each other
     server_np, redis_np = one(docs, "NetworkPolicy", "fwserve"), one(docs, "NetworkPolicy", "fwserve-redis")
     redis_labels = sts["spec"]["template"]["metadata"]["labels"]
@@ -79,6 +80,11 @@ def test_redis_component_validates_strict(kubernetes_validate, tmp_path):
     server_labels = one(docs, "Deployment", "fwserve")["spec"]["template"]["metadata"]["labels"]
     assert any(_selects(f.get("podSelector"), server_labels) for rule in redis_np["spec"]["ingress"]
                for f in rule["from"])
+
+
+def _config(docs) -> dict:
+    (c,) = one(docs, "Deployment", "fwserve")["spec"]["template"]["spec"]["containers"]
+    return one(docs, "ConfigMap", c["envFrom"][0]["configMapRef"]["name"])["data"]
 
 
 def test_validator_is_strict(kubernetes_validate, tmp_path):
@@ -147,8 +153,7 @@ def test_server_pod(overlay, monkeypatch):
     port = {p["name"]: p["containerPort"] for p in c["ports"]}["http"]
 
     # settings: every key is a real setting, and the values pass the server's validation
-    cm_name = c["envFrom"][0]["configMapRef"]["name"]
-    cm = one(docs, "ConfigMap", cm_name)["data"]
+    cm = _config(docs)
     fields = settings_fields()
     unknown = set(cm) - {env_name(f) for f in fields}
     assert not unknown, f"ConfigMap keys that are no server setting: {unknown}"
@@ -162,7 +167,9 @@ def test_server_pod(overlay, monkeypatch):
     s = Settings()
     assert s.host == "0.0.0.0" and s.port == port
     assert s.device == {"cpu": "cpu", "cuda": "cuda"}[HARDWARE[overlay]]
-    assert c["image"].endswith("-" + HARDWARE[overlay])
+    from server import __version__
+
+    assert c["image"].endswith(f":{__version__}-{HARDWARE[overlay]}")
 
     # probes
     probes = {k: c[k] for k in ("startupProbe", "livenessProbe", "readinessProbe")}
@@ -220,6 +227,11 @@ def test_single_replica_uses_a_pvc():
     assert "emptyDir" not in vols["snapshots"]
     assert one(docs, "PersistentVolumeClaim", claim)
     assert not by_kind(docs, "HorizontalPodAutoscaler")
+    assert not by_kind(docs, "StatefulSet")
+    cm = _config(docs)
+    assert cm["FWSERVE_STORE"] in {m["mountPath"] for m in dep["spec"]["template"]["spec"]["containers"][0]["volumeMounts"]
+                                   if m["name"] == "snapshots"}
+    assert cm["FWSERVE_DURABILITY"] == "wal"
 
 
 @pytest.mark.parametrize("overlay", ["cpu", "gpu"])
