@@ -21,6 +21,7 @@ Futures are ``concurrent.futures.Future``: the worker claims a job with
 
 from __future__ import annotations
 
+import copy
 import logging
 import threading
 import time
@@ -33,7 +34,8 @@ import torch
 
 import kernels
 
-from server.errors import ApiError, overloaded, session_not_found
+from server.errors import ApiError, idempotency_reused, overloaded, session_not_found
+from server.persistence import split_key
 from server.rules import Heads, Rule
 
 log = logging.getLogger("fwserve.batcher")
@@ -66,6 +68,7 @@ class Job:
     episodic: Optional[Episodic] = None
     future: Future = field(default_factory=Future)
     enqueued: float = field(default_factory=time.perf_counter)
+    idem: Optional[tuple[str, str]] = None  # adapt: (Idempotency-Key, request fingerprint)
 
     @property
     def n_rows(self) -> int:
@@ -131,10 +134,12 @@ class Batcher:
             try:
                 self.process(jobs)
             except Exception as e:  # a bug or a device error: fail this batch, keep serving
-                log.exception("micro-batch failed")
+                if not isinstance(e, ApiError):
+                    log.exception("micro-batch failed")
+                    e = ApiError(500, "internal", f"batch failed: {type(e).__name__}: {e}")
                 for job in jobs:
                     if not job.future.done():
-                        job.future.set_exception(ApiError(500, "internal", f"batch failed: {type(e).__name__}: {e}"))
+                        job.future.set_exception(e)
 
     def _collect(self) -> Optional[list[Job]]:
         jobs: list[Job] = []
@@ -142,7 +147,7 @@ class Batcher:
         with self._cond:
             while not self._queue and not self._stop:
                 self._cond.wait()
-            if self._stop:
+            if self._stop and not self._queue:  # stopping: the queue is drained first
                 return None
             deadline = self._queue[0].enqueued + self.max_wait
             while True:
@@ -186,7 +191,7 @@ class Batcher:
             if job.future.done():
                 continue
             res = results[id(job)]
-            res["latency_seconds"] = time.perf_counter() - job.enqueued
+            res.setdefault("latency_seconds", time.perf_counter() - job.enqueued)
             job.future.set_result(res)
 
     def _features(self, rows: list[Row]) -> None:
@@ -224,9 +229,11 @@ class Batcher:
         with store.lock:
             found, missing = store.acquire(j.session_id for j in jobs if j.session_id)
             live, ys = [], {}
+            first_of: dict[tuple[str, str], Job] = {}  # (session, Idempotency-Key) -> its first job here
+            dups: list[tuple[Job, Job]] = []
             for job in jobs:
                 if job.session_id in missing:
-                    job.future.set_exception(session_not_found(job.session_id))
+                    job.future.set_exception(session_not_found(split_key(job.session_id)[1]))
                     continue
                 sess = found.get(job.session_id) if job.session_id else None
                 if job.kind == "adapt":
@@ -234,6 +241,9 @@ class Batcher:
                         ys[id(job)] = _label_indices(sess, job.labels)
                     except ApiError as e:
                         job.future.set_exception(ApiError(e.status, e.code, f"{e.message} (session {sess.id!r})"))
+                        continue
+                    if job.idem and self._idempotent(job, sess, first_of, dups, results):
+                        ys.pop(id(job), None)
                         continue
                 elif sess is not None and sess.hyper.get("adapt_on_predict"):
                     ys[id(job)] = [-1] * len(job.rows)  # test-time adaptation on the predict's own instances
@@ -245,8 +255,43 @@ class Batcher:
                 rounds[r].append(job)
                 if id(job) in ys:
                     n_adapts[job.session_id] += 1
-            for r in sorted(rounds):
-                self._round(rounds[r], found, ys, results)
+            try:
+                for r in sorted(rounds):
+                    self._round(rounds[r], found, ys, results)
+            except BaseException:
+                store.abort()  # sessions changed but not logged are dropped from memory
+                raise
+            errors = store.flush()  # wal: logged (fsync / AOF) before anything is acknowledged
+            for job in live:
+                if job.session_id in errors and not job.future.done():
+                    job.future.set_exception(errors[job.session_id])
+                    results.pop(id(job), None)
+            for dup, first in dups:
+                if first.future.done():
+                    dup.future.set_exception(first.future.exception())
+                else:
+                    results[id(dup)] = {**copy.deepcopy(results[id(first)]), "_replayed": True}
+
+    def _idempotent(self, job: Job, sess, first_of, dups, results) -> bool:
+        """An adapt with an Idempotency-Key seen before: answer the stored response (or join the
+        same key's first job in this batch); True when the job needs no update of its own."""
+        try:
+            hit = self.store.idem_lookup(sess, job.idem)
+        except ApiError as e:
+            job.future.set_exception(e)
+            return True
+        if hit is not None:
+            results[id(job)] = {**hit, "_replayed": True}
+            return True
+        first = first_of.get((job.session_id, job.idem[0]))
+        if first is None:
+            first_of[(job.session_id, job.idem[0])] = job
+            return False
+        if first.idem[1] != job.idem[1]:
+            job.future.set_exception(idempotency_reused())
+        else:
+            dups.append((job, first))
+        return True
 
     def _round(self, jobs: list[Job], found, ys, results) -> None:
         store, m = self.store, self.metrics
@@ -311,6 +356,9 @@ class Batcher:
                     res["version"] = version
                     res["update_seconds"] = dt
                 res["applied"] = len(j.rows)
+                if j.idem:
+                    res["latency_seconds"] = time.perf_counter() - j.enqueued
+                    store.remember(found[j.session_id], j.idem, res)
                 m.prequential_correct.labels(rule=rule_name).inc(correct)
                 m.prequential_total.labels(rule=rule_name).inc(labelled)
                 m.adapted.labels(rule=rule_name).inc(len(j.rows))

@@ -9,7 +9,7 @@ dashes (``max_batch_size`` -> ``--max-batch-size``, env ``FWSERVE_MAX_BATCH_SIZE
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -67,9 +67,55 @@ class Settings(BaseSettings):
     snapshot_dir: Path = Field(
         Path("snapshots"), description="Directory for the disk tier (one safetensors file per session)."
     )
+    store: Optional[str] = Field(
+        None,
+        description="Where sessions persist: a directory (default: --snapshot-dir; one process at a time) or "
+        "redis://host:port/db (shared by replicas; run redis with appendonly yes, appendfsync always).",
+    )
+    durability: Literal["none", "snapshot", "wal"] = Field(
+        "none",
+        description="none: sessions live only in this process (the store is the spill tier, emptied at exit); "
+        "snapshot: sessions are written to the store every --snapshot-interval-s and at shutdown, and load "
+        "from it after a restart (adapts since the last snapshot are lost on a crash); wal: every adapt is "
+        "logged to the store before it is acknowledged, replayed on load, compacted into snapshots.",
+    )
+    snapshot_interval_s: float = Field(
+        30.0, gt=0, description="snapshot: seconds between writes of changed sessions; wal: seconds between "
+        "compaction passes.",
+    )
+    wal_compact_records: int = Field(
+        256, ge=1, description="wal: compact a session's log into a snapshot once it holds this many adapts."
+    )
+    fsync: bool = Field(
+        True, description="Directory store: fsync log appends and snapshot writes before acknowledging "
+        "(--no-fsync survives a process crash but not a power loss). Redis: set by its appendfsync.",
+    )
+    idempotency_ttl_s: float = Field(
+        3600.0, gt=0, description="How long a response to a request with an Idempotency-Key is kept for retries."
+    )
+    idempotency_max_keys: int = Field(
+        128, ge=1, description="Most remembered Idempotency-Keys per session (the oldest are forgotten first)."
+    )
     max_classes: int = Field(64, ge=2, description="Most classes a session head may have (slot tensor width).")
     max_sessions: int = Field(
         1_000_000, ge=1, description="Most sessions in all tiers together; creating more is refused (409)."
+    )
+
+    # tenants
+    api_keys: Optional[str] = Field(
+        None,
+        description="API keys, one tenant per line (or ';'-separated): 'TENANT sha256:HEX [admin] "
+        "[sessions=N] [rps=R]'. HEX is the sha256 of the key (`fwserve hash-key`). No keys: auth is off.",
+    )
+    api_keys_file: Optional[Path] = Field(None, description="File with API key lines (see --api-keys).")
+    tenant_max_sessions: int = Field(
+        0, ge=0, description="Default per-tenant session quota (0 = only --max-sessions); 429 beyond it."
+    )
+    tenant_rps: float = Field(
+        0.0, ge=0, description="Default per-tenant requests per second (0 = unlimited); 429 + Retry-After beyond it."
+    )
+    tenant_burst: Optional[float] = Field(
+        None, gt=0, description="Requests a tenant may send at once before --tenant-rps applies (default: max(1, rps))."
     )
 
     # requests
@@ -108,6 +154,21 @@ class Settings(BaseSettings):
         if self.weights is not None and self.random_init:
             raise ValueError("weights and random_init exclude each other")
         return self
+
+    @field_validator("store")
+    @classmethod
+    def _store(cls, v: Optional[str]) -> Optional[str]:
+        if v is not None:
+            v = v.strip()
+            if not v:
+                return None
+            if "://" in v and not v.startswith(("redis://", "rediss://", "unix://", "file://")):
+                raise ValueError("store must be a directory, file://PATH or redis://host:port/db")
+        return v
+
+    def store_url(self) -> str:
+        """The store as given, or the snapshot directory."""
+        return self.store or str(self.snapshot_dir)
 
     def resolved_device(self) -> str:
         if self.device != "auto":

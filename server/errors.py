@@ -64,6 +64,39 @@ def not_ready(retry_after_s: int) -> ApiError:
     )
 
 
+def too_many_requests(code: str, message: str, retry_after_s: float) -> ApiError:
+    return ApiError(429, code, message, headers={"Retry-After": str(max(1, int(-(-retry_after_s // 1))))})
+
+
+def quota_exceeded(quota: int, retry_after_s: float) -> ApiError:
+    return too_many_requests("session_quota", f"the tenant holds its quota of {quota} sessions; delete one first",
+                             max(1.0, retry_after_s))
+
+
+def idempotency_reused() -> ApiError:
+    return ApiError(422, "idempotency_key_reused",
+                    "this Idempotency-Key was used with a different request; use a new key for a new request")
+
+
+def version_conflict(session_id: str) -> ApiError:
+    """Another replica advanced the session first; this request was not applied."""
+    return ApiError(503, "version_conflict", f"session {session_id!r} changed on another replica; the request was "
+                    "not applied, retry it", headers={"Retry-After": "0"})
+
+
+def store_unavailable(detail) -> ApiError:
+    return ApiError(503, "store_unavailable", f"the session store failed ({detail}); the request was not "
+                    "acknowledged: retry it, with the same Idempotency-Key", headers={"Retry-After": "1"})
+
+
+def unauthorized(message: str = "missing or unknown API key (Authorization: Bearer KEY or X-API-Key)") -> ApiError:
+    return ApiError(401, "unauthorized", message, headers={"WWW-Authenticate": "Bearer"})
+
+
+def forbidden(message: str) -> ApiError:
+    return ApiError(403, "forbidden", message)
+
+
 def timeout(seconds: float) -> ApiError:
     return ApiError(504, "timeout", f"request was not served within {seconds:g} s and was dropped")
 

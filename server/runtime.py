@@ -8,9 +8,10 @@ answers at once and ``/v2/health/ready`` turns 200 when everything is loaded and
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Optional
 
 import anyio
@@ -40,6 +41,8 @@ class Runtime:
         self.ready = False
         self.load_error: Optional[str] = None
         self._loader: Optional[threading.Thread] = None
+        self._checkpointer: Optional[threading.Thread] = None
+        self._stopping = threading.Event()
 
     # ---- lifecycle --------------------------------------------------------------------------
 
@@ -71,10 +74,18 @@ class Runtime:
             device = str(bb.device)
             self.store = SessionStore(s, bb.embed_dim, bb.head.weight, bb.head.bias, bb.class_names, device,
                                       s.backbone, self.metrics)
+            warn = getattr(self.store.backend, "durability_warning", None)
+            if s.durability == "wal" and warn is not None and warn():
+                log.warning("%s", warn())
+            log.info("sessions: durability %s, store %s", s.durability, self.store.backend.url)
             self.batcher = Batcher(bb, self.store, self.cache, self.metrics, s)
             if s.warmup:
                 self._warmup()  # on this thread, before the worker starts
             self.batcher.start()
+            if self.store.persistent:
+                self._checkpointer = threading.Thread(target=self._checkpoint_loop, name="fwserve-checkpoint",
+                                                      daemon=True)
+                self._checkpointer.start()
             self.metrics.set_build_info(s.backbone, device)
             self.metrics.ready.set(1)
             self.ready = True
@@ -100,9 +111,23 @@ class Runtime:
         for job in jobs:
             job.future.result()
 
+    def _checkpoint_loop(self) -> None:
+        """snapshot: write changed sessions; wal: compact long logs; every --snapshot-interval-s."""
+        while not self._stopping.wait(self.settings.snapshot_interval_s):
+            try:
+                n = self.store.checkpoint()
+                if n:
+                    log.debug("checkpoint: %d sessions written", n)
+            except Exception:  # keep trying; every failure is logged
+                log.exception("checkpoint failed")
+
     def stop(self) -> None:
+        """Shutdown: stop taking jobs, drain the queue, write the sessions (snapshot/wal), close."""
+        self._stopping.set()
         if self._loader is not None:
             self._loader.join()
+        if self._checkpointer is not None:
+            self._checkpointer.join()
         if self.batcher is not None:
             self.batcher.stop()
         if self.store is not None:
@@ -122,8 +147,19 @@ class Runtime:
     async def decode(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.decode_pool, lambda: fn(*args))
 
-    async def run(self, job: Job) -> dict:
-        """Queue a job and wait for its result; 503 when the queue is full, 504 on timeout."""
+    async def run(self, job: Job, conflict_retries: int = 3) -> dict:
+        """Queue a job and wait for its result; 503 when the queue is full, 504 on timeout. A job
+        that lost a version race to another replica (not applied) is queued again."""
+        for _ in range(conflict_retries):
+            try:
+                return await self._run_once(job)
+            except errors.ApiError as e:
+                if e.code != "version_conflict":
+                    raise
+                job = dataclasses.replace(job, future=Future())
+        return await self._run_once(job)
+
+    async def _run_once(self, job: Job) -> dict:
         fut = self.batcher.submit(job)
         afut = asyncio.wrap_future(fut)
         timeout = self.settings.request_timeout_s
