@@ -49,12 +49,15 @@ def log(msg: str) -> None:
 # --- in-process backbone -----------------------------------------------------------------------
 
 
-def inprocess_backbone(name: str, batch_sizes: Sequence[int], min_seconds: float = 2.0) -> dict:
+def inprocess_backbone(name: str, batch_sizes: Sequence[int], min_seconds: float = 2.0,
+                       threads: Optional[int] = None) -> dict:
     """images/s of Backbone.features per batch size (preprocessed inputs, no HTTP, no decode)."""
     import torch
 
     from models import load_backbone
 
+    if threads:
+        torch.set_num_threads(threads)
     bb = load_backbone(name, random_init=True, device="cpu")
     cfg = bb.config
     out = {}
@@ -78,18 +81,25 @@ def inprocess_backbone(name: str, batch_sizes: Sequence[int], min_seconds: float
 
 
 def measure(url: str, scenario: str, concurrency: int, duration: float, *, sessions: Optional[int], encoding: str,
-            instances: int = 1, repeat: bool = False, warmup: float = 1.0, timeout: float = 120.0) -> dict:
+            instances: int = 1, repeat: bool = False, warmup: float = 1.0, timeout: float = 120.0,
+            pid: Optional[int] = None) -> dict:
     pool = scenarios.ImagePool(unique=not repeat, encoding=encoding)
     sc = scenarios.make(scenario, pool, scenarios.Options(sessions=sessions, instances=instances))
     cfg = generator.RunConfig(url=url, scenario=scenario, mode="closed", levels=[concurrency], duration=duration,
-                              warmup_s=warmup, drain_s=timeout, timeout_s=timeout, progress=False)
+                              warmup_s=warmup, drain_s=timeout, timeout_s=timeout, progress=False,
+                              server_pid=pid)
     run = asyncio.run(generator.run_levels(cfg, sc, log=lambda s: None))
     lv = run["levels"][0]
     lv.pop("latencies_ms", None)
     log(f"  {scenario:<11} c={concurrency:<3} sessions={sessions} x{instances}: {lv['throughput_rps']:.1f}/s "
         f"({lv['images_per_s']:.1f} img/s), p50 {lv['latency_ms']['p50'] or float('nan'):.1f} ms, "
-        f"errors {lv['errors'] or 0}, batch {((lv.get('server') or {}).get('batch_size_mean') or 0):.1f}")
+        f"errors {lv['errors'] or 0}, batch {((lv.get('server') or {}).get('batch_size_mean') or 0):.1f}, "
+        f"CPU ms/request client {_per(lv['client_cpu_s'], lv['ok'])} server {_per(lv.get('server_cpu_s'), lv['ok'])}")
     return lv
+
+
+def _per(cpu_s, n):
+    return "-" if cpu_s is None or not n else f"{1000 * cpu_s / n:.1f}"
 
 
 def _median(xs):
@@ -122,14 +132,16 @@ def kernel_ratios(d: int, sessions: int = 64, C: int = 10) -> dict:
 # --- one backbone ------------------------------------------------------------------------------
 
 
-def bench_backbone(name: str, duration: float, reps: int, extra_server_args: Sequence[str]) -> dict:
+def bench_backbone(name: str, duration: float, reps: int, extra_server_args: Sequence[str],
+                   threads: Optional[int] = None) -> dict:
     large = name in LARGE
     encoding = "png" if large else "array"
     batch_sizes = (1, 8, 32) if large else (1, 8, 32, 64, 128)
     res: dict = {"backbone": name, "duration_s": duration, "reps": reps, "encoding": encoding}
     log(f"== {name}: in-process backbone")
-    res["inprocess"] = inprocess_backbone(name, batch_sizes, min_seconds=3.0 if large else 2.0)
-    common = ["--backbone", name, "--random-init", *extra_server_args]
+    res["inprocess"] = inprocess_backbone(name, batch_sizes, min_seconds=3.0 if large else 2.0, threads=threads)
+    common = ["--backbone", name, "--random-init", *(["--torch-threads", str(threads)] if threads else []),
+              *extra_server_args]
     dyn_args = [*common, "--max-batch-size", "64", "--max-wait-ms", "2"]
     bs1_args = [*common, "--max-batch-size", "1"]
     res["servers"] = {"dynamic": "fwserve serve " + " ".join(dyn_args), "batch1": "fwserve serve " + " ".join(bs1_args)}
@@ -140,14 +152,14 @@ def bench_backbone(name: str, duration: float, reps: int, extra_server_args: Seq
         runs: dict[str, list] = {"dyn_sessions": [], "dyn_static": [], "bs1_sessions": []}
         for r in range(reps):
             log(f"round {r + 1}/{reps}: (a) and (b), predict, closed loop c=32")
-            runs["dyn_sessions"].append(m(dyn.url, "predict", 32, duration, sessions=64))
-            runs["bs1_sessions"].append(m(bs1.url, "predict", 32, duration, sessions=64))
-            runs["dyn_static"].append(m(dyn.url, "predict", 32, duration, sessions=0))
+            runs["dyn_sessions"].append(m(dyn.url, "predict", 32, duration, sessions=64, pid=dyn.pid))
+            runs["bs1_sessions"].append(m(bs1.url, "predict", 32, duration, sessions=64, pid=bs1.pid))
+            runs["dyn_static"].append(m(dyn.url, "predict", 32, duration, sessions=0, pid=dyn.pid))
         log("(c) adapt latency, c=1: cached (prequential) vs uncached (adapt on new images)")
-        cached = m(dyn.url, "prequential", 1, duration, sessions=16)
-        uncached = m(dyn.url, "adapt", 1, duration, sessions=16)
+        cached = m(dyn.url, "prequential", 1, duration, sessions=16, pid=dyn.pid)
+        uncached = m(dyn.url, "adapt", 1, duration, sessions=16, pid=dyn.pid)
         log("(d) server images/s: predict without session, c=8 x 16 images")
-        wide = m(dyn.url, "predict", 8, duration, sessions=0, instances=16)
+        wide = m(dyn.url, "predict", 8, duration, sessions=0, instances=16, pid=dyn.pid)
     tp = {k: _median([lv["throughput_rps"] for lv in v]) for k, v in runs.items()}
     res["runs"] = runs
     res["a"] = {"dynamic_rps": tp["dyn_sessions"], "batch1_rps": tp["bs1_sessions"],
@@ -235,6 +247,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--duration", type=float, default=5.0, help="seconds per measurement (28x28 backbone)")
     p.add_argument("--duration-large", type=float, default=10.0, help="seconds per measurement (224x224 backbones)")
     p.add_argument("--reps", type=int, default=2, help="alternating rounds of (a)/(b)")
+    p.add_argument("--torch-threads", type=int, default=None,
+                   help="torch CPU threads of the servers and of the in-process backbone (default: torch's "
+                        "choice); 1 avoids OpenMP barrier stalls when the CPUs are oversubscribed")
     p.add_argument("--json", metavar="PATH")
     p.add_argument("--markdown", metavar="PATH")
     p.add_argument("--server-args", nargs=argparse.REMAINDER, default=[], help="extra `fwserve serve` flags")
@@ -246,7 +261,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
            "backbones": []}
     for name in [s.strip() for s in a.backbones.split(",") if s.strip()]:
         d = a.duration_large if name in LARGE else a.duration
-        out["backbones"].append(bench_backbone(name, d, max(1, a.reps), a.server_args))
+        out["backbones"].append(bench_backbone(name, d, max(1, a.reps), a.server_args, a.torch_threads))
     out["environment"] = {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
                           "torch_threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d %H:%M"),
                           "elapsed_s": time.time() - t0, "load_average": os.getloadavg()}

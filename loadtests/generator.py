@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -310,6 +311,15 @@ def summarise(raw: LevelRaw, scenario_name: str, images_per_step: int = 1) -> di
     }
 
 
+def cpu_seconds(pid: int) -> Optional[float]:
+    """User + system CPU seconds of a process so far (Linux /proc), None when unavailable."""
+    try:
+        fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 async def scrape(http, timeout: float = 5.0) -> Optional[promscrape.Scrape]:
     try:
         r = await http.get("/metrics", timeout=timeout)
@@ -338,6 +348,7 @@ class RunConfig:
     seed: int = 0
     progress: bool = True
     command: Optional[str] = None
+    server_pid: Optional[int] = None  # for the server's CPU time per level (Linux /proc)
 
 
 async def run_levels(cfg: RunConfig, scenario: Scenario, http=None, log: Callable[[str], None] = None) -> dict:
@@ -363,6 +374,8 @@ async def run_levels(cfg: RunConfig, scenario: Scenario, http=None, log: Callabl
                 await asyncio.sleep(cfg.pause_s)
             scenario.stats.clear()
             before = await scrape(http)
+            cpu0 = time.process_time()
+            srv_cpu0 = cpu_seconds(cfg.server_pid) if cfg.server_pid else None
             label = f"{scenario.name} " + (f"{level:g}/s" if cfg.mode == "open" else f"c={int(level)}")
             prog = Progress(label, cfg.duration, enabled=cfg.progress)
             if cfg.mode == "open":
@@ -377,6 +390,9 @@ async def run_levels(cfg: RunConfig, scenario: Scenario, http=None, log: Callabl
             lv = summarise(raw, scenario.name, scenario.images_per_step)
             lv["server"] = promscrape.server_split(before, after) if before and after else None
             lv["extras"] = scenario.extras()
+            lv["client_cpu_s"] = time.process_time() - cpu0
+            srv_cpu1 = cpu_seconds(cfg.server_pid) if cfg.server_pid else None
+            lv["server_cpu_s"] = srv_cpu1 - srv_cpu0 if srv_cpu0 is not None and srv_cpu1 is not None else None
             levels.append(lv)
             lat = lv["latency_ms"]
             log(f"[{label}] done: {lv['throughput_rps']:.1f}/s ok {lv['ok']} errors {lv['errors'] or 0} "

@@ -92,9 +92,9 @@ def test_open_loop_charges_a_stall_to_every_request_scheduled_during_it(stub):
     assert (lat > 0.15).sum() >= 15  # the queue behind the stall, not one slow request
     assert lv["latency_ms"]["p90"] > 150.0
     assert lv["latency_ms"]["max"] >= 550.0
-    # the sends kept to their schedule while the server stalled (the dispatcher never waits)
+    # the dispatcher kept to the schedule while the server stalled (it never waits for responses)
     lags = np.array([tx.sent - tx.scheduled for tx in raw.transactions])
-    assert np.median(lags) < 0.1 and np.percentile(lags, 90) < 0.3
+    assert np.median(lags) < 0.1 and raw.max_send_lag < 0.3
 
 
 def test_closed_loop_hides_the_same_stall(stub):
