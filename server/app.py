@@ -15,7 +15,19 @@ Routes (JSON bodies; OpenAPI at /docs; errors ``{"error": {"code", "message"}}``
                                         pre-update (prequential) predictions, update_seconds
     GET    /v2, /v2/health/live, /v2/health/ready, /v2/models/{name}, /v2/models/{name}/ready
     POST   /v2/models/{name}/infer      OIP v2; parameters.session_id, parameters.top_k
+    GET    /v1/admin/tenants            admin key: tenants, their sessions and quotas
     GET    /metrics                     Prometheus text format
+
+Auth (server/tenants.py): with API keys configured every /v1 route and v2 infer need
+``Authorization: Bearer KEY`` (or ``X-API-Key``); sessions are per tenant (another tenant's
+id is 404). 401 no/unknown key, 403 not allowed, 429 quota or rate limit (Retry-After).
+
+Idempotency: ``Idempotency-Key: <1..255 chars>`` on POST /v1/sessions and POST /v1/adapt. A
+retry with the same key (and the same body) answers the first response with
+``Idempotent-Replayed: true`` and applies nothing again; the same key with another body is
+422 ``idempotency_key_reused``. Keys are kept --idempotency-ttl-s (per session: the last
+--idempotency-max-keys of them), with the session: in its snapshots and log records, so a
+retry after a restart, or on another replica, is recognised too.
 
 Status codes: 400 malformed JSON; 404 unknown session/model/route; 409 session id taken or
 session limit; 413 body over --max-body-bytes; 415 wrong content type; 422 invalid content
@@ -34,30 +46,58 @@ from contextlib import asynccontextmanager
 from email.message import Message
 from typing import Optional
 
-from fastapi import Depends, FastAPI, Path, Request, Response
+import hashlib
+import json
+
+from fastapi import Depends, FastAPI, Header, Path, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from pydantic import BaseModel
 from starlette.routing import Match
 
 from server import __version__
 from server.config import Settings
-from server.errors import STATUS_CODES, ApiError, error_body, invalid, not_found
+from server.errors import STATUS_CODES, ApiError, error_body, forbidden, invalid, not_found
 from server.metrics import CONTENT_TYPE
 from server.runtime import Runtime
+from server.tenants import Auth, Principal
 from server.schemas import (
     SESSION_ID_PATTERN, AdaptRequest, AdaptResponse, InferRequest, InferResponse, ModelMetadata,
     PredictRequest, PredictResponse, ServerMetadata, SessionCreate, SessionCreated, SessionInfo,
 )
 
 SessionId = Path(..., pattern=SESSION_ID_PATTERN, max_length=128)
+IdemKey = Header(None, alias="Idempotency-Key", min_length=1, max_length=255, pattern=r"^[\x21-\x7e]+$",
+                 description="a retry with the same key returns the first response and applies nothing again")
+REPLAYED = "Idempotent-Replayed"
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+ERROR_RESPONSES = {status: {"model": ErrorResponse, "description": desc} for status, desc in (
+    (400, "malformed request"), (401, "missing or unknown API key"), (403, "not allowed"),
+    (404, "unknown session, model or route"), (409, "session exists or session limit"),
+    (413, "body too large"), (415, "wrong content type"), (422, "invalid content"),
+    (429, "tenant quota or rate limit (Retry-After)"), (503, "overloaded, not ready, version conflict or store "
+                                                       "unavailable (Retry-After)"),
+    (504, "timed out in the queue; not applied"))}
 
 
 def create_app(settings: Optional[Settings] = None, backbone=None) -> FastAPI:
     """An app with its own runtime and metrics registry. `backbone` (a models.Backbone) skips
     loading, e.g. to share one backbone between apps in tests."""
     settings = settings or Settings()
+    auth = Auth(settings)
     rt = Runtime(settings, backbone)
+    rt.auth = auth
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -65,7 +105,7 @@ def create_app(settings: Optional[Settings] = None, backbone=None) -> FastAPI:
         yield
         rt.stop()
 
-    app = FastAPI(title="fwserve", version=__version__, lifespan=lifespan,
+    app = FastAPI(title="fwserve", version=__version__, lifespan=lifespan, responses=ERROR_RESPONSES,
                   description="Online-adaptation inference server: a frozen ViT backbone and "
                   "per-session fast-weight heads that learn from the requests themselves.")
     app.state.runtime = rt
@@ -76,58 +116,94 @@ def create_app(settings: Optional[Settings] = None, backbone=None) -> FastAPI:
         rt.check_ready()
         return rt
 
+    def who(request: Request) -> Principal:
+        """The request's tenant (401/403), within its rate limit (429); then readiness (503)."""
+        p = auth.authenticate(request.headers)
+        rt.check_ready()
+        return p
+
     # ---- sessions ---------------------------------------------------------------------------
 
     @app.post("/v1/sessions", status_code=201, response_model=SessionCreated, tags=["sessions"])
-    async def create_session(body: SessionCreate, rt: Runtime = Depends(ready)):
-        sess = await rt.call(rt.store.create, body.rule, body.classes, body.hyperparameters, body.init, body.id)
+    async def create_session(body: SessionCreate, response: Response, p: Principal = Depends(who),
+                             idempotency_key: Optional[str] = IdemKey):
+        idem = None
+        if idempotency_key is not None:
+            fp = hashlib.sha256(json.dumps(body.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
+            idem = (idempotency_key, fp)
+        sess, replayed = await rt.call(rt.store.create_session, body.rule, body.classes, body.hyperparameters,
+                                       body.init, body.id, p.tenant, p.max_sessions, idem)
+        if replayed:
+            response.headers[REPLAYED] = "true"
+            return {"id": sess.id, "version": 0}
         return {"id": sess.id, "version": sess.version}
 
     @app.get("/v1/sessions/{session_id}", response_model=SessionInfo, tags=["sessions"])
-    async def get_session(session_id: str = SessionId, rt: Runtime = Depends(ready)):
-        return await rt.call(rt.store.info, session_id)
+    async def get_session(session_id: str = SessionId, p: Principal = Depends(who)):
+        return await rt.call(rt.store.info, p.key(session_id))
 
     @app.post("/v1/sessions/{session_id}/reset", response_model=SessionCreated, tags=["sessions"])
-    async def reset_session(session_id: str = SessionId, rt: Runtime = Depends(ready)):
-        sess = await rt.call(rt.store.reset, session_id)
+    async def reset_session(session_id: str = SessionId, p: Principal = Depends(who)):
+        sess = await rt.call(rt.store.reset, p.key(session_id))
         return {"id": sess.id, "version": sess.version}
 
     @app.delete("/v1/sessions/{session_id}", status_code=204, tags=["sessions"])
-    async def delete_session(session_id: str = SessionId, rt: Runtime = Depends(ready)):
-        await rt.call(rt.store.delete, session_id)
+    async def delete_session(session_id: str = SessionId, p: Principal = Depends(who)):
+        await rt.call(rt.store.delete, p.key(session_id))
         return Response(status_code=204)
 
     @app.get("/v1/sessions/{session_id}/export", tags=["sessions"],
              responses={200: {"content": {"application/octet-stream": {}}}})
-    async def export_session(session_id: str = SessionId, rt: Runtime = Depends(ready)):
-        data = await rt.call(rt.store.export, session_id)
+    async def export_session(session_id: str = SessionId, p: Principal = Depends(who)):
+        data = await rt.call(rt.store.export, p.key(session_id))
         return Response(data, media_type="application/octet-stream",
                         headers={"Content-Disposition": f'attachment; filename="{session_id}.safetensors"'})
 
     @app.put("/v1/sessions/{session_id}/import", response_model=SessionInfo, tags=["sessions"],
              openapi_extra={"requestBody": {"required": True, "content": {"application/octet-stream": {}}}})
     async def import_session(request: Request, response: Response, session_id: str = SessionId,
-                             rt: Runtime = Depends(ready)):
+                             p: Principal = Depends(who)):
         data = await request.body()
-        sess, created = await rt.call(rt.store.import_, session_id, data)
+        sess, created = await rt.call(rt.store.import_, p.key(session_id), data, p.max_sessions)
         response.status_code = 201 if created else 200
-        return await rt.call(rt.store.info, sess.id)
+        return await rt.call(rt.store.info, sess.key)
+
+    @app.get("/v1/admin/tenants", tags=["admin"])
+    async def admin_tenants(p: Principal = Depends(who)):
+        """Admin key only: every configured tenant with its session count and quotas."""
+        if not p.admin:
+            raise forbidden("an admin key is needed")
+
+        def counts():
+            return {t: rt.store.tenant_count(t) for t in auth.tenants()}
+
+        n = await rt.call(counts)
+        return {"tenants": [{"tenant": t, "sessions": n[t], "max_sessions": auth.quota(t), "rps": auth.rps(t)}
+                            for t in auth.tenants()]}
 
     # ---- predict / adapt --------------------------------------------------------------------
 
     @app.post("/v1/predict", response_model=PredictResponse, tags=["inference"])
-    async def predict(body: PredictRequest, rt: Runtime = Depends(ready)):
+    async def predict(body: PredictRequest, p: Principal = Depends(who)):
         rt.check_count(len(body.instances), "instances")
         rt.check_count(len(body.support or ()), "support examples")
         rt.check_top_k(body.top_k)
         job = await rt.decode(rt.predict_job, body)
+        job.session_id = p.key(job.session_id)
         return await rt.run(job)
 
     @app.post("/v1/adapt", response_model=AdaptResponse, tags=["inference"])
-    async def adapt(body: AdaptRequest, rt: Runtime = Depends(ready)):
+    async def adapt(body: AdaptRequest, request: Request, response: Response, p: Principal = Depends(who),
+                    idempotency_key: Optional[str] = IdemKey):
         rt.check_count(len(body.instances), "instances")
         job = await rt.decode(rt.adapt_job, body)
-        return await rt.run(job)
+        job.session_id = p.key(job.session_id)
+        if idempotency_key is not None:
+            job.idem = (idempotency_key, hashlib.sha256(await request.body()).hexdigest())
+        res = await rt.run(job)
+        if res.pop("_replayed", False):
+            response.headers[REPLAYED] = "true"
+        return res
 
     # ---- Open Inference Protocol v2 ---------------------------------------------------------
 
@@ -171,8 +247,7 @@ def create_app(settings: Optional[Settings] = None, backbone=None) -> FastAPI:
 
     @app.post("/v2/models/{name}/infer", response_model=InferResponse, response_model_exclude_none=True,
               tags=["v2"])
-    async def v2_infer(body: InferRequest, rt: Runtime = Depends(model)):
-        rt.check_ready()
+    async def v2_infer(body: InferRequest, rt: Runtime = Depends(model), p: Principal = Depends(who)):
         params = body.parameters or {}
         session_id, top_k = params.get("session_id"), params.get("top_k", 1)
         if session_id is not None and not isinstance(session_id, str):
@@ -181,6 +256,7 @@ def create_app(settings: Optional[Settings] = None, backbone=None) -> FastAPI:
             raise invalid("invalid_parameters", "parameters.top_k must be a positive integer")
         rt.check_top_k(top_k)
         job = await rt.decode(rt.infer_job, body, session_id, top_k)
+        job.session_id = p.key(job.session_id)
         res = await rt.run(job)
         preds = res["predictions"]
         B = len(preds)

@@ -1,4 +1,5 @@
-"""Command line: ``fwserve serve [flags]`` and ``fwserve train-backbone [args]``.
+"""Command line: ``fwserve serve [flags]``, ``fwserve train-backbone [args]`` and
+``fwserve hash-key`` (the ``sha256:...`` form of an API key read from stdin, for --api-keys).
 
 Every ``Settings`` field is a ``serve`` flag (``--max-batch-size``; booleans as
 ``--random-init`` / ``--no-random-init``) and an environment variable (``FWSERVE_MAX_BATCH_SIZE``).
@@ -69,6 +70,11 @@ def serve(argv: Sequence[str]) -> int:
     level = "DEBUG" if settings.log_level == "trace" else settings.log_level.upper()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s:     %(name)s: %(message)s")
     logging.getLogger("fwserve").setLevel(level)
+    from server.tenants import auth_warning
+
+    warning = auth_warning(settings)
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
 
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
                 timeout_graceful_shutdown=10)
@@ -93,7 +99,29 @@ def preflight(settings: Settings) -> Optional[str]:
 
         if not torch.cuda.is_available():
             return f"device {settings.device!r} requested but CUDA is not available"
+    from server.tenants import Auth
+
+    try:
+        Auth(settings)
+    except ValueError as e:
+        return str(e)
     return None
+
+
+def hash_key(argv: Sequence[str]) -> int:
+    """Print the sha256 form of the API key on stdin (one line), for an --api-keys entry."""
+    if argv:
+        print("usage: fwserve hash-key < keyfile   (the key is read from stdin, never from the command line)",
+              file=sys.stderr)
+        return 2
+    from server.tenants import hash_key as _hash
+
+    key = sys.stdin.readline().strip()
+    if not key:
+        print("fwserve hash-key: no key on stdin", file=sys.stderr)
+        return 2
+    print(_hash(key))
+    return 0
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -102,6 +130,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "usage: fwserve {serve,train-backbone} [args]\n\n"
         "  serve           run the HTTP server (fwserve serve --help lists every setting)\n"
         "  train-backbone  train the bundled backbone (fwserve train-backbone --help)\n"
+        "  hash-key        print the sha256:... form of an API key read from stdin (for --api-keys)\n"
     )
     if not argv or argv[0] in ("-h", "--help"):
         print(usage, end="")
@@ -112,6 +141,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     cmd, rest = argv[0], argv[1:]
     if cmd == "serve":
         return serve(rest)
+    if cmd == "hash-key":
+        return hash_key(rest)
     if cmd == "train-backbone":
         from models import train
 
