@@ -14,6 +14,8 @@
 #   TORCH_INDEX_URL   index for the torch wheel; default: the PyTorch CPU index for cpu, pip's
 #                     configured index (PyPI: CUDA build on Linux) for cuda; "-" = pip's configured
 #                     index for either flavour (e.g. a local wheel through PIP_FIND_LINKS)
+#   FWSERVE_EXTRAS    extras of the project to install (default: redis, the client of the shared
+#                     session store; "" for none)
 #   REQUIRE_BUNDLED_WEIGHTS  1 = fail unless the bundled backbone weights were installed
 set -eu
 
@@ -28,6 +30,7 @@ case "$FLAVOR" in
   *)    echo "install.sh: FWSERVE_FLAVOR must be cpu or cuda, got '$FLAVOR'" >&2; exit 2 ;;
 esac
 TORCH_INDEX_URL=${TORCH_INDEX_URL:-$default_index}
+EXTRAS=${FWSERVE_EXTRAS-redis}
 
 set -x
 if [ "$TORCH_INDEX_URL" = "-" ]; then
@@ -36,7 +39,7 @@ else
   "$PYTHON" -m pip install --index-url "$TORCH_INDEX_URL" "torch==$TORCH_VERSION"
 fi
 # torch is already satisfied, so the project's own requirement on it pulls no other build.
-"$PYTHON" -m pip install "$SRC"
+"$PYTHON" -m pip install "$SRC${EXTRAS:+[$EXTRAS]}"
 set +x
 
 # Post-install check: the entry point imports, and the bundled backbone is where it is loaded from.
