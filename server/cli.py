@@ -130,6 +130,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "usage: fwserve {serve,train-backbone} [args]\n\n"
         "  serve           run the HTTP server (fwserve serve --help lists every setting)\n"
         "  train-backbone  train the bundled backbone (fwserve train-backbone --help)\n"
+        "  eval            stream benchmarks through a server and write a report (fwserve eval --help)\n"
         "  hash-key        print the sha256:... form of an API key read from stdin (for --api-keys)\n"
     )
     if not argv or argv[0] in ("-h", "--help"):
@@ -143,6 +144,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return serve(rest)
     if cmd == "hash-key":
         return hash_key(rest)
+    if cmd == "eval":
+        from server.eval.cli import main as eval_main
+
+        return eval_main(rest)
     if cmd == "train-backbone":
         from models import train
 
