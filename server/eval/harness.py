@@ -35,7 +35,7 @@ class Config:
     benchmarks: tuple[str, ...] = ("shift", "novel", "domain")
     corruptions: tuple[str, ...] = D.CORRUPTIONS
     severities: tuple[int, ...] = (1, 2, 3, 4, 5)
-    correlated_severities: tuple[int, ...] = (5,)  # correlated streams of the shift benchmark
+    correlated_severities: Optional[tuple[int, ...]] = None  # shift: correlated streams; default the highest
     orders: tuple[str, ...] = ("iid", "correlated")
     rules: tuple[str, ...] = ("sgd", "delta", "prototype", "rls", "t3a", "tent")
     subset: Optional[int] = None  # at most this many examples per class in every dataset (CI)
@@ -141,15 +141,14 @@ class Harness:
 
     def plan_shift(self, corrupted: dict) -> None:
         cfg = self.cfg
-        base = _cap(D.mnist("held_out", KNOWN), cfg)
         for (name, sev), data in corrupted.items():
             stream, test = D.stratified_split(data, 0.6, cfg.seed)
-            orders = [o for o in cfg.orders if o == "iid" or sev in cfg.correlated_severities]
+            correlated = cfg.correlated_severities or (max(cfg.severities),)
+            orders = [o for o in cfg.orders if o == "iid" or sev in correlated]
             self.add_streams("shift", {"corruption": name, "severity": sev}, stream, test, True, orders)
             if cfg.probe and sev == max(cfg.severities):
                 self.tasks.append(("shift", self._probe_task("shift_probe", {"corruption": name, "severity": sev},
                                                              stream, test)))
-        del base
 
     def _probe_task(self, where, key, stream, test):
         def task():

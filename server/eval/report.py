@@ -121,6 +121,7 @@ def markdown(results: dict, cfg_dict: dict) -> str:
     md += [f"Backbone `{results.get('backbone')}`; {results.get('duration_s', 0) / 60:.1f} minutes; "
            f"stream requests of {cfg_dict['batch']} instances. Accuracies in %. *Prequential*: test-then-train "
            "accuracy over the stream; *final*: the adapted head on the held-out test part (no adaptation).", ""]
+    md += [PROTOCOL]
     t = results.get("targets", [])
     if t:
         md += ["## Targets", "", _table(["target", "result", "met"],
@@ -130,6 +131,36 @@ def markdown(results: dict, cfg_dict: dict) -> str:
     md += _domain_md(results, "data", "User data (--data)")
     md += _correlated_md(results) + _latency_md(results)
     return "\n".join(md) + "\n"
+
+
+PROTOCOL = """## Protocol
+
+- **Streams.** Each stream is sent in requests of `batch` instances (base64 PNG). Supervised rules adapt
+  with `/v1/adapt` and labels; label-free rules (t3a, tent) get the same requests *without* labels on
+  the shift and domain benchmarks. Prequential accuracy: each prediction comes from the request that
+  then adapts on it. Final accuracy: the session predicts the held-out test part without adapting.
+  One fresh session per method and stream; all methods see the same streams.
+- **Static.** Shift and domain: the backbone's base head. Novel classes and `--data`: prototypes
+  frozen after the first 5 labelled shots of each class (episodes: the prototypes of the shots).
+- **Shift.** Held-out digits 0-4 (models.data split; 100 per class), stratified 60/40 into stream and
+  test. imagecorruptions needs H x W x 3 images of at least 32 x 32: each digit is upsampled to
+  32 x 32 (bilinear), stacked to 3 channels, corrupted, converted back to gray (luma) and resized to
+  28 x 28; numpy's RNG is seeded per corruption and severity. Class-correlated streams (runs of up to
+  50 examples of one class) at the highest severity.
+- **Novel classes.** Digits 5-9: episodes (5-way, 1 and 5 shots, 15 queries per class) on the held-out
+  split through episodic heads; online streams of the training split of 5-9 (2,000 images, never
+  seen by the backbone) in i.i.d. and class-incremental order, tested on the held-out 5-9. *After 20
+  per class*: prequential accuracy on the 100 stream examples that follow the point where every class
+  has 20 labelled examples (i.i.d. streams), and the head's held-out accuracy at that point.
+- **Domain.** scikit-learn's 8x8 digits 0-4 scaled to 0..255, upsampled to 20 x 20 and centred in
+  28 x 28 (MNIST's layout); 60/40 split.
+- **Ceiling.** An offline linear probe (standardised backbone features, logistic regression) on all
+  labelled stream data, scored on the same test part.
+- **Settings.** Every rule runs with fixed settings (`server/eval/runner.py`, `SETTINGS`); those of the
+  label-free rules were chosen on the *training* split ([validation.md](validation.md)), never on
+  these held-out images.
+
+"""
 
 
 def _shift_md(results) -> list[str]:
