@@ -187,7 +187,9 @@ def record_head(data: bytes) -> tuple[str, int]:
 
 @dataclass
 class Record:
-    """One adapt as logged: the update inputs (one (x, y) per rule.update call) and statistics."""
+    """One adapt as logged: the update inputs and statistics. A step is one rule.update call:
+    this session's rows (x, y) and the row counts of the other sessions that shared the call
+    (the torch kernels pick their code path from the call's shape; replay rebuilds it)."""
 
     version: int
     n: int
@@ -199,10 +201,11 @@ class Record:
 
     def encode(self, inc: str) -> bytes:
         tensors = {}
-        for i, (x, y) in enumerate(self.steps):
+        for i, (x, y, _) in enumerate(self.steps):
             tensors[f"x{i}"], tensors[f"y{i}"] = x.contiguous(), y.contiguous()
         meta = {"format": RECORD_FORMAT, "inc": inc, "v": self.version, "n": self.n, "correct": self.correct,
-                "labelled": self.labelled, "t": self.t, "steps": len(self.steps), "idem": self.idem}
+                "labelled": self.labelled, "t": self.t, "steps": len(self.steps), "idem": self.idem,
+                "others": [o for _, _, o in self.steps]}
         return st_save(tensors, metadata={"fwserve": json.dumps(meta)})
 
     @classmethod
@@ -211,7 +214,8 @@ class Record:
         if m.get("format") != RECORD_FORMAT:
             raise StoreError(f"log record format {m.get('format')!r} != {RECORD_FORMAT!r}")
         t = st_load(data)
-        steps = [(t[f"x{i}"], t[f"y{i}"]) for i in range(int(m["steps"]))]
+        others = m.get("others") or [[]] * int(m["steps"])
+        steps = [(t[f"x{i}"], t[f"y{i}"], list(others[i])) for i in range(int(m["steps"]))]
         return str(m["inc"]), cls(int(m["v"]), int(m["n"]), int(m["correct"]), int(m.get("labelled", m["n"])),
                                   float(m["t"]), steps, m.get("idem"))
 
@@ -481,12 +485,18 @@ class SessionStore:
         if self.durability != "wal":
             return
         sl = slots.tolist()
-        for slot in dict.fromkeys(sl):
+        counts: dict[int, int] = {}
+        for slot in sl:
+            if slot >= 0:
+                counts[slot] = counts.get(slot, 0) + 1
+        for slot in counts:
             sess = self._slot_owner.get(slot)
             if sess is None:
                 continue
             mask = slots == slot
-            self._steps.setdefault(sess.key, []).append((x[mask].detach().cpu().clone(), y[mask].detach().cpu().clone()))
+            others = [c for s_, c in counts.items() if s_ != slot]
+            self._steps.setdefault(sess.key, []).append(
+                (x[mask].detach().cpu().clone(), y[mask].detach().cpu().clone(), others))
 
     def _log_commit(self, sess: Session, n: int, correct: int, labelled: Optional[int]) -> None:
         if self.durability != "wal":
@@ -691,31 +701,42 @@ class SessionStore:
         return sess, tensors
 
     def _replay(self, sess: Session, tensors: dict[str, torch.Tensor], recs: list[Record]) -> dict[str, torch.Tensor]:
-        """Apply logged updates to a one-slot copy of the head (same device and width as the slot
-        tensors, so the kernels compute what they computed live)."""
+        """Apply logged updates to a copy of the head in slot 0 (same device and width as the slot
+        tensors). Each call is rebuilt with the shape it had live: zero-initialised stand-in
+        sessions in slots 1.. with the row counts the other sessions had, so the kernels take the
+        code path they took live and compute this session's rows bit for bit as they did."""
         dev, n, C, d = self.device, len(sess.classes), self.C, self.d
+        U = 1 + max((len(o) for r in recs for _, _, o in r.steps), default=0)
         heads = Heads(
-            W=torch.zeros(1, C, d, device=dev), b=torch.zeros(1, C, device=dev),
-            n_classes=torch.tensor([n], dtype=torch.int64, device=dev),
-            normalize=torch.tensor([sess.rule.normalize], dtype=torch.bool, device=dev),
-            hyper={k: torch.tensor([float(sess.hyper.get(k, v))], device=dev) for k, v in PER_SLOT_HYPER.items()},
+            W=torch.zeros(U, C, d, device=dev), b=torch.zeros(U, C, device=dev),
+            n_classes=torch.tensor([n] + [1] * (U - 1), dtype=torch.int64, device=dev),
+            normalize=torch.tensor([sess.rule.normalize] * U, dtype=torch.bool, device=dev),
+            hyper={k: torch.full((U,), float(sess.hyper.get(k, v)), device=dev) for k, v in PER_SLOT_HYPER.items()},
             pools={},
         )
         heads.W[0, :n] = tensors["W"].to(dev)
         heads.b[0, :n] = tensors["b"].to(dev)
         for rule in RULES.values():
             if rule.state:
-                heads.pools[rule.name] = {k: torch.zeros((1, *shape(C, d)), device=dev) for k, shape in rule.state.items()}
+                heads.pools[rule.name] = {k: torch.zeros((U, *shape(C, d)), device=dev) for k, shape in rule.state.items()}
         pool = heads.pools.get(sess.rule.name, {})
         for k, t in pool.items():
             src = tensors[k]
             t[0][tuple(slice(0, s) for s in src.shape)] = src.to(dev)
         now = time.time()
         for rec in recs:
-            for x, y in rec.steps:
-                x, y = x.to(dev), y.to(dev)
-                z = torch.zeros(len(y), dtype=torch.int64, device=dev)
+            for x, y, others in rec.steps:
+                slots = [0] * len(y) + [u + 1 for u, c in enumerate(others) for _ in range(c)]
+                k = len(slots) - len(y)
+                x = torch.cat([x.to(dev), torch.zeros(k, x.shape[1], dtype=x.dtype, device=dev)])
+                y = torch.cat([y.to(dev), torch.zeros(k, dtype=y.dtype, device=dev)])
+                z = torch.tensor(slots, dtype=torch.int64, device=dev)
                 sess.rule.update(heads, x, y, z, z if sess.rule.state else None)
+                for u in range(1, U):  # stand-ins start from zero every call
+                    heads.W[u].zero_()
+                    heads.b[u].zero_()
+                    for t in (pl for p in heads.pools.values() for pl in p.values()):
+                        t[u].zero_()
             sess.version = rec.version
             sess.seen += rec.n
             sess.correct += rec.correct
