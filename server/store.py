@@ -612,10 +612,6 @@ class SessionStore:
             self._forget(sess)
         return ok
 
-    def counts(self) -> dict[str, int]:
-        with self.lock:
-            return {"device": len(self.device_lru), "host": len(self.host_lru), "disk": self.n_disk}
-
     def close(self) -> None:
         """none: remove this store's spilled snapshots (sessions do not outlive the process);
         snapshot/wal: write every changed session, compact every log."""
