@@ -336,8 +336,14 @@ def write(results: dict, cfg_dict: dict, out: Path, rules, make_plots: bool = Tr
     out.mkdir(parents=True, exist_ok=True)
     results["targets"] = targets(results, rules)
     results["plots"] = plots(results, out) if make_plots else []
+    for rows in results.values():
+        for r in rows if isinstance(rows, list) else ():
+            if isinstance(r, dict) and "curve" in r:
+                r["curve"] = [[n, round(acc, 4)] for n, acc in r["curve"]]
     (out / "results.json").write_text(json.dumps({"config": cfg_dict, **results}, indent=1, default=str) + "\n")
     md = markdown(results, cfg_dict)
+    if (out / "NOTES.md").is_file():
+        md = md.replace("## Protocol", "Missed targets, their reasons and caveats: [NOTES.md](NOTES.md).\n\n## Protocol", 1)
     if results["plots"]:
         md += "## Plots\n\n" + "\n".join(f"![{p}]({p})" for p in results["plots"]) + "\n"
     (out / "README.md").write_text(md)
