@@ -89,6 +89,16 @@ def in_process_server(backbone: str, weights: Optional[Path], random_init: bool,
             sock.close()
 
 
+def _weights_sha256(args) -> Optional[str]:
+    """sha256 of the weights the in-process server and the probe load (None: random init)."""
+    import hashlib
+
+    from models import bundled_weights
+
+    path = args.weights or (None if args.random_init else bundled_weights(args.backbone))
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest() if path else None
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser().parse_args(argv)
@@ -125,6 +135,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         extra={"data_corruption": args.corruption[0] if args.data is not None and args.corruption else None},
     )
     started = time.time()
+    weights_sha = _weights_sha256(args)
     if args.url:
         results = Harness(cfg).run()
     else:
@@ -132,6 +143,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             cfg.url = url
             results = Harness(cfg).run()
     results["backbone"] = args.backbone + (" (random init)" if args.random_init else "")
+    results["weights_sha256"] = weights_sha
+    if weights_sha != _weights_sha256(args):
+        print("fwserve eval: the backbone weights changed during the run; the report mixes two backbones",
+              file=sys.stderr)
+        results["warning"] = "the backbone weights file changed during the run"
     results["duration_s"] = time.time() - started
     cfg_dict = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}
     report.write(results, cfg_dict, args.out, rules, make_plots=not args.no_plots)
