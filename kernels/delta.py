@@ -13,7 +13,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_common import NORM_EPS, contiguous_rows, sort_rows_by_slot, tile_sizes
+from .triton_common import NORM_EPS, contiguous_rows, head_matvec, sort_rows_by_slot, tile_sizes
 
 
 @triton.jit
@@ -39,17 +39,8 @@ def _delta_kernel(
 
     for j in range(start, end):
         row = tl.load(order_ptr + j)
-        pred = tl.zeros([BLOCK_C], dtype=tl.float32)
-        sum_sq = tl.zeros([BLOCK_D], dtype=tl.float32)
-        for d0 in range(0, d, BLOCK_D):
-            offs_d = d0 + tl.arange(0, BLOCK_D)
-            in_d = offs_d < d
-            xv = tl.load(x_ptr + row * d + offs_d, mask=in_d, other=0.0).to(tl.float32)
-            w = tl.load(head + offs_c[:, None] * d + offs_d[None, :],
-                        mask=live[:, None] & in_d[None, :], other=0.0)
-            pred += tl.sum(w * xv[None, :], axis=1)
-            sum_sq += xv * xv
-        inv_norm = 1.0 / tl.maximum(tl.sqrt(tl.sum(sum_sq, axis=0)), NORM_EPS)
+        pred, sum_sq = head_matvec(head, x_ptr + row * d, offs_c, live, d, BLOCK_D)
+        inv_norm = 1.0 / tl.maximum(tl.sqrt(sum_sq), NORM_EPS)
         target = tl.where(offs_c == tl.load(y_ptr + row), 1.0, 0.0)
         # Scale the error by beta / ||x|| once, so the update multiplies by the raw features.
         scaled_error = tl.where(live, (target - pred * inv_norm) * (beta * inv_norm), 0.0)

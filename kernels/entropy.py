@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from .sgd import ROWS_PER_DOT, _sgd_apply_kernel
-from .triton_common import block_size, contiguous_rows, sort_rows_by_slot, tile_sizes
+from .triton_common import block_size, contiguous_rows, head_matvec, sort_rows_by_slot, tile_sizes
 
 
 @triton.jit
@@ -39,14 +39,7 @@ def _entropy_grad_logits_kernel(
 
     live = offs_c < tl.load(n_classes_ptr + slot)
     head = W_ptr + slot * num_classes * d
-    logits = tl.zeros([BLOCK_C], dtype=tl.float32)
-    for d0 in range(0, d, BLOCK_D):
-        offs_d = d0 + tl.arange(0, BLOCK_D)
-        in_d = offs_d < d
-        xv = tl.load(x_ptr + row * d + offs_d, mask=in_d, other=0.0).to(tl.float32)
-        w = tl.load(head + offs_c[:, None] * d + offs_d[None, :],
-                    mask=live[:, None] & in_d[None, :], other=0.0)
-        logits += tl.sum(w * xv[None, :], axis=1)
+    logits, _ = head_matvec(head, x_ptr + row * d, offs_c, live, d, BLOCK_D)
     logits += tl.load(b_ptr + slot * num_classes + offs_c, mask=live, other=0.0)
 
     logits = tl.where(live, logits, float("-inf"))

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import NORM_EPS, contiguous_rows, tile_sizes
+from .triton_common import NORM_EPS, contiguous_rows, head_matvec, tile_sizes
 
 # Pure function of its inputs, so autotuning (which re-runs the kernel) is safe here. The
 # interpreter and CPU-only builds get a single config: multi-config autotune needs a GPU.
@@ -43,23 +43,13 @@ def _head_forward_kernel(
 
     live = offs_c < tl.load(n_classes_ptr + slot)
     head = W_ptr + slot * num_classes * d
-    acc = tl.zeros([BLOCK_C], dtype=tl.float32)
-    sum_sq = tl.zeros([BLOCK_D], dtype=tl.float32)
-    for d0 in range(0, d, BLOCK_D):
-        offs_d = d0 + tl.arange(0, BLOCK_D)
-        in_d = offs_d < d
-        # bf16 features are upcast before any arithmetic: all math is fp32.
-        xv = tl.load(x_ptr + row * d + offs_d, mask=in_d, other=0.0).to(tl.float32)
-        # Masked classes are never loaded, so whatever they hold cannot leak into live logits.
-        w = tl.load(head + offs_c[:, None] * d + offs_d[None, :],
-                    mask=live[:, None] & in_d[None, :], other=0.0)
-        acc += tl.sum(w * xv[None, :], axis=1)
-        sum_sq += xv * xv
+    # Masked classes are never loaded, so whatever they hold cannot leak into live logits.
+    acc, sum_sq = head_matvec(head, x_ptr + row * d, offs_c, live, d, BLOCK_D)
 
     if HAS_NORMALIZE:
         # W . (x / ||x||) == (W . x) / ||x||: one division instead of rescaling every feature.
         unit = tl.load(normalize_ptr + slot) != 0
-        inv_norm = 1.0 / tl.maximum(tl.sqrt(tl.sum(sum_sq, axis=0)), NORM_EPS)
+        inv_norm = 1.0 / tl.maximum(tl.sqrt(sum_sq), NORM_EPS)
         acc = acc * tl.where(unit, inv_norm, 1.0)
 
     bias = tl.load(b_ptr + slot * num_classes + offs_c, mask=live, other=0.0)

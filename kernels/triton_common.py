@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 import triton
+import triton.language as tl
 
 NORM_EPS = 1e-12
 
@@ -52,3 +53,23 @@ def tile_sizes(num_classes: int, d: int, tile_elements: int = 8192, class_cap: i
 
 def contiguous_rows(x: torch.Tensor) -> torch.Tensor:
     return x if x.is_contiguous() else x.contiguous()
+
+
+@triton.jit
+def head_matvec(head, x_row, offs_c, live, d, BLOCK_D: tl.constexpr):
+    """(W_s[offs_c] @ x, ||x||^2), accumulated in fp32 over feature blocks.
+
+    head: the slot's [C, d] head; x_row: the row's features (bf16 is upcast before any
+    arithmetic). Classes that are not live are never loaded, so whatever they hold (NaN
+    included) cannot leak into live logits; their entries are 0.
+    """
+    acc = tl.where(live, 0.0, 0.0)  # fp32, shaped like the class block
+    sum_sq = 0.0
+    for d0 in range(0, d, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        in_d = offs_d < d
+        xv = tl.load(x_row + offs_d, mask=in_d, other=0.0).to(tl.float32)
+        w = tl.load(head + offs_c[:, None] * d + offs_d[None, :], mask=live[:, None] & in_d[None, :], other=0.0)
+        acc += tl.sum(w * xv[None, :], axis=1)
+        sum_sq += tl.sum(xv * xv, axis=0)
+    return acc, sum_sq
