@@ -4,8 +4,9 @@ every ``/v1/predict`` of a session created with ``adapt_on_predict``); labelled 
 given, are used as such.
 
 t3a (T3A-style, cosine head over per-class supports; kernels.support_step):
-    the session's current head pseudo-labels each unlabelled row (argmax) and scores it by its
-    normalised entropy H(p) / log(n) in [0, 1]; rows above ``max_entropy`` are dropped, the rest
+    the session's initial linear head (the base head for init="base", as T3A uses the trained
+    classifier; the current cosine head for a zero-init session) pseudo-labels each unlabelled
+    row (argmax) and scores it by its normalised entropy H(p) / log(n) in [0, 1]; rows above ``max_entropy`` are dropped, the rest
     compete for their class's ``supports_per_class`` entries (lowest entropy kept). A labelled
     row enters its true class with priority -1, so pseudo-labelled rows never displace it. The
     head is temperature * cosine to each class's support mean. With init="base" every class
@@ -40,10 +41,11 @@ SUPPORT_CAPACITY = 32  # support entries per class held in the t3a state pool (t
 def t3a_init(n: int, d: int, hyper: dict, head: Optional[dict]) -> dict[str, torch.Tensor]:
     supports = torch.zeros(n, SUPPORT_CAPACITY, d)
     priority = torch.full((n, SUPPORT_CAPACITY), math.inf)
-    out = {"supports": supports, "support_priority": priority}
+    out = {"supports": supports, "support_priority": priority, "W0": torch.zeros(n, d), "b0": torch.zeros(n)}
     if head is None:
         return out
     W0 = head["W"].float()
+    out["W0"], out["b0"] = W0.clone(), head["b"].float().clone()
     seeded = W0.norm(dim=1) > 0
     supports[seeded, 0] = F.normalize(W0[seeded], dim=1)
     priority[seeded, 0] = 0.0
@@ -72,7 +74,16 @@ def _entropy(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Te
 
 def t3a_update(heads, x: torch.Tensor, y: torch.Tensor, slots: torch.Tensor, state_rows: torch.Tensor) -> int:
     h = heads.hyper
-    logits = kernels.head_forward(x, heads.W, heads.b, slots, heads.n_classes, normalize=heads.normalize)
+    pool = heads.pools["t3a"]
+    # Pseudo-labels and entropies from the session's initial linear head (T3A: the base
+    # classifier) when it has one, else from its current cosine head (zero-init sessions).
+    n_state = torch.zeros(pool["W0"].shape[0], dtype=heads.n_classes.dtype, device=x.device)
+    n_state[state_rows] = heads.n_classes.index_select(0, slots)
+    anchored = pool["W0"].index_select(0, state_rows).flatten(1).abs().amax(1) > 0
+    logits = torch.where(
+        anchored.unsqueeze(1),
+        kernels.head_forward(x, pool["W0"], pool["b0"], state_rows, n_state),
+        kernels.head_forward(x, heads.W, heads.b, slots, heads.n_classes, normalize=heads.normalize))
     _, H, pseudo = _entropy(logits)
     n = heads.n_classes.index_select(0, slots).clamp_min(2).float()
     H = H / n.log()
@@ -80,7 +91,6 @@ def t3a_update(heads, x: torch.Tensor, y: torch.Tensor, slots: torch.Tensor, sta
     keep = labelled | (H <= h["max_entropy"].index_select(0, slots))
     cls = torch.where(labelled, y, pseudo)
     priority = torch.where(labelled, -1.0, H)
-    pool = heads.pools["t3a"]
     kernels.support_step(x, cls, priority, torch.where(keep, slots, -1), state_rows, pool["supports"],
                          pool["support_priority"], heads.W, heads.n_classes, h["supports_per_class"],
                          h["temperature"])
