@@ -10,7 +10,7 @@ A rule never owns tensors: the store (or an episodic head set) hands it the stac
 | prototype | W x/||x|| (cosine NCM)| prototype_step     | temperature (10.0)                  | sums, counts |
 | rls       | W x + b                | rls_step           | lambda (1.0): P starts as I/lambda  | P       |
 | t3a       | W x/||x|| (cosine to supports) | support_step | temperature (10), supports_per_class (20), max_entropy (0.5) | supports |
-| tent      | W x + b                | entropy_step       | lr (0.001), min_confidence (0.5), collapse_share (0.95), collapse_window (64) | initial head, class histogram |
+| tent      | W x + b                | entropy_step       | lr (0.001), min_confidence (0.9), collapse_share (0.95), collapse_window (64) | initial head, class histogram |
 
 t3a and tent are label-free (server/label_free.py): instances without a label adapt them, and
 with the flag hyper-parameter ``adapt_on_predict`` every ``/v1/predict`` of the session adapts
@@ -196,7 +196,7 @@ RULES: dict[str, Rule] = {
             normalize=False,
             hyper={
                 "lr": Hyper(0.001, 0.0, 100.0, help="learning rate (0.001 suits features of norm ~10)"),
-                "min_confidence": Hyper(0.5, 0.0, 1.0, low_open=False,
+                "min_confidence": Hyper(0.9, 0.0, 1.0, low_open=False,
                                         help="unlabelled rows count only if their top probability reaches this"),
                 "collapse_share": Hyper(0.95, 0.0, 1.0, help="reset when one class holds this share of recent predictions"),
                 "collapse_window": Hyper(64.0, 1.0, 1e6, low_open=False, help="predictions the class histogram spans"),

@@ -51,8 +51,8 @@ SETTINGS = {
     "delta": dict(hyper={"beta": 0.1}),
     "prototype": dict(hyper={"temperature": 10.0}),
     "rls": dict(hyper={"lambda": 1.0}),
-    "t3a": dict(hyper={"max_entropy": 0.5, "supports_per_class": 5}),
-    "tent": dict(hyper={"lr": 0.001, "min_confidence": 0.5}, steps=20),
+    "t3a": dict(hyper={"max_entropy": 1.0, "supports_per_class": 20}),
+    "tent": dict(hyper={"lr": 0.001, "min_confidence": 0.9}, steps=20),
 }
 
 
