@@ -345,7 +345,7 @@ def write(results: dict, cfg_dict: dict, out: Path, rules, make_plots: bool = Tr
     (out / "results.json").write_text(json.dumps({"config": cfg_dict, **results}, indent=1, default=str) + "\n")
     md = markdown(results, cfg_dict)
     if (out / "NOTES.md").is_file():
-        md = md.replace("## Protocol", "Missed targets, their reasons and caveats: [NOTES.md](NOTES.md).\n\n## Protocol", 1)
+        md = md.replace("## Protocol", "How close each target is, what was missed and why, caveats: [NOTES.md](NOTES.md).\n\n## Protocol", 1)
     if results["plots"]:
         md += "## Plots\n\n" + "\n".join(f"![{p}]({p})" for p in results["plots"]) + "\n"
     (out / "README.md").write_text(md)
