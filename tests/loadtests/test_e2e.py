@@ -35,7 +35,9 @@ def test_scenario_against_the_server(server, tmp_path, scenario, extra):
     lv = json.loads(out.read_text())["levels"][0]
     assert lv["ok"] > 0 and lv["errors"] == {}, lv["errors"]
     srv = lv["server"]
-    assert srv is not None and srv["batches"] > 0 and srv["backbone_forwards"] > 0
+    assert srv is not None and srv["batches"] > 0
+    # features come from the backbone or, for images an earlier scenario already sent, the cache
+    assert srv["backbone_forwards"] > 0 or srv["cache_hits"] > 0, srv
     if scenario in ("adapt", "prequential", "churn"):
         assert srv["head_update_mean_ms"], srv
     if scenario == "prequential":
@@ -51,5 +53,6 @@ def test_short_soak(server, tmp_path, capsys):
                     "--json", str(tmp_path / "soak.json")])
     res = json.loads((tmp_path / "soak.json").read_text())
     assert rc == 0, capsys.readouterr()
-    assert len(res["windows"]) == 2 and res["summary"]["errors"] == 0
+    # two 4 s windows, plus a short tail window when the last sends finish just after 8 s
+    assert len(res["windows"]) in (2, 3) and res["summary"]["errors"] == 0
     assert res["summary"]["rss_first_mb"] > 10
