@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .torch_path import NORM_EPS, _add_grouped_outer, _grouped_matvec, _live_classes, segments
+from .torch_path import NORM_EPS, _add_grouped_outer, _live_classes, gathered_logits, segments
 
 
 def support_step_torch(x, y, priority, slots, state_rows, supports, support_priority, W, n_classes, capacity,
@@ -71,12 +71,7 @@ def entropy_step_torch(x, y, slots, W, b, n_classes, lr, min_confidence) -> None
     seg = segments(slots)
     if seg.rows.numel() == 0:
         return
-    C = W.shape[1]
-    xr = seg.gather_rows(x).float()
-    heads = W.index_select(0, seg.slot)
-    live = _live_classes(n_classes.index_select(0, seg.slot), C)
-    logits = _grouped_matvec(xr, heads, seg) + b.index_select(0, seg.slot).index_select(0, seg.seg)
-    logits = logits.masked_fill_(~live[seg.seg], float("-inf"))
+    xr, heads, live, logits = gathered_logits(x, W, b, n_classes, seg)
     p = torch.softmax(logits, dim=1)
     logp = torch.log_softmax(logits, dim=1)
     plogp = torch.where(p > 0, p * logp, 0.0)
@@ -94,4 +89,4 @@ def entropy_step_torch(x, y, slots, W, b, n_classes, lr, min_confidence) -> None
     step = g * (-lr_u / m.clamp_min(1.0))[seg.seg].unsqueeze(1)
     _add_grouped_outer(heads, step, xr, seg)
     W.index_copy_(0, seg.slot, heads)
-    b.index_add_(0, seg.slot, step.new_zeros((seg.num_segments, C)).index_add_(0, seg.seg, step))
+    b.index_add_(0, seg.slot, step.new_zeros((seg.num_segments, W.shape[1])).index_add_(0, seg.seg, step))

@@ -147,6 +147,17 @@ def head_forward_torch(x, W, b, slots, n_classes, normalize=None) -> torch.Tenso
     return out
 
 
+def gathered_logits(x, W, b, n_classes, seg: Segments):
+    """The touched heads and their masked logits, for the gradient ops: grouped rows xr [N, d],
+    gathered heads [U, C, d] (a copy, updated in place and written back by the caller), live
+    classes [U, C] and logits [N, C] with -inf on masked classes."""
+    xr = seg.gather_rows(x).float()
+    heads = W.index_select(0, seg.slot)
+    live = _live_classes(n_classes.index_select(0, seg.slot), W.shape[1])
+    logits = _grouped_matvec(xr, heads, seg) + b.index_select(0, seg.slot).index_select(0, seg.seg)
+    return xr, heads, live, logits.masked_fill_(~live[seg.seg], float("-inf"))
+
+
 def sgd_step_torch(x, y, slots, W, b, n_classes, lr, weight_decay) -> None:
     """lr, weight_decay: float32 [S]. One gather of the touched heads, a batched GEMM for the
     logits, the decay and the gradient step fused into one in-place batched GEMM, one copy back."""
@@ -154,11 +165,8 @@ def sgd_step_torch(x, y, slots, W, b, n_classes, lr, weight_decay) -> None:
     if seg.rows.numel() == 0:
         return
     C = W.shape[1]
-    xr = seg.gather_rows(x).float()
-    heads = W.index_select(0, seg.slot)
-    live = _live_classes(n_classes.index_select(0, seg.slot), C)
-    logits = _grouped_matvec(xr, heads, seg) + b.index_select(0, seg.slot).index_select(0, seg.seg)
-    g = torch.softmax(logits.masked_fill_(~live[seg.seg], float("-inf")), dim=1)
+    xr, heads, live, logits = gathered_logits(x, W, b, n_classes, seg)
+    g = torch.softmax(logits, dim=1)
     g[torch.arange(g.shape[0], device=g.device), y[seg.rows]] -= 1.0  # p - onehot(y); 0 on masked classes
     lr_u = lr.index_select(0, seg.slot)
     # Fold "- lr / rows of the slot" into the small [N, C] factor so the big update is one GEMM.
