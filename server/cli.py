@@ -145,13 +145,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if cmd == "hash-key":
         return hash_key(rest)
     if cmd == "eval":
-        from server.eval.cli import main as eval_main
+        from eval.cli import main as eval_main
 
         return eval_main(rest)
     if cmd == "train-backbone":
-        from models import train
+        from eval import train_backbone
 
-        rc = train.main(rest)
+        rc = train_backbone.main(rest)
         return int(rc or 0)
     print(f"fwserve: unknown command {cmd!r}\n{usage}", end="", file=sys.stderr)
     return 2

@@ -45,14 +45,14 @@ def test_invalid_settings_exit_2(capsys, monkeypatch):
     assert cli.main(["bogus"]) == 2
 
 
-def test_train_backbone_dispatches_to_models_train(monkeypatch):
+def test_train_backbone_dispatches_to_the_training_tool(monkeypatch):
     seen = {}
-    fake = types.ModuleType("models.train")
+    fake = types.ModuleType("eval.train_backbone")
     fake.main = lambda argv: seen.setdefault("argv", argv) and 0
-    import models
+    import eval as tools
 
-    monkeypatch.setitem(sys.modules, "models.train", fake)
-    monkeypatch.setattr(models, "train", fake, raising=False)
+    monkeypatch.setitem(sys.modules, "eval.train_backbone", fake)
+    monkeypatch.setattr(tools, "train_backbone", fake, raising=False)
     assert cli.main(["train-backbone", "--epochs", "1", "--out", "x"]) == 0
     assert seen["argv"] == ["--epochs", "1", "--out", "x"]
 

@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image
 
 from server.client import Client
-from server.eval.data import Dataset
+from eval.data import Dataset
 
 PREDICT_CHUNK = 128
 
@@ -43,7 +43,7 @@ class Method:
 
 
 # Settings of every rule in the report, chosen on the training split with
-# `python -m server.eval.validate` (docs/eval/validation.md), never on the held-out digits.
+# `python -m eval.validate` (docs/eval/validation.md), never on the held-out digits.
 RULES = ("sgd", "delta", "prototype", "rls", "t3a", "tent")
 LABEL_FREE = ("t3a", "tent")
 SETTINGS = {

@@ -1,6 +1,6 @@
 """Adapt latency by durability mode, side by side in one run, through the real HTTP server.
 
-    python -m server.bench_durability [--requests 300] [--concurrency 16] [--redis auto|URL|off]
+    python -m loadtests.bench_durability [--requests 300] [--concurrency 16] [--redis auto|URL|off]
 
 Per mode one in-process server (uvicorn, the bundled-config backbone shared by all) on a fresh
 store: a closed loop of one client sending one-instance adapts to one session (latency
@@ -130,7 +130,7 @@ def _start_redis(workdir: Path):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m server.bench_durability", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m loadtests.bench_durability", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--requests", type=int, default=300, help="adapts per mode (sequential and concurrent)")
     p.add_argument("--concurrency", type=int, default=16)

@@ -21,7 +21,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Optional, Sequence
 
-from server.eval import data as D
+from eval import data as D
 
 
 def parser() -> argparse.ArgumentParser:
@@ -102,9 +102,9 @@ def _weights_sha256(args) -> Optional[str]:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser().parse_args(argv)
-    from server.eval import report
-    from server.eval.harness import Config, Harness
-    from server.eval.runner import RULES
+    from eval import report
+    from eval.harness import Config, Harness
+    from eval.runner import RULES
 
     names = D.corruption_names()
     corruptions = tuple(args.corruption) if args.corruption else D.CORRUPTIONS

@@ -1,6 +1,6 @@
 """Choosing the rules' settings on the *training* split, never on the held-out digits:
 
-    python -m server.eval.validate --out docs/eval/validation.md
+    python -m eval.validate --out docs/eval/validation.md
 
 The shift protocol of ``fwserve eval`` (stratified 60/40 stream / test split, i.i.d. and
 correlated orders, requests of 10), run in this process on backbone features with the rules'
@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 import kernels
-from server.eval import data as D
+from eval import data as D
 from server.rules import PER_SLOT_HYPER, RULES, Heads
 
 GRID = {
@@ -67,7 +67,7 @@ def main(argv=None) -> int:
     import sys
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    p = argparse.ArgumentParser(prog="python -m server.eval.validate")
+    p = argparse.ArgumentParser(prog="python -m eval.validate")
     p.add_argument("--out", type=Path, default=Path("docs/eval/validation.md"))
     p.add_argument("--per-class", type=int, default=100)
     p.add_argument("--severity", type=int, default=5)
@@ -104,7 +104,7 @@ def main(argv=None) -> int:
                     rows.append((name, order, rule_name, str(hyper), preq, final))
         print(name, "done", flush=True)
     lines = ["# Rule settings chosen on the training split", "",
-             f"`python -m server.eval.validate {' '.join(argv or [])}` — {args.per_class} training images per known "
+             f"`python -m eval.validate {' '.join(argv or [])}` — {args.per_class} training images per known "
              f"class under {', '.join(corruptions)} at severity {args.severity} (never the held-out digits); "
              "stream / test split 60/40; mean over those corruptions. Accuracy in %.", "",
              "| rule | setting | iid prequential | iid final | correlated prequential | correlated final |",

@@ -9,7 +9,7 @@ from typing import Optional
 
 import numpy as np
 
-from server.eval.runner import LABEL_FREE
+from eval.runner import LABEL_FREE
 
 
 def _mean(xs) -> Optional[float]:
@@ -158,7 +158,7 @@ PROTOCOL = """## Protocol
   28 x 28 (MNIST's layout); 60/40 split.
 - **Ceiling.** An offline linear probe (standardised backbone features, logistic regression) on all
   labelled stream data, scored on the same test part.
-- **Settings.** Every rule runs with fixed settings (`server/eval/runner.py`, `SETTINGS`); those of the
+- **Settings.** Every rule runs with fixed settings (`eval/runner.py`, `SETTINGS`); those of the
   label-free rules were chosen on the *training* split ([validation.md](validation.md)), never on
   these held-out images.
 

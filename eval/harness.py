@@ -18,8 +18,8 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from server.eval import data as D
-from server.eval.runner import (
+from eval import data as D
+from eval.runner import (
     Encoded, LocalFeatures, Method, latency_between, linear_probe, methods, run_episode, run_stream,
     update_latency,
 )

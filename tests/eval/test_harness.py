@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from server.eval import data as D
-from server.eval.harness import window_accuracy
+from eval import data as D
+from eval.harness import window_accuracy
 
 pytest.importorskip("imagecorruptions")
 
