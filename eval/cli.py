@@ -63,7 +63,7 @@ def in_process_server(backbone: str, weights: Optional[Path], random_init: bool,
     """The real app under uvicorn in a daemon thread on a free port; yields its URL."""
     import uvicorn
 
-    from server.app import create_app
+    from server.api import create_app
     from server.client import Client
     from server.config import Settings
 

@@ -23,6 +23,7 @@ import numpy as np
 from PIL import Image
 
 from server.client import Client
+from server.rules import RULES as REGISTRY
 from eval.data import Dataset
 
 PREDICT_CHUNK = 128
@@ -44,8 +45,8 @@ class Method:
 
 # Settings of every rule in the report, chosen on the training split with
 # `python -m eval.validate` (docs/eval/validation.md), never on the held-out digits.
-RULES = ("sgd", "delta", "prototype", "rls", "t3a", "tent")
-LABEL_FREE = ("t3a", "tent")
+RULES = tuple(REGISTRY)
+LABEL_FREE = tuple(name for name, rule in REGISTRY.items() if not rule.needs_labels)
 SETTINGS = {
     "sgd": dict(hyper={"lr": 0.01}, steps=20),
     "delta": dict(hyper={"beta": 0.1}),
@@ -62,7 +63,7 @@ def methods(rules, base_head: bool) -> list[Method]:
     label-free rules run without labels. Otherwise every rule learns the classes from labels."""
     out = [Method("static", None, init="base" if base_head else "zeros")]
     for r in rules:
-        s = SETTINGS[r]
+        s = SETTINGS.get(r, {"hyper": {}})
         label_free = r in LABEL_FREE and base_head
         init = "base" if base_head and r in ("sgd", "t3a", "tent") else "zeros"
         out.append(Method(r, r, labelled=not label_free, init=init, hyper=dict(s["hyper"]), steps=s.get("steps", 1)))

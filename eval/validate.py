@@ -21,16 +21,14 @@ import torch
 
 import kernels
 from eval import data as D
-from server.rules import PER_SLOT_HYPER, RULES, Heads
+from server.rules import RULES, scratch_heads
 
-GRID = {
-    "sgd": [{"lr": lr} for lr in (0.001, 0.003, 0.01, 0.1)],
-    "delta": [{"beta": b} for b in (0.1, 0.5)],
-    "prototype": [{"temperature": 10.0}],
-    "rls": [{"lambda": lam} for lam in (1.0, 10.0, 100.0)],
-    "t3a": [{"max_entropy": e, "supports_per_class": k} for e, k in itertools.product((0.2, 0.5, 1.0), (5, 20))],
-    "tent": [{"lr": lr, "min_confidence": c} for lr, c in itertools.product((0.001, 0.003, 0.01), (0.5, 0.9))],
-}
+def grid(rule_name: str) -> list[dict]:
+    """Every combination of the rule's search space (server/rules: Rule.search_space)."""
+    space = RULES[rule_name].search_space
+    return [dict(zip(space, values)) for values in itertools.product(*space.values())] or [{}]
+
+
 INIT = {"sgd": "base", "t3a": "base", "tent": "base"}  # as in fwserve eval's shift benchmark; others from zero
 
 
@@ -40,11 +38,7 @@ def session(rule_name: str, hyper: dict, W0: torch.Tensor, b0: torch.Tensor, ini
     n, d = W0.shape
     head = {"W": W0.clone(), "b": b0.clone()} if init == "base" else {"W": torch.zeros(n, d), "b": torch.zeros(n)}
     state = rule.init_state(n, d, hp, head=dict(head))
-    W, b = state.pop("W", head["W"]), state.pop("b", head["b"])
-    heads = Heads(W.unsqueeze(0).contiguous(), b.unsqueeze(0).contiguous(), torch.tensor([n]),
-                  torch.tensor([rule.normalize]),
-                  {k: torch.tensor([float(hp.get(k, v))]) for k, v in PER_SLOT_HYPER.items()},
-                  {rule_name: {k: v.unsqueeze(0).contiguous() for k, v in state.items()}} if rule.state else {})
+    heads, _ = scratch_heads([(rule, hp, n, {**head, **state})], n, d, "cpu")
     return rule, heads
 
 
@@ -96,9 +90,9 @@ def main(argv=None) -> int:
             xs, ys = fs[idx], torch.as_tensor(stream.labels)[idx]
             static_preq = float(((xs @ W0.T + b0).argmax(1) == ys).float().mean())
             rows.append((name, order, "static", "-", static_preq, static))
-            for rule_name, grid in GRID.items():
+            for rule_name in RULES:
                 labelled = RULES[rule_name].needs_labels
-                for hyper in grid:
+                for hyper in grid(rule_name):
                     preq, final = simulate(rule_name, hyper, W0, b0, INIT.get(rule_name, "zeros"), xs, ys, ft, yt,
                                            labelled)
                     rows.append((name, order, rule_name, str(hyper), preq, final))

@@ -65,7 +65,7 @@ def _pct(xs: list[float], q: float) -> float:
 
 
 def run_mode(backbone, name: str, root: Path, n: int, conc: int, **settings) -> dict:
-    from server.app import create_app
+    from server.api import create_app
     from server.config import Settings
 
     s = Settings(snapshot_dir=root / "store", max_wait_ms=1.0, warmup=False, **settings)

@@ -65,12 +65,12 @@ def serve(argv: Sequence[str]) -> int:
 
     import uvicorn
 
-    from server.app import create_app
+    from server.api import create_app
 
     level = "DEBUG" if settings.log_level == "trace" else settings.log_level.upper()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s:     %(name)s: %(message)s")
     logging.getLogger("fwserve").setLevel(level)
-    from server.tenants import auth_warning
+    from server.api.auth import auth_warning
 
     warning = auth_warning(settings)
     if warning:
@@ -99,7 +99,7 @@ def preflight(settings: Settings) -> Optional[str]:
 
         if not torch.cuda.is_available():
             return f"device {settings.device!r} requested but CUDA is not available"
-    from server.tenants import Auth
+    from server.api.auth import Auth
 
     try:
         Auth(settings)
@@ -114,7 +114,7 @@ def hash_key(argv: Sequence[str]) -> int:
         print("usage: fwserve hash-key < keyfile   (the key is read from stdin, never from the command line)",
               file=sys.stderr)
         return 2
-    from server.tenants import hash_key as _hash
+    from server.api.auth import hash_key as _hash
 
     key = sys.stdin.readline().strip()
     if not key:

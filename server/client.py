@@ -23,7 +23,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 import httpx
 
-from server.schemas import (
+from server.api.schemas import (
     AdaptResponse, InferResponse, ModelMetadata, PredictResponse, ServerMetadata, SessionCreated, SessionInfo,
 )
 

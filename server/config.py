@@ -42,6 +42,10 @@ class Settings(BaseSettings):
         None, ge=1, description="torch.set_num_threads for CPU inference; default: torch's choice."
     )
     warmup: bool = Field(True, description="Run one warm-up batch before reporting ready.")
+    rule_modules: str = Field(
+        "", description="Comma-separated Python modules imported at start; each registers adaptation rules "
+        "(server.rules.register) that sessions may then use.",
+    )
 
     # batching
     max_batch_size: int = Field(64, ge=1, description="Most rows (instances) in one micro-batch.")
@@ -165,6 +169,10 @@ class Settings(BaseSettings):
             if "://" in v and not v.startswith(("redis://", "rediss://", "unix://", "file://")):
                 raise ValueError("store must be a directory, file://PATH or redis://host:port/db")
         return v
+
+    @property
+    def rule_module_list(self) -> list[str]:
+        return [m.strip() for m in self.rule_modules.split(",") if m.strip()]
 
     def store_url(self) -> str:
         """The store as given, or the snapshot directory."""

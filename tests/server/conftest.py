@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import uvicorn
 
-from server.app import create_app
+from server.api import create_app
 from server.config import Settings
 
 BACKBONE = "fwserve-mnist-vit"
@@ -34,7 +34,7 @@ def backbone():
 class LiveServer:
     def __init__(self, app, sock: socket.socket) -> None:
         self.app = app
-        self.runtime = app.state.runtime
+        self.engine = app.state.engine
         self.port = sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
         self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
@@ -51,7 +51,7 @@ class LiveServer:
                 except httpx.TransportError:
                     pass
                 if time.monotonic() > deadline or not self.thread.is_alive():
-                    raise RuntimeError(f"server did not become ready: {self.runtime.load_error}")
+                    raise RuntimeError(f"server did not become ready: {self.engine.load_error}")
                 time.sleep(0.05)
 
     def stop(self) -> None:

@@ -1,0 +1,200 @@
+"""Request and response bodies of the HTTP API (pydantic v2). Shared by the routes and server/client.py."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_validator
+
+from server.keys import SESSION_ID_PATTERN
+
+HyperValue = Union[bool, float]
+Label = Union[StrictInt, str]
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# --- instances -----------------------------------------------------------------------------
+
+
+class Instance(_Body):
+    """One input: exactly one of ``image`` (base64 PNG/JPEG, any size; resized to the backbone's
+    input) or ``array`` (nested list of pixel values 0..255, shape ``[H, W]`` or ``[H, W, C]``
+    with H = W = the backbone's img_size and C in 1, 3, 4)."""
+
+    image: Optional[str] = Field(None, description="base64-encoded PNG or JPEG")
+    array: Optional[list[Any]] = Field(None, description="pixel values 0..255, [H, W] or [H, W, C]")
+
+    @model_validator(mode="after")
+    def _one_input(self):
+        if (self.image is None) == (self.array is None):
+            raise ValueError("an instance needs exactly one of 'image' or 'array'")
+        return self
+
+
+class LabelledInstance(Instance):
+    label: Label = Field(..., description="class name (string) or class index (integer)")
+
+
+class AdaptInstance(Instance):
+    label: Optional[Label] = Field(
+        None, description="class name (string) or class index (integer); omit it to adapt a label-free "
+        "rule (t3a, tent) on the instance itself"
+    )
+
+
+# --- sessions ------------------------------------------------------------------------------
+
+
+class SessionCreate(_Body):
+    rule: str = Field(..., description="adaptation rule: sgd, delta, prototype, rls; label-free: t3a, tent")
+    classes: Optional[list[str]] = Field(
+        None, description="label names of the head; default: the backbone's base classes"
+    )
+    hyperparameters: dict[str, HyperValue] = Field(default_factory=dict)
+    id: Optional[str] = Field(None, pattern=SESSION_ID_PATTERN, description="client-chosen id")
+    init: Literal["zeros", "base"] = Field(
+        "zeros", description="zeros, or base: start from the backbone's base head (classes must match)"
+    )
+
+
+class SessionCreated(BaseModel):
+    id: str
+    version: int
+
+
+class Prequential(BaseModel):
+    correct: int
+    total: int
+    accuracy: Optional[float]
+
+
+class SessionInfo(BaseModel):
+    id: str
+    rule: str
+    hyperparameters: dict[str, HyperValue]
+    classes: list[str]
+    init: str
+    version: int
+    examples_seen: int
+    prequential: Prequential
+    tier: Literal["device", "host", "disk"]
+    created_at: datetime
+    updated_at: datetime
+
+
+# --- predict / adapt -----------------------------------------------------------------------
+
+
+class Scored(BaseModel):
+    label: str
+    index: int
+    score: float = Field(..., description="softmax probability over the head's classes")
+
+
+class Prediction(Scored):
+    top_k: list[Scored]
+
+
+class PrequentialPrediction(Prediction):
+    true_label: Optional[str] = Field(None, description="null for an unlabelled instance")
+    correct: Optional[bool] = Field(None, description="null for an unlabelled instance")
+
+
+class PredictRequest(_Body):
+    session_id: Optional[str] = Field(None, description="session whose head answers; default: base head")
+    instances: list[Instance] = Field(..., min_length=1)
+    top_k: int = Field(1, ge=1)
+    support: Optional[list[LabelledInstance]] = Field(
+        None,
+        min_length=1,
+        description="episodic head: adapt a throw-away head on these examples, answer, discard",
+    )
+    rule: str = Field("prototype", description="episodic head only: its rule")
+    hyperparameters: dict[str, HyperValue] = Field(default_factory=dict, description="episodic head only")
+    classes: Optional[list[str]] = Field(
+        None, description="episodic head only: label names; default: support labels in order of appearance"
+    )
+    steps: int = Field(1, ge=1, description="episodic head only: passes over the support set")
+
+    @model_validator(mode="after")
+    def _session_xor_support(self):
+        if self.session_id is not None and self.support is not None:
+            raise ValueError("give either session_id or support, not both")
+        return self
+
+
+class PredictResponse(BaseModel):
+    head: Literal["session", "base", "episodic"]
+    session_id: Optional[str]
+    version: Optional[int] = Field(None, description="session version used (null for base/episodic)")
+    predictions: list[Prediction]
+    applied: Optional[int] = Field(
+        None, description="sessions with adapt_on_predict: instances the session then adapted on (the "
+        "predictions were made before; the session's version is now version + 1)"
+    )
+
+
+class AdaptRequest(_Body):
+    session_id: str
+    instances: list[AdaptInstance] = Field(..., min_length=1)
+
+
+class AdaptResponse(BaseModel):
+    session_id: str
+    version: int = Field(..., description="the session's version after this update")
+    applied: int = Field(..., description="examples applied")
+    predictions: list[PrequentialPrediction] = Field(..., description="made before the update")
+    update_seconds: float = Field(..., description="adaptation latency: the head update's kernel time")
+    latency_seconds: float = Field(..., description="time from enqueue to result")
+
+
+# --- Open Inference Protocol v2 --------------------------------------------------------------
+
+
+class InferTensor(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    name: str
+    shape: list[int]
+    datatype: str
+    data: Any
+    parameters: Optional[dict[str, Any]] = None
+
+
+class InferRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    id: Optional[str] = None
+    parameters: Optional[dict[str, Any]] = None
+    inputs: list[InferTensor] = Field(..., min_length=1)
+    outputs: Optional[list[dict[str, Any]]] = None
+
+
+class InferResponse(BaseModel):
+    model_name: str
+    model_version: Optional[str] = None
+    id: Optional[str] = None
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    outputs: list[InferTensor]
+
+
+class ServerMetadata(BaseModel):
+    name: str
+    version: str
+    extensions: list[str]
+
+
+class TensorMetadata(BaseModel):
+    name: str
+    datatype: str
+    shape: list[int]
+
+
+class ModelMetadata(BaseModel):
+    name: str
+    versions: list[str]
+    platform: str
+    inputs: list[TensorMetadata]
+    outputs: list[TensorMetadata]

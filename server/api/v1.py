@@ -1,0 +1,138 @@
+"""The /v1 routes: sessions, predict, adapt, admin.
+
+    POST   /v1/sessions                 {rule, classes?, hyperparameters?, id?, init?} -> 201 {id, version}
+    GET    /v1/sessions/{id}            rule, hyper-parameters, classes, version, examples_seen,
+                                        prequential {correct, total, accuracy}, tier, created/updated
+    POST   /v1/sessions/{id}/reset      head, state, version and statistics back to the start
+    DELETE /v1/sessions/{id}            204
+    GET    /v1/sessions/{id}/export     application/octet-stream: safetensors (W, b, rule state)
+                                        with the session's metadata under "fwserve"
+    PUT    /v1/sessions/{id}/import     body = an export (application/octet-stream); 201 new, 200 replaced
+    POST   /v1/predict                  {session_id? | support?, instances, top_k?} -> predictions, version
+    POST   /v1/adapt                    {session_id, instances with label} -> version, applied,
+                                        pre-update (prequential) predictions, update_seconds
+    GET    /v1/admin/tenants            admin key: tenants, their sessions and quotas
+
+Idempotency: ``Idempotency-Key: <1..255 chars>`` on POST /v1/sessions and POST /v1/adapt. A
+retry with the same key (and the same body) answers the first response with
+``Idempotent-Replayed: true`` and applies nothing again; the same key with another body is
+422 ``idempotency_key_reused``. Keys are kept --idempotency-ttl-s (per session: the last
+--idempotency-max-keys of them), with the session: in its snapshots and log records, so a
+retry after a restart, or on another replica, is recognised too.
+
+Consistency: every applied adapt is +1 version; an adapt acknowledged before a predict is sent
+is visible to it; adapts of one session are applied in arrival order, none lost. A rejected
+request (any 4xx) changes nothing; an adapt request is all-or-nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from typing import Optional
+
+from fastapi import Depends, FastAPI, Header, Path, Request, Response
+
+from server.api.context import Api
+from server.api.auth import Principal
+from server.api.errors import forbidden
+from server.api.schemas import (
+    AdaptRequest, AdaptResponse, PredictRequest, PredictResponse, SessionCreate, SessionCreated, SessionInfo,
+)
+from server.engine import AdaptJob, EpisodicJob, PredictJob
+from server.keys import SESSION_ID_PATTERN
+
+SessionId = Path(..., pattern=SESSION_ID_PATTERN, max_length=128)
+IdemKey = Header(None, alias="Idempotency-Key", min_length=1, max_length=255, pattern=r"^[\x21-\x7e]+$",
+                 description="a retry with the same key returns the first response and applies nothing again")
+REPLAYED = "Idempotent-Replayed"
+
+
+def add_routes(app: FastAPI, api: Api) -> None:
+    engine = api.engine
+    who = api.who
+
+    # ---- sessions ---------------------------------------------------------------------------
+
+    @app.post("/v1/sessions", status_code=201, response_model=SessionCreated, tags=["sessions"])
+    async def create_session(body: SessionCreate, response: Response, p: Principal = Depends(who),
+                             idempotency_key: Optional[str] = IdemKey):
+        idem = None
+        if idempotency_key is not None:
+            fp = hashlib.sha256(json.dumps(body.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
+            idem = (idempotency_key, fp)
+        info, replayed = await engine.create_session(body.rule, body.classes, body.hyperparameters, body.init,
+                                                     body.id, p.tenant, p.max_sessions, idem)
+        if replayed:
+            response.headers[REPLAYED] = "true"
+            return {"id": info.id, "version": 0}
+        return {"id": info.id, "version": info.version}
+
+    @app.get("/v1/sessions/{session_id}", response_model=SessionInfo, tags=["sessions"])
+    async def get_session(session_id: str = SessionId, p: Principal = Depends(who)):
+        return dataclasses.asdict(await engine.get_session(p.key(session_id)))
+
+    @app.post("/v1/sessions/{session_id}/reset", response_model=SessionCreated, tags=["sessions"])
+    async def reset_session(session_id: str = SessionId, p: Principal = Depends(who)):
+        info = await engine.reset_session(p.key(session_id))
+        return {"id": info.id, "version": info.version}
+
+    @app.delete("/v1/sessions/{session_id}", status_code=204, tags=["sessions"])
+    async def delete_session(session_id: str = SessionId, p: Principal = Depends(who)):
+        await engine.delete_session(p.key(session_id))
+        return Response(status_code=204)
+
+    @app.get("/v1/sessions/{session_id}/export", tags=["sessions"],
+             responses={200: {"content": {"application/octet-stream": {}}}})
+    async def export_session(session_id: str = SessionId, p: Principal = Depends(who)):
+        data = await engine.export_session(p.key(session_id))
+        return Response(data, media_type="application/octet-stream",
+                        headers={"Content-Disposition": f'attachment; filename="{session_id}.safetensors"'})
+
+    @app.put("/v1/sessions/{session_id}/import", response_model=SessionInfo, tags=["sessions"],
+             openapi_extra={"requestBody": {"required": True, "content": {"application/octet-stream": {}}}})
+    async def import_session(request: Request, response: Response, session_id: str = SessionId,
+                             p: Principal = Depends(who)):
+        info, created = await engine.import_session(p.key(session_id), await request.body(), p.max_sessions)
+        response.status_code = 201 if created else 200
+        return dataclasses.asdict(info)
+
+    @app.get("/v1/admin/tenants", tags=["admin"])
+    async def admin_tenants(p: Principal = Depends(who)):
+        """Admin key only: every configured tenant with its session count and quotas."""
+        if not p.admin:
+            raise forbidden("an admin key is needed")
+        tenants = api.auth.tenants()
+        n = await engine.tenant_counts(tenants)
+        return {"tenants": [{"tenant": t, "sessions": n[t], "max_sessions": api.auth.quota(t),
+                             "rps": api.auth.rps(t)} for t in tenants]}
+
+    # ---- predict / adapt --------------------------------------------------------------------
+
+    @app.post("/v1/predict", response_model=PredictResponse, tags=["inference"])
+    async def predict(body: PredictRequest, p: Principal = Depends(who)):
+        api.check_count(len(body.instances), "instances")
+        api.check_count(len(body.support or ()), "support examples")
+        api.check_top_k(body.top_k)
+        inputs = await api.decode(api.decoder.instances, body.instances)
+        if body.support is None:
+            job = PredictJob(inputs, session=p.key(body.session_id), top_k=body.top_k)
+        else:
+            support = await api.decode(api.decoder.instances, body.support, "support")
+            job = EpisodicJob(inputs, support, [s.label for s in body.support], body.rule, body.hyperparameters,
+                              body.classes, body.steps, body.top_k)
+        return dataclasses.asdict(await engine.predict(job))
+
+    @app.post("/v1/adapt", response_model=AdaptResponse, tags=["inference"])
+    async def adapt(body: AdaptRequest, request: Request, response: Response, p: Principal = Depends(who),
+                    idempotency_key: Optional[str] = IdemKey):
+        api.check_count(len(body.instances), "instances")
+        inputs = await api.decode(api.decoder.instances, body.instances)
+        idem = None
+        if idempotency_key is not None:
+            idem = (idempotency_key, hashlib.sha256(await request.body()).hexdigest())
+        res = await engine.adapt(AdaptJob(p.key(body.session_id), inputs, [i.label for i in body.instances], idem))
+        if res.replayed:
+            response.headers[REPLAYED] = "true"
+        return dataclasses.asdict(res)

@@ -1,0 +1,147 @@
+"""Dynamic micro-batching: one bounded queue for the jobs of all sessions, one worker thread.
+
+A micro-batch is up to ``max_batch_size`` rows, collected until ``max_wait_ms`` after its first
+job was enqueued, with at most as many distinct sessions as there are device slots. The worker
+hands each micro-batch to the executor (server/engine/executor.py).
+
+Futures are ``concurrent.futures.Future``: the worker claims a job with
+``set_running_or_notify_cancel``, so a job cancelled by its timeout is never applied.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+from server.engine.messages import AdaptJob, EpisodicJob, Job
+from server.errors import DomainError, overloaded, shutting_down
+
+log = logging.getLogger("fwserve.batcher")
+
+
+@dataclass
+class Pending:
+    """A job in the queue, with what the engine resolved for it before queueing."""
+
+    job: Job
+    future: Future = field(default_factory=Future)
+    enqueued: float = field(default_factory=time.perf_counter)
+    episodic: Optional[object] = None  # EpisodicJob: the resolved head spec (executor.EpisodicSpec)
+
+    @property
+    def session(self) -> Optional[str]:
+        return None if isinstance(self.job, EpisodicJob) else self.job.session
+
+    @property
+    def n_rows(self) -> int:
+        return len(self.job.inputs) + (len(self.job.support) if isinstance(self.job, EpisodicJob) else 0)
+
+    @property
+    def is_adapt(self) -> bool:
+        return isinstance(self.job, AdaptJob)
+
+
+class Batcher:
+    def __init__(self, run_batch: Callable[[list[Pending]], None], metrics, settings, max_sessions: int) -> None:
+        self.run_batch, self.metrics = run_batch, metrics
+        self.max_rows = settings.max_batch_size
+        self.max_wait = settings.max_wait_ms / 1000.0
+        self.max_queue = settings.max_queue_size
+        self.retry_after = settings.retry_after_s
+        self.max_sessions = max_sessions
+        self._queue: deque[Pending] = deque()
+        self._cond = threading.Condition()
+        self._stop = False
+        self._thread: Optional[threading.Thread] = None
+        self.batches_started = 0  # micro-batches taken by the worker
+
+    @property
+    def depth(self) -> int:
+        """Jobs waiting in the queue."""
+        return len(self._queue)
+
+    def submit(self, item: Pending) -> Future:
+        with self._cond:
+            if self._stop:
+                raise shutting_down()
+            if len(self._queue) >= self.max_queue:
+                self.metrics.rejected.labels(reason="queue_full").inc()
+                raise overloaded(self.retry_after)
+            item.enqueued = time.perf_counter()
+            self._queue.append(item)
+            self.metrics.queue_depth.set(len(self._queue))
+            self._cond.notify()
+        return item.future
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="fwserve-batcher", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop taking jobs, let the worker drain the queue, fail what is left."""
+        with self._cond:
+            self._stop = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        with self._cond:
+            while self._queue:
+                item = self._queue.popleft()
+                if item.future.set_running_or_notify_cancel():
+                    item.future.set_exception(shutting_down())
+
+    def _run(self) -> None:
+        while True:
+            items = self._collect()
+            if items is None:
+                return
+            if not items:
+                continue
+            self.batches_started += 1
+            try:
+                self.run_batch(items)
+            except Exception as e:  # a bug or a device error: fail this batch, keep serving
+                if not isinstance(e, DomainError):
+                    log.exception("micro-batch failed")
+                for item in items:
+                    if not item.future.done():
+                        item.future.set_exception(e)
+
+    def _collect(self) -> Optional[list[Pending]]:
+        items: list[Pending] = []
+        rows, sessions = 0, set()
+        with self._cond:
+            while not self._queue and not self._stop:
+                self._cond.wait()
+            if self._stop and not self._queue:  # stopping: the queue is drained first
+                return None
+            deadline = self._queue[0].enqueued + self.max_wait
+            while True:
+                if not self._queue:
+                    left = deadline - time.perf_counter()
+                    if left <= 0 or rows >= self.max_rows:
+                        break
+                    self._cond.wait(left)
+                    if self._stop:
+                        break
+                    continue
+                nxt = self._queue[0]
+                key = nxt.session
+                new_session = key is not None and key not in sessions
+                if items and (rows + nxt.n_rows > self.max_rows
+                              or (new_session and len(sessions) >= self.max_sessions)):
+                    break
+                self._queue.popleft()
+                if not nxt.future.set_running_or_notify_cancel():
+                    continue  # timed out before it was served
+                items.append(nxt)
+                rows += nxt.n_rows
+                if key is not None:
+                    sessions.add(key)
+            self.metrics.queue_depth.set(len(self._queue))
+        return items

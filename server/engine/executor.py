@@ -1,0 +1,301 @@
+"""Running one micro-batch.
+
+1. features: one backbone forward (``torch.inference_mode``; bf16 autocast on CUDA) over the
+   rows whose content hash is not in the feature cache (rows with the same hash computed once);
+2. session and base-head jobs, in one sessions transaction, in *rounds*: a job's round is the
+   number of adapt jobs of its session queued before it in this batch. Per round: one grouped
+   head forward over all its rows (predictions, and the pre-update predictions of adapts =
+   prequential), then one grouped update call per rule. Jobs of different sessions share a
+   round, so the common case is one forward and one update per rule; several adapts of one
+   session in one batch become successive rounds, identical to sending them one at a time;
+3. episodic jobs: a throw-away head per job, adapted on its support set (one call per rule per
+   step) and one head forward for all their queries.
+Futures are resolved only after the transaction has made the batch's adapts durable.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+import kernels
+
+from server.engine.batcher import Pending
+from server.engine.messages import AdaptResult, Input, Prediction, PredictResult, Scored
+from server.errors import DomainError, idempotency_reused, invalid, session_not_found
+from server.keys import split_key
+from server.rules import Rule, scratch_heads
+
+
+@dataclass
+class EpisodicSpec:
+    """An episodic job's head, resolved when it was submitted."""
+
+    rule: Rule
+    hyper: dict[str, float]
+    classes: list[str]
+    y: list[int]
+    steps: int
+
+
+class Executor:
+    def __init__(self, backbone, store, cache, metrics, settings) -> None:
+        self.backbone, self.store, self.cache, self.metrics = backbone, store, cache, metrics
+        self.max_rows = settings.max_batch_size
+
+    def run(self, items: list[Pending]) -> None:
+        m = self.metrics
+        start = time.perf_counter()
+        for item in items:
+            m.queue_wait.observe(start - item.enqueued)
+        m.batch_size.observe(sum(i.n_rows for i in items))
+        m.batch_requests.observe(len(items))
+        m.batch_sessions.observe(len({i.session for i in items if i.session is not None}))
+        inputs = [inp for i in items for inp in _inputs(i)]
+        feats = iter(self._features(inputs))
+        rows: dict[int, list[torch.Tensor]] = {}
+        support: dict[int, list[torch.Tensor]] = {}
+        for i in items:
+            rows[id(i)] = [next(feats) for _ in i.job.inputs]
+            if i.episodic is not None:
+                support[id(i)] = [next(feats) for _ in i.job.support]
+        results: dict[int, object] = {}
+        self._session_jobs([i for i in items if i.episodic is None], rows, results)
+        self._episodic_jobs([i for i in items if i.episodic is not None], rows, support, results)
+        now = time.perf_counter()
+        for item in items:
+            if item.future.done():
+                continue
+            res = results[id(item)]
+            if not res.latency_seconds:
+                res.latency_seconds = now - item.enqueued
+            item.future.set_result(res)
+
+    # ---- features ---------------------------------------------------------------------------
+
+    def _features(self, inputs: list[Input]) -> list[torch.Tensor]:
+        out: list[Optional[torch.Tensor]] = [None] * len(inputs)
+        todo: dict[object, list[int]] = {}
+        for i, inp in enumerate(inputs):
+            f = self.cache.get(inp.key) if inp.key else None
+            if f is not None:
+                out[i] = f
+            else:
+                todo.setdefault(inp.key or ("row", i), []).append(i)
+        firsts = [idx[0] for idx in todo.values()]
+        groups = list(todo.values())
+        for at in range(0, len(firsts), self.max_rows):
+            chunk = firsts[at:at + self.max_rows]
+            x = torch.stack([inputs[i].pixels for i in chunk])
+            t0 = time.perf_counter()
+            feats = self.backbone.features(x)
+            if feats.is_cuda:
+                torch.cuda.synchronize(feats.device)
+            self.metrics.backbone_forward.observe(time.perf_counter() - t0)
+            for i, f, same in zip(chunk, feats, groups[at:at + self.max_rows]):
+                f = f.clone()  # not a view into the batch: the cache keeps it
+                for j in same:
+                    out[j] = f
+                if inputs[i].key:
+                    self.cache.put(inputs[i].key, f)
+        return out
+
+    # ---- session and base-head jobs ---------------------------------------------------------
+
+    def _session_jobs(self, items: list[Pending], rows, results) -> None:
+        if not items:
+            return
+        first_of: dict[tuple[str, str], Pending] = {}  # (session, Idempotency-Key) -> its first job here
+        dups: list[tuple[Pending, Pending]] = []
+        with self.store.batch(i.session for i in items) as txn:
+            live, ys = [], {}
+            for item in items:
+                key = item.session
+                if key in txn.missing:
+                    item.future.set_exception(session_not_found(split_key(key)[1]))
+                    continue
+                sess = txn.found.get(key) if key else None
+                if item.is_adapt:
+                    try:
+                        ys[id(item)] = _label_indices(sess, item.job.labels)
+                    except DomainError as e:
+                        item.future.set_exception(invalid(e.code, f"{e.message} (session {sess.id!r})"))
+                        continue
+                    if item.job.idempotency and self._idempotent(txn, item, first_of, dups, results):
+                        ys.pop(id(item), None)
+                        continue
+                elif sess is not None and sess.hyper.get("adapt_on_predict"):
+                    ys[id(item)] = [-1] * len(item.job.inputs)  # test-time adaptation on the predict's own instances
+                live.append(item)
+            rounds: dict[int, list[Pending]] = defaultdict(list)
+            n_adapts: dict[str, int] = defaultdict(int)
+            for item in live:
+                r = n_adapts[item.session] if item.session else 0
+                rounds[r].append(item)
+                if id(item) in ys:
+                    n_adapts[item.session] += 1
+            for r in sorted(rounds):
+                self._round(txn, rounds[r], rows, ys, results)
+        for item in live:  # the log append failed for these sessions: nothing is acknowledged
+            if item.session in txn.errors and not item.future.done():
+                item.future.set_exception(txn.errors[item.session])
+                results.pop(id(item), None)
+        for dup, first in dups:
+            if first.future.done():
+                dup.future.set_exception(first.future.exception())
+            else:
+                results[id(dup)] = AdaptResult.from_record(results[id(first)].to_record())
+
+    def _idempotent(self, txn, item: Pending, first_of, dups, results) -> bool:
+        """An adapt with an Idempotency-Key seen before: answer the stored response (or join the
+        same key's first job in this batch); True when the job needs no update of its own."""
+        idem = item.job.idempotency
+        try:
+            hit = txn.lookup(item.session, idem)
+        except DomainError as e:
+            item.future.set_exception(e)
+            return True
+        if hit is not None:
+            results[id(item)] = AdaptResult.from_record(hit)
+            return True
+        first = first_of.get((item.session, idem[0]))
+        if first is None:
+            first_of[(item.session, idem[0])] = item
+            return False
+        if first.job.idempotency[1] != idem[1]:
+            item.future.set_exception(idempotency_reused())
+        else:
+            dups.append((item, first))
+        return True
+
+    def _round(self, txn, items: list[Pending], rows, ys, results) -> None:
+        m = self.metrics
+        x = torch.stack([f for i in items for f in rows[id(i)]])
+        slots = torch.tensor([txn.slot(i.session) if i.session else txn.base_slot
+                              for i in items for _ in i.job.inputs], dtype=torch.int64, device=x.device)
+        t0 = time.perf_counter()
+        logits = txn.forward(x, slots)
+        probs = torch.softmax(logits.float(), dim=1).cpu()
+        m.head_predict.observe(time.perf_counter() - t0)
+
+        at = 0
+        by_rule: dict[str, list[Pending]] = defaultdict(list)
+        for i in items:
+            n = len(i.job.inputs)
+            p = probs[at:at + n]
+            at += n
+            if i.session is None:
+                results[id(i)] = PredictResult("base", None, None, _predictions(p, txn.base_classes, i.job.top_k))
+                continue
+            sess = txn.found[i.session]
+            if not i.is_adapt:
+                results[id(i)] = PredictResult("session", sess.id, sess.version,
+                                               _predictions(p, sess.classes, i.job.top_k))
+                if id(i) in ys:  # adapt_on_predict: the predictions above, then an unlabelled update
+                    by_rule[sess.rule.name].append(i)
+                continue
+            preds = _predictions(p, sess.classes, 1)
+            for pred, y in zip(preds, ys[id(i)]):
+                pred.true_label = sess.classes[y] if y >= 0 else None
+                pred.correct = pred.index == y if y >= 0 else None
+            results[id(i)] = AdaptResult(sess.id, sess.version, 0, preds, 0.0)
+            by_rule[sess.rule.name].append(i)
+
+        for rule_name, ritems in by_rule.items():
+            rule = txn.found[ritems[0].session].rule
+            xs = torch.stack([f for i in ritems for f in rows[id(i)]])
+            dev = xs.device
+            y = torch.tensor([v for i in ritems for v in ys[id(i)]], dtype=torch.int64, device=dev)
+            sl = torch.tensor([txn.slot(i.session) for i in ritems for _ in i.job.inputs], dtype=torch.int64,
+                              device=dev)
+            state_rows = None
+            if rule.state:
+                state_rows = torch.tensor([txn.state_row(i.session) for i in ritems for _ in i.job.inputs],
+                                          dtype=torch.int64, device=dev)
+            t0 = time.perf_counter()
+            resets = txn.apply(rule, xs, y, sl, state_rows, batch=kernels.SlotBatch(sl))
+            if xs.is_cuda:
+                torch.cuda.synchronize(dev)
+            dt = time.perf_counter() - t0
+            m.head_update.labels(rule=rule_name).observe(dt)
+            if resets:
+                m.label_free_resets.labels(rule=rule_name).inc(resets)
+            for i in ritems:
+                res = results[id(i)]
+                labelled = sum(v >= 0 for v in ys[id(i)])
+                correct = sum(bool(p.correct) for p in res.predictions)
+                version = txn.commit(i.session, len(i.job.inputs), correct, labelled)
+                res.applied = len(i.job.inputs)
+                if i.is_adapt:
+                    res.version, res.update_seconds = version, dt
+                    if i.job.idempotency:
+                        res.latency_seconds = time.perf_counter() - i.enqueued
+                        txn.remember(i.session, i.job.idempotency, res.to_record())
+                m.prequential_correct.labels(rule=rule_name).inc(correct)
+                m.prequential_total.labels(rule=rule_name).inc(labelled)
+                m.adapted.labels(rule=rule_name).inc(len(i.job.inputs))
+
+    # ---- episodic jobs ----------------------------------------------------------------------
+
+    def _episodic_jobs(self, items: list[Pending], rows, support, results) -> None:
+        if not items:
+            return
+        specs: list[EpisodicSpec] = [i.episodic for i in items]
+        dev = rows[id(items[0])][0].device
+        C = max(len(s.classes) for s in specs)
+        heads, state_rows = scratch_heads([(s.rule, s.hyper, len(s.classes), None) for s in specs], C,
+                                          self.store.d, dev)
+        for step in range(max(s.steps for s in specs)):
+            groups: dict[str, list[int]] = defaultdict(list)
+            for j, s in enumerate(specs):
+                if s.steps > step:
+                    groups[s.rule.name].append(j)
+            for idx in groups.values():
+                rule = specs[idx[0]].rule
+                xs = torch.stack([f for j in idx for f in support[id(items[j])]])
+                y = torch.tensor([v for j in idx for v in specs[j].y], dtype=torch.int64, device=dev)
+                sl = torch.tensor([j for j in idx for _ in specs[j].y], dtype=torch.int64, device=dev)
+                sr = torch.tensor([state_rows[j] for j in idx for _ in specs[j].y], dtype=torch.int64, device=dev)
+                t0 = time.perf_counter()
+                rule.update(heads, xs, y, sl, sr if rule.state else None, batch=kernels.SlotBatch(sl))
+                self.metrics.head_update.labels(rule=rule.name).observe(time.perf_counter() - t0)
+        x = torch.stack([f for i in items for f in rows[id(i)]])
+        sl = torch.tensor([j for j, i in enumerate(items) for _ in i.job.inputs], dtype=torch.int64, device=dev)
+        t0 = time.perf_counter()
+        logits = kernels.head_forward(x, heads.W, heads.b, sl, heads.n_classes, normalize=heads.normalize)
+        probs = torch.softmax(logits.float(), dim=1).cpu()
+        self.metrics.head_predict.observe(time.perf_counter() - t0)
+        at = 0
+        for i, s in zip(items, specs):
+            n = len(i.job.inputs)
+            results[id(i)] = PredictResult("episodic", None, None, _predictions(probs[at:at + n], s.classes,
+                                                                                i.job.top_k))
+            at += n
+
+
+def _inputs(item: Pending) -> list[Input]:
+    return item.job.inputs + (item.job.support if item.episodic is not None else [])
+
+
+def _label_indices(sess, labels: list) -> list[int]:
+    """Adapt labels -> class indices; -1 for a missing label (label-free rules only)."""
+    if sess.rule.needs_labels and any(lab is None for lab in labels):
+        raise invalid("missing_label", f"rule {sess.rule.name!r} needs a label on every instance "
+                      "(the label-free rules are t3a and tent)")
+    return [-1 if lab is None else sess.label_index(lab) for lab in labels]
+
+
+def _predictions(probs: torch.Tensor, classes: list[str], top_k: int) -> list[Prediction]:
+    """probs [B, C] (masked classes have probability 0) -> per row label, score and top-k."""
+    n = len(classes)
+    k = min(top_k, n)
+    vals, idx = torch.sort(probs[:, :n], dim=1, descending=True, stable=True)  # ties: lowest index first
+    out = []
+    for v_row, i_row in zip(vals[:, :k].tolist(), idx[:, :k].tolist()):
+        top = [Scored(classes[i], i, v) for v, i in zip(v_row, i_row)]
+        out.append(Prediction(top[0].label, top[0].index, top[0].score, top))
+    return out

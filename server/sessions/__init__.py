@@ -1,0 +1,20 @@
+"""Sessions: the one owner of all mutable state (heads, rule state, versions, statistics,
+idempotency records), their tiers (device slots, host memory, the store) and their durability.
+
+    store = SessionStore(settings, d, base_W, base_b, base_classes, device, backbone_name)
+    info, replayed = store.create("sgd", ["a", "b"], {}, session_id="s1")
+    with store.batch(["s1"]) as txn:     # one micro-batch (server/sessions/transaction.py)
+        ...
+
+Modules: session (Session, SessionInfo), slots (slot tensors), tiers (device/host/disk moves),
+codec (byte formats), wal (log buffering and replay), idempotency, transaction, store (the
+facade), backends/ (directory, redis).
+"""
+
+from server.sessions.backends import Backend, StoreError, open_backend
+from server.sessions.session import Session, SessionInfo
+from server.sessions.store import SessionStore, StoreEvents
+from server.sessions.transaction import Transaction
+
+__all__ = ["Backend", "Session", "SessionInfo", "SessionStore", "StoreError", "StoreEvents", "Transaction",
+           "open_backend"]

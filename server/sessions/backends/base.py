@@ -1,0 +1,89 @@
+"""The store below the device and host tiers: one interface, two backends (``--store``).
+
+Per session key (``id``, or ``tenant/id`` when API keys are on) a backend holds:
+
+- a **head** ``(incarnation, version)``. The incarnation is a random id given at create,
+  import and reset; the version counts adapts. The pair is the compare-and-set token of the
+  multi-replica protocol: a replica's copy of a session is current exactly when the store's
+  head equals the copy's ``(incarnation, synced version)``.
+- a **snapshot**: the session's encoded state at version ``snap_version``
+  (server/sessions/codec.py).
+- a **write-ahead log** (``--durability wal``): one record per adapt after the snapshot, for
+  versions ``snap_version + 1 .. version`` in order. Records are opaque bytes here, except for
+  their (incarnation, version) header, read with the codec.
+
+Backends raise ``StoreError`` for anything the medium does wrong (disk full, Redis unreachable).
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from typing import Iterable, Optional
+
+
+@dataclass(frozen=True)
+class Head:
+    inc: str
+    version: int
+
+
+@dataclass
+class Stored:
+    """What the store holds for one session."""
+
+    inc: str
+    version: int
+    snap_version: int
+    snapshot: bytes
+    records: list[bytes] = field(default_factory=list)  # raw log records after the snapshot (may hold leftovers)
+
+
+class StoreError(Exception):
+    """The store could not be read or written (disk full, Redis unreachable, ...)."""
+
+
+class Backend:
+    """The interface; see the module docstring."""
+
+    shared = False  # may other processes write the same sessions (do reads need a version check)?
+    url = ""
+
+    def heads(self, keys: Iterable[str]) -> dict[str, Optional[Head]]:
+        raise NotImplementedError
+
+    def load(self, key: str) -> Optional[Stored]:
+        raise NotImplementedError
+
+    def create(self, key: str, inc: str, snapshot: bytes, max_tenant: int = 0, max_total: int = 0) -> str:
+        """Write a new session at version 0 unless it exists or a quota is full:
+        -> 'ok' | 'exists' | 'tenant_quota' | 'limit'."""
+        raise NotImplementedError
+
+    def put(self, key: str, inc: str, version: int, snapshot: bytes, expect: Optional[Head] = None) -> bool:
+        """Snapshot at `version` becomes the session's state (created if absent); log records up to
+        `version` of the same incarnation are dropped. With `expect`, only if the head equals it."""
+        raise NotImplementedError
+
+    def append(self, batch: dict[str, tuple[Head, list[bytes]]]) -> set[str]:
+        """Append log records per key, each key only if its head equals the given one; the head's
+        version advances by the number of records. -> the keys that were not appended (conflict)."""
+        raise NotImplementedError
+
+    def delete(self, key: str) -> bool:
+        raise NotImplementedError
+
+    def count(self, tenant: Optional[str] = None) -> int:
+        """Sessions stored, of one tenant or in all."""
+        raise NotImplementedError
+
+    def durability_warning(self) -> Optional[str]:
+        """A warning when the medium's own settings do not make acknowledged writes durable."""
+        return None
+
+    def close(self) -> None:
+        """Release what the backend holds (locks, connections)."""
+
+
+def new_incarnation() -> str:
+    return uuid.uuid4().hex

@@ -1,0 +1,110 @@
+"""Byte formats of a session: exports and store snapshots, and write-ahead-log records.
+
+Both are safetensors blobs whose metadata holds one JSON object under ``"fwserve"``:
+
+- an **export** / **snapshot** (``fwserve-session/1``): tensors ``W [n, d]``, ``b [n]`` and the
+  rule's state; metadata: backbone, embed_dim, the session's rule, hyper-parameters, classes,
+  init, version and statistics. A store snapshot adds its key, incarnation and idempotency
+  entries (``internal``).
+- a **log record** (``fwserve-wal/1``): one adapt: for every head-update call it took part in,
+  this session's rows ``x{i}``, ``y{i}`` and the row counts of the other sessions of that call
+  (``others``: the torch kernels choose their code path from the call's shape; replay rebuilds
+  it with kernels.replay_slots); plus the adapt's statistics and its Idempotency-Key entry.
+
+Decoding raises ``CodecError`` (a ValueError) on anything that is not such a blob.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+EXPORT_FORMAT = "fwserve-session/1"
+RECORD_FORMAT = "fwserve-wal/1"
+
+
+class CodecError(ValueError):
+    """Bytes that are not a fwserve session export, snapshot or log record."""
+
+
+def encode(tensors: dict[str, torch.Tensor], meta: dict) -> bytes:
+    return st_save({k: v.contiguous() for k, v in tensors.items()}, metadata={"fwserve": json.dumps(meta)})
+
+
+def read_meta(data: bytes) -> dict:
+    """The fwserve JSON metadata of a blob (header only, no tensor is read)."""
+    try:
+        n = int.from_bytes(data[:8], "little")
+        meta = json.loads(json.loads(data[8:8 + n])["__metadata__"]["fwserve"])
+    except Exception:
+        raise CodecError("not a fwserve safetensors blob") from None
+    if not isinstance(meta, dict):
+        raise CodecError("fwserve metadata is not an object")
+    return meta
+
+
+def decode(data: bytes) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(metadata, tensors) of a blob."""
+    meta = read_meta(data)
+    try:
+        tensors = st_load(data)
+    except Exception:
+        raise CodecError("unreadable safetensors tensors") from None
+    return meta, tensors
+
+
+def snapshot_head(data: bytes) -> tuple[str, int]:
+    """(incarnation, version) of a store snapshot."""
+    m = read_meta(data)
+    return str(m["incarnation"]), int(m["version"])
+
+
+def record_head(data: bytes) -> tuple[str, int]:
+    """(incarnation, version) of a log record."""
+    m = read_meta(data)
+    return str(m["inc"]), int(m["v"])
+
+
+Step = tuple[torch.Tensor, torch.Tensor, list]  # this session's rows x [m, d], y [m]; the others' row counts
+
+
+@dataclass
+class Record:
+    """One adapt as logged: its head-update steps and statistics."""
+
+    version: int
+    n: int
+    correct: int
+    labelled: int
+    t: float
+    steps: list[Step]
+    idem: Optional[dict] = None  # {"key", "fp", "expires", "response"}
+
+    def encode(self, inc: str) -> bytes:
+        tensors = {}
+        for i, (x, y, _) in enumerate(self.steps):
+            tensors[f"x{i}"], tensors[f"y{i}"] = x, y
+        meta = {"format": RECORD_FORMAT, "inc": inc, "v": self.version, "n": self.n, "correct": self.correct,
+                "labelled": self.labelled, "t": self.t, "steps": len(self.steps), "idem": self.idem,
+                "others": [o for _, _, o in self.steps]}
+        return encode(tensors, meta)
+
+    @classmethod
+    def decode(cls, data: bytes) -> tuple[str, "Record"]:
+        """(incarnation, record)."""
+        m, t = decode(data)
+        if m.get("format") != RECORD_FORMAT:
+            raise CodecError(f"log record format {m.get('format')!r} != {RECORD_FORMAT!r}")
+        try:
+            k = int(m["steps"])
+            others = m.get("others") or [[]] * k
+            steps = [(t[f"x{i}"], t[f"y{i}"], [int(c) for c in others[i]]) for i in range(k)]
+            return str(m["inc"]), cls(int(m["v"]), int(m["n"]), int(m["correct"]), int(m.get("labelled", m["n"])),
+                                      float(m["t"]), steps, m.get("idem"))
+        except (KeyError, TypeError, ValueError, IndexError):
+            raise CodecError("malformed log record") from None

@@ -1,0 +1,110 @@
+"""One micro-batch through the executor (no HTTP, no queue): one backbone pass for repeated
+images, results as dataclasses, a bad job failing alone, adapts of one session as successive
+rounds, episodic heads, and Idempotency-Key answers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from server.config import Settings
+from server.engine.batcher import Pending
+from server.engine.engine import resolve_episodic
+from server.engine.executor import Executor
+from server.engine.feature_cache import FeatureCache
+from server.engine.messages import AdaptJob, AdaptResult, EpisodicJob, Input, PredictJob, PredictResult
+from server.engine.metrics import Metrics
+from server.errors import InvalidInput, NotFound
+from server.sessions import SessionStore
+from tests.server.conftest import digits
+
+
+class Counting:
+    """The backbone, counting the rows it computes features for."""
+
+    def __init__(self, inner) -> None:
+        self.inner, self.rows = inner, 0
+
+    def features(self, x):
+        self.rows += x.shape[0]
+        return self.inner.features(x)
+
+
+@pytest.fixture
+def parts(backbone, tmp_path):
+    s = Settings(snapshot_dir=tmp_path, max_wait_ms=1.0)
+    metrics = Metrics()
+    bb = backbone
+    store = SessionStore(s, bb.embed_dim, bb.head.weight, bb.head.bias, bb.class_names, "cpu", s.backbone, metrics)
+    ex = Executor(Counting(bb), store, FeatureCache(64, metrics), metrics, s)
+    yield ex, store, metrics
+    store.close()
+
+
+def inputs(backbone, arrays) -> list[Input]:
+    return [Input(f"arr:{hash(a.tobytes())}", backbone.preprocess(a)) for a in arrays]
+
+
+def episodic_job(job: EpisodicJob, store) -> Pending:
+    return Pending(job, episodic=resolve_episodic(job, store.C, max_steps=10))
+
+
+def run(ex, items):
+    for i in items:
+        assert i.future.set_running_or_notify_cancel()
+    ex.run(items)
+    return [i.future.exception() or i.future.result() for i in items]
+
+
+def test_one_batch_of_mixed_jobs(parts, backbone):
+    ex, store, metrics = parts
+    store.create("prototype", ["a", "b"], {}, session_id="s")
+    xs = inputs(backbone, digits(3, seed=80))
+    items = [
+        Pending(AdaptJob("s", xs[:2], ["a", "b"])),
+        Pending(AdaptJob("s", xs[2:3], ["nope"])),  # a bad label fails this job only
+        Pending(AdaptJob("s", xs[2:3], ["a"])),  # the session's second adapt here: a second round
+        Pending(PredictJob(xs[:1])),  # the base head
+        Pending(PredictJob(xs[:2], session="ghost")),
+        episodic_job(EpisodicJob(xs[:1], xs[:2], ["x", "y"], "prototype"), store),
+    ]
+    first, bad, second, base, ghost, episodic = run(ex, items)
+    assert isinstance(first, AdaptResult) and first.version == 1 and first.applied == 2
+    assert [p.true_label for p in first.predictions] == ["a", "b"]
+    assert isinstance(bad, InvalidInput) and bad.code == "unknown_label"
+    assert isinstance(second, AdaptResult) and second.version == 2
+    assert isinstance(base, PredictResult) and base.head == "base" and base.version is None
+    assert isinstance(ghost, NotFound)
+    assert isinstance(episodic, PredictResult) and episodic.head == "episodic"
+    assert episodic.predictions[0].label == "x"
+    assert store.info("s").version == 2
+    # the three distinct images ran through the backbone once, whatever the number of jobs
+    assert ex.backbone.rows == 3
+
+
+def test_an_idempotency_key_is_answered_from_the_first_response(parts, backbone):
+    ex, store, _ = parts
+    store.create("sgd", ["a", "b"], {}, session_id="s")
+    xs = inputs(backbone, digits(1, seed=81))
+    a, dup, reused = run(ex, [Pending(AdaptJob("s", xs, ["a"], ("k", "fp"))),
+                              Pending(AdaptJob("s", xs, ["a"], ("k", "fp"))),
+                              Pending(AdaptJob("s", xs, ["b"], ("k", "other")))])
+    assert a.version == 1 and not a.replayed
+    assert dup.replayed and dup.version == 1 and dup.predictions == a.predictions
+    assert isinstance(reused, InvalidInput) and reused.code == "idempotency_key_reused"
+    (later,) = run(ex, [Pending(AdaptJob("s", xs, ["a"], ("k", "fp")))])
+    assert later.replayed and later.version == 1
+    assert store.info("s").version == 1
+
+
+def test_predictions_follow_the_head(parts, backbone):
+    ex, store, _ = parts
+    store.create("prototype", ["a", "b"], {}, session_id="s")
+    x = inputs(backbone, digits(2, seed=82))
+    run(ex, [Pending(AdaptJob("s", x, ["a", "b"]))])
+    (p,) = run(ex, [Pending(PredictJob(x, session="s", top_k=2))])
+    assert [q.label for q in p.predictions] == ["a", "b"] and p.version == 1
+    assert all(len(q.top_k) == 2 and abs(sum(t.score for t in q.top_k) - 1) < 1e-5 for q in p.predictions)
+    np.testing.assert_array_less(0, [q.score for q in p.predictions])
+    assert torch.is_tensor(x[0].pixels)
