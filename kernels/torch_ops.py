@@ -1,125 +1,53 @@
-"""Batched torch implementations of the head ops (the CPU path).
+"""Batched torch implementations of the head ops (the CPU path), label-free ones included.
 
-No Python loop runs over sessions. Rows are grouped into per-slot segments once (a stable sort,
-so a segment keeps arrival order); every op then works on the U touched slots at once:
-gathered heads, batched matmuls, index_add_. The sequential rules (delta, RLS) loop over the
-position within a segment — at most the largest number of rows any one slot has in the batch,
-usually a handful — and each step updates every slot that still has a row, vectorised.
+No Python loop runs over sessions. The call's rows are grouped by slot once (kernels.slot_batch:
+a stable sort, so a group keeps arrival order); every op then works on the U touched slots at
+once: gathered heads, batched matmuls, index_add_. The sequential rules (delta, RLS) loop over
+the position within a group — at most the largest number of rows any one slot has in the
+batch, usually a handful — and each step updates every slot that still has a row, vectorised;
+support_step's sequential part loops over the position within a (slot, class) group.
+
+Which grouped product runs is SlotBatch.torch_path, a function of the call's profile (its
+per-slot row counts): the shape -> code path contract of kernels/slot_batch.py, which exact
+log replay relies on. The operations below and their order are part of that contract: stored
+write-ahead logs are replayed bit for bit.
 
 Math and semantics: see the docstrings of the public ops (kernels/ops.py) and kernels/reference.py.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
+
+from .slot_batch import SlotBatch
 
 NORM_EPS = 1e-12
 
 
-@dataclass
-class Segments:
-    """Valid rows (slot >= 0) grouped by slot; each group keeps arrival order."""
-
-    rows: torch.Tensor  # [N] row indices into the batch, grouped by segment
-    slot: torch.Tensor  # [U] the slot of each segment
-    count: torch.Tensor  # [U] rows per segment
-    seg: torch.Tensor  # [N] segment of each grouped row
-    pos: torch.Tensor  # [N] position of each grouped row inside its segment
-    counts_list: list[int]  # count, on the host (sizes loops and padded buffers)
-    rows_in_place: bool = False  # rows == arange(N): the batch is already grouped
-
-    @property
-    def num_segments(self) -> int:
-        return len(self.counts_list)
-
-    @property
-    def max_count(self) -> int:
-        return max(self.counts_list, default=0)
-
-    @property
-    def is_rectangular(self) -> bool:
-        """Every segment has max_count rows: grouped rows are already a [U, L] grid."""
-        return self.rows.numel() == self.num_segments * self.max_count
-
-    def unpad(self, values: torch.Tensor) -> torch.Tensor:
-        """[U, L, ...] -> [N, ...] in grouped order (inverse of padded)."""
-        if self.is_rectangular:
-            return values.reshape((self.rows.numel(),) + tuple(values.shape[2:]))
-        return values[self.seg, self.pos]
-
-    def gather_rows(self, values: torch.Tensor) -> torch.Tensor:
-        """values [B, ...] -> [N, ...] in grouped order (no copy when the batch already is)."""
-        if self.rows_in_place and self.rows.numel() == values.shape[0]:
-            return values
-        return values.index_select(0, self.rows)
-
-    def first_rows(self) -> torch.Tensor:
-        """The first (earliest) batch row of every segment, [U]."""
-        return self.rows[self.count.cumsum(0) - self.count]
-
-    def padded(self, values: torch.Tensor, length: int) -> torch.Tensor:
-        """values [N, ...] in grouped order -> zero-padded [U, length, ...]."""
-        if self.is_rectangular and length == self.max_count:
-            return values.view((self.num_segments, length) + tuple(values.shape[1:]))
-        out = values.new_zeros((self.num_segments, length) + tuple(values.shape[1:]))
-        out[self.seg, self.pos] = values
-        return out
+def _batch(slots: torch.Tensor, batch: SlotBatch | None) -> SlotBatch:
+    return SlotBatch(slots) if batch is None else batch
 
 
-def segments(slots: torch.Tensor, by_count: bool = False) -> Segments:
-    """Group the batch rows by slot. With by_count, segments are ordered longest first, so the
-    segments that still have a row at position p are exactly the first few (a prefix)."""
-    slots = slots.long()
-    valid_rows = (slots >= 0).nonzero().squeeze(1)
-    sorted_slots, order = torch.sort(slots[valid_rows], stable=True)
-    rows = valid_rows[order]
-    slot, count = torch.unique_consecutive(sorted_slots, return_counts=True)
-    if by_count and slot.numel() > 1:
-        # Move whole segments, longest first; rows inside a segment keep arrival order.
-        old_starts = count.cumsum(0) - count
-        perm = torch.argsort(count, descending=True, stable=True)
-        slot, count = slot[perm], count[perm]
-        seg, pos = _segment_and_position(count)
-        rows = rows[old_starts[perm][seg] + pos]
-    else:
-        seg, pos = _segment_and_position(count)
-    in_place = bool(rows.numel() == slots.numel() and torch.equal(rows, torch.arange(rows.numel(), device=rows.device)))
-    return Segments(rows, slot, count, seg, pos, count.tolist(), in_place)
-
-
-def _segment_and_position(count: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """For consecutive segments of the given lengths: each row's segment and its position in it."""
-    seg = torch.repeat_interleave(torch.arange(count.numel(), device=count.device), count)
-    pos = torch.arange(seg.numel(), device=count.device) - (count.cumsum(0) - count)[seg]
-    return seg, pos
-
-
-def _padding_is_cheap(seg: Segments) -> bool:
-    """Padded [U, L, .] buffers waste (U*L - N) rows; accept them while they stay comparable to N."""
-    n = seg.rows.numel()
-    return seg.num_segments * seg.max_count <= 2 * n + 64
-
-
-def _grouped_matvec(xr: torch.Tensor, heads: torch.Tensor, seg: Segments) -> torch.Tensor:
+def _grouped_matvec(xr: torch.Tensor, heads: torch.Tensor, seg: SlotBatch) -> torch.Tensor:
     """out[j] = heads[seg.seg[j]] @ xr[j]: xr [N, d] grouped rows, heads [U, C, d] -> [N, C]."""
-    if seg.num_segments == 1:
+    path = seg.torch_path
+    if path == "one_slot":
         return xr @ heads[0].T
-    if _padding_is_cheap(seg):
+    if path == "padded":
         # Rows sharing a slot become one small GEMM each, batched: heads are read once per slot.
         out = torch.bmm(heads, seg.padded(xr, seg.max_count).transpose(1, 2))  # [U, C, L]
         return seg.unpad(out.transpose(1, 2))
     return torch.bmm(heads.index_select(0, seg.seg), xr.unsqueeze(2)).squeeze(2)
 
 
-def _add_grouped_outer(heads: torch.Tensor, g: torch.Tensor, xr: torch.Tensor, seg: Segments) -> None:
+def _add_grouped_outer(heads: torch.Tensor, g: torch.Tensor, xr: torch.Tensor, seg: SlotBatch) -> None:
     """heads[u] += sum over rows j of segment u of g[j] x[j]^T, in place: heads [U, C, d],
     g [N, C], xr [N, d]."""
-    if seg.num_segments == 1:
+    path = seg.torch_path
+    if path == "one_slot":
         heads[0].addmm_(g.T, xr)
-    elif _padding_is_cheap(seg):
+    elif path == "padded":
         length = seg.max_count
         heads.baddbmm_(seg.padded(g, length).transpose(1, 2), seg.padded(xr, length))
     else:
@@ -131,11 +59,11 @@ def _live_classes(n_classes: torch.Tensor, num_classes: int) -> torch.Tensor:
     return torch.arange(num_classes, device=n_classes.device) < n_classes.unsqueeze(1)
 
 
-def head_forward_torch(x, W, b, slots, n_classes, normalize=None) -> torch.Tensor:
+def head_forward_torch(x, W, b, slots, n_classes, normalize=None, batch=None) -> torch.Tensor:
     B, C = x.shape[0], W.shape[1]
     out = torch.zeros((B, C), dtype=torch.float32, device=x.device)
-    seg = segments(slots)
-    if seg.rows.numel() == 0:
+    seg = _batch(slots, batch)
+    if seg.num_rows == 0:
         return out
     xr = seg.gather_rows(x).float()
     if normalize is not None:
@@ -147,7 +75,7 @@ def head_forward_torch(x, W, b, slots, n_classes, normalize=None) -> torch.Tenso
     return out
 
 
-def gathered_logits(x, W, b, n_classes, seg: Segments):
+def gathered_logits(x, W, b, n_classes, seg: SlotBatch):
     """The touched heads and their masked logits, for the gradient ops: grouped rows xr [N, d],
     gathered heads [U, C, d] (a copy, updated in place and written back by the caller), live
     classes [U, C] and logits [N, C] with -inf on masked classes."""
@@ -158,11 +86,11 @@ def gathered_logits(x, W, b, n_classes, seg: Segments):
     return xr, heads, live, logits.masked_fill_(~live[seg.seg], float("-inf"))
 
 
-def sgd_step_torch(x, y, slots, W, b, n_classes, lr, weight_decay) -> None:
+def sgd_step_torch(x, y, slots, W, b, n_classes, lr, weight_decay, batch=None) -> None:
     """lr, weight_decay: float32 [S]. One gather of the touched heads, a batched GEMM for the
     logits, the decay and the gradient step fused into one in-place batched GEMM, one copy back."""
-    seg = segments(slots)
-    if seg.rows.numel() == 0:
+    seg = _batch(slots, batch)
+    if seg.num_rows == 0:
         return
     C = W.shape[1]
     xr, heads, live, logits = gathered_logits(x, W, b, n_classes, seg)
@@ -180,11 +108,11 @@ def sgd_step_torch(x, y, slots, W, b, n_classes, lr, weight_decay) -> None:
     b.index_add_(0, seg.slot, step.new_zeros((seg.num_segments, C)).index_add_(0, seg.seg, step))
 
 
-def delta_step_torch(x, y, slots, W, n_classes, beta) -> None:
+def delta_step_torch(x, y, slots, W, n_classes, beta, batch=None) -> None:
     """beta: float32 [S]. Loops over the position within a slot's rows (sequential semantics),
     vectorised over all slots that have a row at that position."""
-    seg = segments(slots, by_count=True)
-    if seg.rows.numel() == 0:
+    seg = _batch(slots, batch).longest_first()
+    if seg.num_rows == 0:
         return
     C = W.shape[1]
     keys = F.normalize(seg.gather_rows(x).float(), dim=1, eps=NORM_EPS)
@@ -203,11 +131,11 @@ def delta_step_torch(x, y, slots, W, n_classes, beta) -> None:
     W.index_copy_(0, seg.slot, heads)
 
 
-def prototype_step_torch(x, y, slots, state_rows, sums, counts, W, n_classes, temperature) -> None:
+def prototype_step_torch(x, y, slots, state_rows, sums, counts, W, n_classes, temperature, batch=None) -> None:
     """temperature: float32 [S]. Scatter-adds into the class sums, then rewrites every touched
     head from its sums in one batched normalisation."""
-    seg = segments(slots)
-    if seg.rows.numel() == 0:
+    seg = _batch(slots, batch)
+    if seg.num_rows == 0:
         return
     C = W.shape[1]
     r, labels = state_rows[seg.rows].long(), y[seg.rows].long()
@@ -222,11 +150,11 @@ def prototype_step_torch(x, y, slots, state_rows, sums, counts, W, n_classes, te
     W.index_copy_(0, seg.slot, torch.where(keep.unsqueeze(2), heads, 0.0))
 
 
-def rls_step_torch(x, y, slots, state_rows, W, P, n_classes) -> None:
+def rls_step_torch(x, y, slots, state_rows, W, P, n_classes, batch=None) -> None:
     """Loops over the position within a slot's rows, vectorised over slots. P is updated as
     P - s s^T with s = k / sqrt(1 + x^T k), which keeps it exactly symmetric."""
-    seg = segments(slots, by_count=True)
-    if seg.rows.numel() == 0:
+    seg = _batch(slots, batch).longest_first()
+    if seg.num_rows == 0:
         return
     C = W.shape[1]
     xr = seg.gather_rows(x).float()
@@ -258,3 +186,79 @@ def _active_prefix_sizes(counts_desc: list[int]) -> list[int]:
             active -= 1
         sizes.append(active)
     return sizes
+
+
+def support_step_torch(x, y, priority, slots, state_rows, supports, support_priority, W, n_classes, capacity,
+                       temperature, batch=None) -> None:
+    """capacity, temperature: float32 [S]."""
+    seg = _batch(slots, batch)
+    if seg.num_rows == 0:
+        return
+    C, K = W.shape[1], supports.shape[2]
+    # Groups of rows sharing (slot, class), each in arrival order (a stable sort of the valid rows).
+    valid = seg.rows
+    key = slots.long().index_select(0, valid) * C + y.long().index_select(0, valid)
+    sorted_key, order = torch.sort(key, stable=True)
+    rows = valid[order]
+    _, count = torch.unique_consecutive(sorted_key, return_counts=True)
+    first = count.cumsum(0) - count
+    lead = rows[first]  # one row of every group
+    g_slot, g_class, g_state = slots[lead].long(), y[lead].long(), state_rows[lead].long()
+    cap = capacity.index_select(0, g_slot).long().clamp(0, K)
+    in_cap = torch.arange(K, device=x.device) < cap.unsqueeze(1)  # [G, K]
+
+    units = F.normalize(x.index_select(0, rows).float(), dim=1, eps=NORM_EPS)
+    prio = priority.index_select(0, rows).float()
+    E = torch.where(in_cap, support_priority[g_state, g_class], float("-inf"))  # [G, K]; beyond cap never chosen
+    feats = supports[g_state, g_class]  # [G, K, d] (a copy)
+    counts_list = count.tolist()
+    for p in range(max(counts_list)):
+        groups = (count > p).nonzero().squeeze(1)
+        j = first.index_select(0, groups) + p
+        worst, where = E.index_select(0, groups).max(1)  # first index of the maximum
+        take = prio.index_select(0, j) < worst
+        groups, where, j = groups[take], where[take], j[take]
+        E[groups, where] = prio[j]
+        feats[groups, where] = units[j]
+    support_priority[g_state, g_class] = torch.where(in_cap, E, support_priority[g_state, g_class])
+    supports[g_state, g_class] = feats
+
+    # Rewrite every live class of every touched slot from its supports.
+    slot_u = seg.slot
+    state_u = state_rows[seg.first_rows()].long()
+    live = _live_classes(n_classes.index_select(0, slot_u), C)  # [U, C]
+    u, c = live.nonzero(as_tuple=True)
+    cap_u = capacity.index_select(0, slot_u).long().clamp(0, K)[u]
+    keep = (torch.arange(K, device=x.device) < cap_u.unsqueeze(1)) & support_priority[state_u[u], c].isfinite()
+    m = torch.where(keep.unsqueeze(2), supports[state_u[u], c], 0.0).sum(1)  # [L, d]
+    heads = W.index_select(0, slot_u)
+    heads[u, c] = F.normalize(m, dim=1, eps=NORM_EPS) * temperature.index_select(0, slot_u)[u].unsqueeze(1)
+    W.index_copy_(0, slot_u, heads)
+
+
+def entropy_step_torch(x, y, slots, W, b, n_classes, lr, min_confidence, batch=None) -> None:
+    """lr, min_confidence: float32 [S]. Like sgd_step_torch, with per-row gradients of the
+    entropy (unlabelled rows) or the cross-entropy (labelled rows) and the mean over the rows
+    that count."""
+    seg = _batch(slots, batch)
+    if seg.num_rows == 0:
+        return
+    xr, heads, live, logits = gathered_logits(x, W, b, n_classes, seg)
+    p = torch.softmax(logits, dim=1)
+    logp = torch.log_softmax(logits, dim=1)
+    plogp = torch.where(p > 0, p * logp, 0.0)
+    H = -plogp.sum(1, keepdim=True)
+    g_ent = -torch.where(p > 0, p * (logp + H), 0.0)
+    labels = y.index_select(0, seg.rows).long()
+    labelled = labels >= 0
+    g_ce = p.clone()
+    g_ce[torch.arange(p.shape[0], device=p.device), labels.clamp_min(0)] -= 1.0
+    confident = p.max(1).values >= min_confidence.index_select(0, seg.slot)[seg.seg]
+    counts = labelled | confident
+    g = torch.where(labelled.unsqueeze(1), g_ce, torch.where(confident.unsqueeze(1), g_ent, 0.0))
+    m = torch.zeros(seg.num_segments, device=x.device).index_add_(0, seg.seg, counts.float())
+    lr_u = lr.index_select(0, seg.slot)
+    step = g * (-lr_u / m.clamp_min(1.0))[seg.seg].unsqueeze(1)
+    _add_grouped_outer(heads, step, xr, seg)
+    W.index_copy_(0, seg.slot, heads)
+    b.index_add_(0, seg.slot, step.new_zeros((seg.num_segments, W.shape[1])).index_add_(0, seg.seg, step))
