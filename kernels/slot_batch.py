@@ -36,7 +36,17 @@ zero heads do). `replay_slots(own_rows, others)` builds that layout (s at slot 0
 1, 2, ...) and `SlotBatch.other_counts(slot)` gives the `others` to log. This holds for the same
 torch build, device type and intra-op thread count as the live call (the products underneath
 may choose kernels by shape and threads). The tests in tests/kernels/test_kernels_replay.py
-check it for every op with state.
+check it for every op with state. Replaying s alone instead (no stand-ins) is not exact: there
+sgd_step and entropy_step (grouped products) and delta_step and rls_step (batched products
+over the active groups) change in the last bits for padded and per-row profiles alike, and
+head_forward's logits for padded ones. prototype_step and support_step run no grouped products
+and were not seen to depend on the profile, but the contract does not promise that, so a
+replay keeps the profile for every op.
+A rule that makes several calls must reproduce each call's profile. t3a scores all its rows
+with head_forward (the stand-ins reproduce that profile), then calls support_step only on the
+rows its entropy filter keeps; stand-in rows need not pass that filter as the live sessions'
+rows did, so that call's profile may differ in a replay: harmless while support_step stays
+independent of the profile, as observed above.
 
 The Triton path needs no stand-ins: every program reads the rows of one slot only (found
 through order / seg_start / seg_end, walked in arrival order from the slot's first row), that
