@@ -137,9 +137,13 @@ def prototype_step_torch(x, y, slots, state_rows, sums, counts, W, n_classes, te
     seg = _batch(slots, batch)
     if seg.num_rows == 0:
         return
-    C = W.shape[1]
+    C, d = W.shape[1:]
     r, labels = state_rows[seg.rows].long(), y[seg.rows].long()
-    sums.index_put_((r, labels), seg.gather_rows(x).float(), accumulate=True)
+    # Rows of one class add into their sums in arrival order. (index_put_(accumulate=True) on
+    # CPU adds with atomics in a thread race once the update has 32768 elements: not
+    # reproducible. index_add_ along dim 0 adds row after row; below that size both give the
+    # same bits.) Counts add 1.0s, exact in any order.
+    sums.view(-1, d).index_add_(0, r * C + labels, seg.gather_rows(x).float())
     counts.index_put_((r, labels), torch.ones_like(labels, dtype=counts.dtype), accumulate=True)
 
     state_u = state_rows[seg.first_rows()].long()

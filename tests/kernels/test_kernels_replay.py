@@ -205,3 +205,22 @@ def _to(t: dict, device) -> dict:
     out = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in t.items()}
     out["hyper"] = {k: v.to(device) for k, v in t["hyper"].items()}
     return out
+
+
+def test_prototype_sums_add_in_arrival_order_at_any_size():
+    """Above 32768 updated elements index_put_(accumulate=True) adds on CPU threads in a race;
+    the class sums must still be the rows added one after another, every time."""
+    seed = fresh_seed()
+    g = torch.Generator().manual_seed(seed)
+    with torch.device(CPU):
+        R, C_, d, B = 3, 4, 768, 64  # 64 x 768 elements, a handful of (state row, class) cells
+        x, y = torch.randn(B, d, generator=g), torch.randint(0, 2, (B,), generator=g)
+        slots = torch.randint(0, 2, (B,), generator=g)
+        sums0, counts0 = torch.randn(R, C_, d, generator=g), torch.zeros(R, C_)
+        expected = sums0.clone()
+        for i in range(B):
+            expected[int(slots[i]), int(y[i])] += x[i]
+        for _ in range(5):
+            sums, counts, W = sums0.clone(), counts0.clone(), torch.zeros(2, C_, d)
+            kernels.prototype_step(x, y, slots, slots, sums, counts, W, torch.tensor([C_, C_]), 1.0, impl="torch")
+            assert torch.equal(sums, expected), f"seed={seed}"
