@@ -16,16 +16,20 @@ import kernels
 from kernels import SlotBatch, replay_slots
 from tests.kernels.cases import fresh_seed
 
-C, D, K = 37, 100, 4  # d not a multiple of 16, so heads of different slots sit at different alignments
+SMALL = (37, 100, 4)  # (C, d, K); d not a multiple of 16: heads of different slots sit at different alignments
+LARGE = (10, 768, 32)  # server-like widths: updates above the sizes where CPU ops go multi-threaded
 CPU = torch.device("cpu")
 
-# Row counts of the sessions of one live call, and the torch grouping that profile picks.
+# Row counts of the sessions of one live call, the torch grouping that profile picks, widths.
 PROFILES = {
-    "one_slot": ([5], "one_slot"),
-    "padded": ([3, 1, 4, 2, 2], "padded"),
-    "rectangular": ([3, 3, 3], "padded"),
-    "per_row": ([40] + [1] * 6, "per_row"),
+    "one_slot": ([5], "one_slot", SMALL),
+    "padded": ([3, 1, 4, 2, 2], "padded", SMALL),
+    "rectangular": ([3, 3, 3], "padded", SMALL),
+    "per_row": ([40] + [1] * 6, "per_row", SMALL),
+    "large_padded": ([8] * 30, "padded", LARGE),
+    "large_per_row": ([60] + [2] * 15, "per_row", LARGE),
 }
+MAX_REPLAYS = 4  # sessions replayed per live call (the busiest one among them)
 OPS = ["sgd", "delta", "prototype", "rls", "support", "entropy"]
 SLOT_STATE = {"W", "b"}  # indexed by slot; every other state tensor by state row
 STATE = {
@@ -59,14 +63,15 @@ def run_op(op: str, t: dict, impl: str = "torch") -> None:
         raise ValueError(op)
 
 
-def _hyper(op: str, n: int, g: torch.Generator) -> dict[str, torch.Tensor]:
+def _hyper(op: str, n: int, g: torch.Generator, K: int) -> dict[str, torch.Tensor]:
     u = torch.rand(n, generator=g)
     values = {"lr": 0.05 + 0.5 * u, "weight_decay": 0.02 * u, "beta": 0.2 + 0.8 * u, "temperature": 5.0 + 10 * u,
               "capacity": torch.randint(1, K + 1, (n,), generator=g).float(), "min_confidence": 0.02 + 0.1 * u}
     return {k: values[k] for k in HYPER[op]}
 
 
-def _state(op: str, S: int, R: int, g: torch.Generator) -> dict[str, torch.Tensor]:
+def _state(op: str, S: int, R: int, g: torch.Generator, dims: tuple[int, int, int]) -> dict[str, torch.Tensor]:
+    C, D, K = dims
     full = {
         "W": 0.1 * torch.randn(S, C, D, generator=g), "b": 0.1 * torch.randn(S, C, generator=g),
         "sums": torch.randn(R, C, D, generator=g), "counts": torch.randint(0, 3, (R, C), generator=g).float(),
@@ -78,8 +83,10 @@ def _state(op: str, S: int, R: int, g: torch.Generator) -> dict[str, torch.Tenso
     return {k: full[k] for k in STATE[op]}
 
 
-def live_call(op: str, counts: list[int], g: torch.Generator, skipped: int = 3) -> tuple[dict, list[int]]:
+def live_call(op: str, counts: list[int], g: torch.Generator, skipped: int = 3,
+              dims: tuple[int, int, int] = SMALL) -> tuple[dict, list[int]]:
     """A call mixing sessions with these row counts at random distinct slots, rows shuffled."""
+    C, D, K = dims
     S = len(counts) + 3  # some slots without rows
     R = S + 1
     session_slots = torch.randperm(S, generator=g)[: len(counts)].tolist()
@@ -95,14 +102,15 @@ def live_call(op: str, counts: list[int], g: torch.Generator, skipped: int = 3) 
         unlabelled[[int((slots == s).nonzero()[0]) for s in session_slots]] = False
         y = torch.where(unlabelled, -1, y)
     t = dict(x=torch.randn(B, D, generator=g), y=y, slots=slots, state_rows=state_of_slot[live],
-             priority=torch.rand(B, generator=g), n_classes=n_classes, hyper=_hyper(op, S, g),
-             state_of_slot=state_of_slot, **_state(op, S, R, g))
+             priority=torch.rand(B, generator=g), n_classes=n_classes, hyper=_hyper(op, S, g, K),
+             state_of_slot=state_of_slot, dims=dims, **_state(op, S, R, g, dims))
     return t, session_slots
 
 
 def replay_call(op: str, before: dict, slot: int, others: list[int], g: torch.Generator) -> dict:
     """The replay of `slot`'s rows of the live call: slot 0 starts from the session's state before
     the call, stand-ins 1.. are zero rows and zero state with arbitrary hyper-parameters."""
+    C, D, K = before["dims"]
     mine = (before["slots"] == slot).nonzero().squeeze(1)
     slots = torch.tensor(replay_slots(mine.numel(), others), dtype=torch.int64)
     U, extra = 1 + len(others), slots.numel() - mine.numel()
@@ -112,7 +120,7 @@ def replay_call(op: str, before: dict, slot: int, others: list[int], g: torch.Ge
              y=torch.cat([before["y"][mine], torch.zeros(extra, dtype=torch.int64)]),
              priority=torch.cat([before["priority"][mine], torch.zeros(extra)]),
              n_classes=torch.cat([before["n_classes"][slot:slot + 1], torch.randint(1, C + 1, (U - 1,), generator=g)]))
-    stand_in_hyper = _hyper(op, U, g)
+    stand_in_hyper = _hyper(op, U, g, K)
     t["hyper"] = {k: torch.cat([v[slot:slot + 1], stand_in_hyper[k][1:]]) for k, v in before["hyper"].items()}
     for name in STATE[op]:
         src = before[name][slot if name in SLOT_STATE else state_row]
@@ -140,16 +148,16 @@ def _assert_replay_matches(op: str, before: dict, after: dict, slot: int, replay
 @pytest.mark.parametrize("profile", list(PROFILES))
 @pytest.mark.parametrize("op", OPS)
 def test_replay_with_stand_ins_is_bit_exact_on_the_torch_path(op, profile):
-    counts, path = PROFILES[profile]
+    counts, path, dims = PROFILES[profile]
     seed = fresh_seed()
     g = torch.Generator().manual_seed(seed)
     with torch.device(CPU):
-        before, session_slots = live_call(op, counts, g)
+        before, session_slots = live_call(op, counts, g, dims=dims)
         live_batch = SlotBatch(before["slots"])
         assert live_batch.torch_path == path, f"profile {profile} picks {live_batch.torch_path}"
         after = _clone(before)
         run_op(op, after)
-        for slot in session_slots:
+        for slot in session_slots[:MAX_REPLAYS]:
             others = live_batch.other_counts(slot)
             replayed = replay_call(op, before, slot, others, g)
             assert SlotBatch(replayed["slots"]).profile == live_batch.profile
