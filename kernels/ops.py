@@ -56,7 +56,8 @@ def head_forward(x, W, b, slots, n_classes, normalize=None, impl="auto", *,
         u_i = x_i / max(||x_i||, 1e-12) if normalize[s_i] else x_i
 
     normalize: optional bool [S]; True for cosine heads (prototype sessions).
-    Any number of rows may share a slot. Returns float32 [B, C].
+    Any number of rows may share a slot. Returns float32 [B, C]. batch is used by the torch
+    path (the Triton forward scores every row on its own and needs no grouping).
     """
     check_batch(x, slots, W)
     S, C, _ = W.shape
