@@ -9,37 +9,45 @@ different slots different state rows. Hyper-parameters are floats or float32 ten
 Sessions never interfere: a call changes only the slots (and state rows) its rows name, and only
 their live classes.
 
-impl: "auto" (Triton for CUDA tensors, torch for CPU tensors), "torch" or "triton".
+impl: "auto" (Triton for CUDA tensors, torch for CPU tensors), "torch" or "triton". The torch
+path lives in kernels/torch_ops.py, the Triton launchers in kernels/triton/ (imported on first
+use, so Triton may be absent).
+
+batch: an optional kernels.SlotBatch built from this call's slots. Ops called on the same rows
+(e.g. head_forward then entropy_step) can share one, so the rows are grouped by slot once;
+without it each op builds its own. Only its length and device are checked against slots.
+On the torch path the values an op writes for one slot also depend on the call's profile
+(its per-slot row counts); see kernels/slot_batch.py for that contract and replay_slots.
 """
 
 from __future__ import annotations
 
 import importlib
-import sys
 
 import torch
 
-from . import label_free_torch, torch_path
+from . import torch_ops
 from .dispatch import check_batch, check_state, per_slot, resolve_impl
+from .slot_batch import SlotBatch
 
 __all__ = ["head_forward", "sgd_step", "delta_step", "prototype_step", "rls_step", "support_step", "entropy_step"]
 
 
 def _triton(module: str):
-    """The Triton launcher module, imported on first use (Triton may be absent)."""
-    name = f"kernels.{module}"
-    if name in sys.modules:
-        return sys.modules[name]
-    launcher = importlib.import_module(name)
-    # Importing kernels.head_forward binds the submodule to the package attribute of the same
-    # name, shadowing the public function: put the public ops back.
-    package = sys.modules["kernels"]
-    for op in __all__:
-        setattr(package, op, globals()[op])
-    return launcher
+    """The Triton launcher module kernels/triton/<module>.py, imported on first use."""
+    return importlib.import_module(f"{__package__}.triton.{module}")
 
 
-def head_forward(x, W, b, slots, n_classes, normalize=None, impl="auto") -> torch.Tensor:
+def _batch_for(slots: torch.Tensor, batch: SlotBatch | None) -> SlotBatch:
+    if batch is None:
+        return SlotBatch(slots)
+    if not isinstance(batch, SlotBatch):
+        raise TypeError(f"batch must be a kernels.SlotBatch, got {type(batch).__name__}")
+    return batch.check_for(slots)
+
+
+def head_forward(x, W, b, slots, n_classes, normalize=None, impl="auto", *,
+                 batch: SlotBatch | None = None) -> torch.Tensor:
     """Grouped head forward (BGMV): every row is scored by its own slot's head.
 
         logits[i, c] = W[s_i, c] . u_i + b[s_i, c]     c <  n_classes[s_i]
@@ -48,17 +56,20 @@ def head_forward(x, W, b, slots, n_classes, normalize=None, impl="auto") -> torc
         u_i = x_i / max(||x_i||, 1e-12) if normalize[s_i] else x_i
 
     normalize: optional bool [S]; True for cosine heads (prototype sessions).
-    Any number of rows may share a slot. Returns float32 [B, C].
+    Any number of rows may share a slot. Returns float32 [B, C]. batch is used by the torch
+    path (the Triton forward scores every row on its own and needs no grouping).
     """
     check_batch(x, slots, W)
     S, C, _ = W.shape
     check_state("b", b, (S, C))
+    batch = _batch_for(slots, batch)
     if resolve_impl(impl, x) == "triton":
-        return _triton("head_forward").head_forward_triton(x, W, b, slots, n_classes, normalize)
-    return torch_path.head_forward_torch(x, W, b, slots, n_classes, normalize)
+        return _triton("forward").head_forward_triton(x, W, b, slots, n_classes, normalize)
+    return torch_ops.head_forward_torch(x, W, b, slots, n_classes, normalize, batch=batch)
 
 
-def sgd_step(x, y, slots, W, b, n_classes, lr, weight_decay=0.0, impl="auto") -> None:
+def sgd_step(x, y, slots, W, b, n_classes, lr, weight_decay=0.0, impl="auto", *,
+             batch: SlotBatch | None = None) -> None:
     """One SGD step on softmax cross-entropy, in place; the mean over each slot's rows.
 
     For every slot s with rows R_s (n_s = |R_s| > 0), all rows seeing the heads as they were
@@ -74,13 +85,14 @@ def sgd_step(x, y, slots, W, b, n_classes, lr, weight_decay=0.0, impl="auto") ->
     S, C, _ = W.shape
     check_state("b", b, (S, C))
     lr, weight_decay = per_slot(lr, S, W.device), per_slot(weight_decay, S, W.device)
+    batch = _batch_for(slots, batch)
     if resolve_impl(impl, x) == "triton":
-        _triton("sgd").sgd_step_triton(x, y, slots, W, b, n_classes, lr, weight_decay)
+        _triton("sgd").sgd_step_triton(x, y, slots, W, b, n_classes, lr, weight_decay, batch=batch)
     else:
-        torch_path.sgd_step_torch(x, y, slots, W, b, n_classes, lr, weight_decay)
+        torch_ops.sgd_step_torch(x, y, slots, W, b, n_classes, lr, weight_decay, batch=batch)
 
 
-def delta_step(x, y, slots, W, n_classes, beta, impl="auto") -> None:
+def delta_step(x, y, slots, W, n_classes, beta, impl="auto", *, batch: SlotBatch | None = None) -> None:
     """Delta rule (LMS) on unit-norm keys, in place; a slot's rows applied in arrival order.
 
     For every row i of slot s, in order (each row sees the previous rows' updates):
@@ -91,13 +103,15 @@ def delta_step(x, y, slots, W, n_classes, beta, impl="auto") -> None:
     """
     check_batch(x, slots, W, y)
     beta = per_slot(beta, W.shape[0], W.device)
+    batch = _batch_for(slots, batch)
     if resolve_impl(impl, x) == "triton":
-        _triton("delta").delta_step_triton(x, y, slots, W, n_classes, beta)
+        _triton("delta").delta_step_triton(x, y, slots, W, n_classes, beta, batch=batch)
     else:
-        torch_path.delta_step_torch(x, y, slots, W, n_classes, beta)
+        torch_ops.delta_step_torch(x, y, slots, W, n_classes, beta, batch=batch)
 
 
-def prototype_step(x, y, slots, state_rows, sums, counts, W, n_classes, temperature, impl="auto") -> None:
+def prototype_step(x, y, slots, state_rows, sums, counts, W, n_classes, temperature, impl="auto", *,
+                   batch: SlotBatch | None = None) -> None:
     """Class prototypes (cosine nearest class mean), in place.
 
     For every row i (slot s_i, state row r_i = state_rows[i]):
@@ -113,14 +127,16 @@ def prototype_step(x, y, slots, state_rows, sums, counts, W, n_classes, temperat
     check_state("sums", sums, (sums.shape[0], C, d))
     check_state("counts", counts, (sums.shape[0], C))
     temperature = per_slot(temperature, W.shape[0], W.device)
+    batch = _batch_for(slots, batch)
     if resolve_impl(impl, x) == "triton":
         _triton("prototype").prototype_step_triton(
-            x, y, slots, state_rows, sums, counts, W, n_classes, temperature)
+            x, y, slots, state_rows, sums, counts, W, n_classes, temperature, batch=batch)
     else:
-        torch_path.prototype_step_torch(x, y, slots, state_rows, sums, counts, W, n_classes, temperature)
+        torch_ops.prototype_step_torch(x, y, slots, state_rows, sums, counts, W, n_classes, temperature,
+                                       batch=batch)
 
 
-def rls_step(x, y, slots, state_rows, W, P, n_classes, impl="auto") -> None:
+def rls_step(x, y, slots, state_rows, W, P, n_classes, impl="auto", *, batch: SlotBatch | None = None) -> None:
     """Recursive least squares (ridge onto one-hot targets), in place; rows in arrival order.
 
     For every row i of slot s (state row r), in order, with P = P[r] [d, d]:
@@ -135,14 +151,15 @@ def rls_step(x, y, slots, state_rows, W, P, n_classes, impl="auto") -> None:
     check_batch(x, slots, W, y)
     d = W.shape[2]
     check_state("P", P, (P.shape[0], d, d))
+    batch = _batch_for(slots, batch)
     if resolve_impl(impl, x) == "triton":
-        _triton("rls").rls_step_triton(x, y, slots, state_rows, W, P, n_classes)
+        _triton("rls").rls_step_triton(x, y, slots, state_rows, W, P, n_classes, batch=batch)
     else:
-        torch_path.rls_step_torch(x, y, slots, state_rows, W, P, n_classes)
+        torch_ops.rls_step_torch(x, y, slots, state_rows, W, P, n_classes, batch=batch)
 
 
 def support_step(x, y, priority, slots, state_rows, supports, support_priority, W, n_classes, capacity,
-                 temperature, impl="auto") -> None:
+                 temperature, impl="auto", *, batch: SlotBatch | None = None) -> None:
     """Capped per-class supports (T3A-style) and their cosine head, in place.
 
     supports [R, C, K, d] (unit rows) and support_priority [R, C, K] (lower is better; +inf =
@@ -165,15 +182,17 @@ def support_step(x, y, priority, slots, state_rows, supports, support_priority, 
     if priority.shape != (x.shape[0],):
         raise ValueError(f"priority must be [B]={x.shape[0]}, got {tuple(priority.shape)}")
     capacity, temperature = per_slot(capacity, S, W.device), per_slot(temperature, S, W.device)
+    batch = _batch_for(slots, batch)
     if resolve_impl(impl, x) == "triton":
         _triton("support").support_step_triton(x, y, priority, slots, state_rows, supports, support_priority, W,
-                                               n_classes, capacity, temperature)
+                                               n_classes, capacity, temperature, batch=batch)
     else:
-        label_free_torch.support_step_torch(x, y, priority, slots, state_rows, supports, support_priority, W,
-                                            n_classes, capacity, temperature)
+        torch_ops.support_step_torch(x, y, priority, slots, state_rows, supports, support_priority, W,
+                                     n_classes, capacity, temperature, batch=batch)
 
 
-def entropy_step(x, y, slots, W, b, n_classes, lr, min_confidence, impl="auto") -> None:
+def entropy_step(x, y, slots, W, b, n_classes, lr, min_confidence, impl="auto", *,
+                 batch: SlotBatch | None = None) -> None:
     """One entropy-minimisation step on the head (TENT, head only), in place; mean per slot.
 
     y [B]: a label, or -1 for an unlabelled row. For every slot s, all rows seeing the heads as
@@ -189,7 +208,8 @@ def entropy_step(x, y, slots, W, b, n_classes, lr, min_confidence, impl="auto") 
     S, C, _ = W.shape
     check_state("b", b, (S, C))
     lr, min_confidence = per_slot(lr, S, W.device), per_slot(min_confidence, S, W.device)
+    batch = _batch_for(slots, batch)
     if resolve_impl(impl, x) == "triton":
-        _triton("entropy").entropy_step_triton(x, y, slots, W, b, n_classes, lr, min_confidence)
+        _triton("entropy").entropy_step_triton(x, y, slots, W, b, n_classes, lr, min_confidence, batch=batch)
     else:
-        label_free_torch.entropy_step_torch(x, y, slots, W, b, n_classes, lr, min_confidence)
+        torch_ops.entropy_step_torch(x, y, slots, W, b, n_classes, lr, min_confidence, batch=batch)

@@ -39,7 +39,7 @@ def test_unknown_impl_is_rejected():
 def test_auto_routes_cpu_tensors_to_the_torch_path(monkeypatch):
     torch.set_default_device(CPU)  # undone by the autouse fixture in conftest.py
     calls = []
-    monkeypatch.setattr(kernels.ops.torch_path, "sgd_step_torch", lambda *a: calls.append("torch"))
+    monkeypatch.setattr(kernels.ops.torch_ops, "sgd_step_torch", lambda *a, **k: calls.append("torch"))
     kernels.sgd_step(torch.zeros(1, 4), torch.zeros(1, dtype=torch.int64), torch.zeros(1, dtype=torch.int64),
                      torch.zeros(1, 2, 4), torch.zeros(1, 2), torch.tensor([2]), 0.1)
     assert calls == ["torch"]
@@ -59,13 +59,22 @@ def test_bad_shapes_and_hyper_parameters_are_rejected():
 
 
 def test_public_ops_survive_loading_the_triton_launchers():
-    """kernels/head_forward.py shares its name with the public op; loading it must not shadow it."""
+    """Loading every launcher module leaves the public ops in place (no module shares an op's
+    name), and the launchers' `triton` is the real package, not kernels.triton."""
+    import importlib
+
+    import triton
+
+    for name in ("common", "forward", "sgd", "delta", "prototype", "rls", "support", "entropy"):
+        launcher = importlib.import_module(f"kernels.triton.{name}")
+        assert launcher.triton is triton and hasattr(triton, "jit")
     kernels.head_forward(torch.zeros(1, 4), torch.zeros(1, 2, 4), torch.zeros(1, 2),
                          torch.zeros(1, dtype=torch.int64), torch.tensor([2]), impl="triton")
-    assert kernels.head_forward is kernels.ops.head_forward
+    for op in kernels.ops.__all__:
+        assert getattr(kernels, op) is getattr(kernels.ops, op), op
     from kernels import head_forward
 
-    assert callable(head_forward)
+    assert head_forward is kernels.ops.head_forward
 
 
 def test_kernels_import_and_run_without_triton():
@@ -76,6 +85,7 @@ def test_kernels_import_and_run_without_triton():
         logits = kernels.head_forward(torch.ones(2, 3), torch.ones(1, 4, 3), torch.zeros(1, 4),
                                       torch.tensor([0, -1]), torch.tensor([4]))
         assert logits.tolist() == [[3.0] * 4, [0.0] * 4], logits
+        assert not any(m.startswith("kernels.triton") for m in sys.modules), "launchers imported eagerly"
         try:
             kernels.head_forward(torch.ones(2, 3), torch.ones(1, 4, 3), torch.zeros(1, 4),
                                  torch.tensor([0, -1]), torch.tensor([4]), impl="triton")

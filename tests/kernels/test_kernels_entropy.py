@@ -87,7 +87,7 @@ def test_empty_batch_changes_nothing(impl):
 
 def test_triton_writes_every_grad_logit():
     from kernels.dispatch import per_slot
-    from kernels.entropy import entropy_step_triton
+    from kernels.triton.entropy import entropy_step_triton
 
     p = make_problem(C=37, d=100, layout="mixed")
     scratch = torch.full((p.x.shape[0], 37), float("nan"), device=p.x.device)

@@ -38,7 +38,7 @@ def test_empty_batch(impl):
 
 
 def test_triton_writes_every_output_element():
-    from kernels.head_forward import head_forward_triton
+    from kernels.triton.forward import head_forward_triton
 
     p = make_problem(C=37, d=100, layout="mixed")
     out = torch.full((p.x.shape[0], 37), float("nan"))

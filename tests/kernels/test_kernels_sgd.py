@@ -52,7 +52,7 @@ def test_empty_batch_and_no_session_rows_change_nothing(impl):
 
 
 def test_triton_writes_every_grad_logit():
-    from kernels.sgd import sgd_step_triton
+    from kernels.triton.sgd import sgd_step_triton
     from kernels.dispatch import per_slot
 
     p = make_problem(C=37, d=100, layout="mixed")

@@ -1,36 +1,26 @@
 """Launcher helpers shared by the Triton ops (imported only when Triton is used).
 
-Segment kernels: the launcher sorts the batch rows by slot (stable, so each slot's rows keep
-arrival order) and gives every sorted position j the range [seg_start[j], seg_end[j]) of its
-slot's rows. A grid over sorted positions then lets the program at a segment's first position
-own that whole slot and every other program return at once; this needs no host synchronisation
-to count the slots.
+Segment kernels: the call's SlotBatch (kernels.slot_batch, its Triton view) sorts the batch rows
+by slot (stable, so each slot's rows keep arrival order) and gives every sorted position j the
+range [seg_start[j], seg_end[j]) of its slot's rows. A grid over sorted positions then lets the
+program at a segment's first position own that whole slot and every other program return at
+once; this needs no host synchronisation to count the slots.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
+from ..slot_batch import SlotBatch
+
 NORM_EPS = 1e-12
 
 
-@dataclass
-class SortedRows:
-    order: torch.Tensor  # [B] int64: batch row at each sorted position (slot -1 rows first)
-    slots: torch.Tensor  # [B] int64: slot at each sorted position
-    seg_start: torch.Tensor  # [B] int64: first sorted position of that slot's rows
-    seg_end: torch.Tensor  # [B] int64: one past the last
-
-
-def sort_rows_by_slot(slots: torch.Tensor) -> SortedRows:
-    sorted_slots, order = torch.sort(slots.long(), stable=True)
-    seg_start = torch.searchsorted(sorted_slots, sorted_slots, right=False)
-    seg_end = torch.searchsorted(sorted_slots, sorted_slots, right=True)
-    return SortedRows(order.contiguous(), sorted_slots.contiguous(), seg_start, seg_end)
+def slot_batch(slots: torch.Tensor, batch: SlotBatch | None) -> SlotBatch:
+    """The call's SlotBatch (built here when the caller gave none)."""
+    return SlotBatch(slots) if batch is None else batch
 
 
 def rows_per_slot(slots: torch.Tensor, num_slots: int) -> torch.Tensor:

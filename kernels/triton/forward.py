@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import NORM_EPS, contiguous_rows, head_matvec, tile_sizes
+from .common import NORM_EPS, contiguous_rows, head_matvec, tile_sizes
 
 # Pure function of its inputs, so autotuning (which re-runs the kernel) is safe here. The
 # interpreter and CPU-only builds get a single config: multi-config autotune needs a GPU.

@@ -13,7 +13,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_common import NORM_EPS, contiguous_rows, head_matvec, sort_rows_by_slot, tile_sizes
+from .common import NORM_EPS, contiguous_rows, head_matvec, slot_batch, tile_sizes
 
 
 @triton.jit
@@ -57,16 +57,16 @@ def _delta_kernel(
         tl.debug_barrier()
 
 
-def delta_step_triton(x, y, slots, W, n_classes, beta) -> None:
+def delta_step_triton(x, y, slots, W, n_classes, beta, batch=None) -> None:
     """Launcher; beta is float32 [S]."""
     B, (S, C, d) = x.shape[0], W.shape
     if B == 0:
         return
     x, y = contiguous_rows(x), y.long().contiguous()
-    order = sort_rows_by_slot(slots)
+    batch = slot_batch(slots, batch)
     block_c, block_d = tile_sizes(C, d, tile_elements=4096, class_cap=64)
     grid = (B, triton.cdiv(C, block_c))
     _delta_kernel[grid](
-        x, y, W, order.order, order.slots, order.seg_start, order.seg_end, n_classes, beta,
+        x, y, W, batch.order, batch.sorted_slots, batch.seg_start, batch.seg_end, n_classes, beta,
         C, d, NORM_EPS=NORM_EPS, BLOCK_C=block_c, BLOCK_D=block_d,
     )

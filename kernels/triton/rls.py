@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import block_size, contiguous_rows
+from .common import block_size, contiguous_rows, slot_batch
 
 
 @triton.jit
@@ -106,13 +106,14 @@ def _rls_update_kernel(
             tl.store(head + offs_j[None, :], w + error[:, None] * k_j[None, :], mask=tile)
 
 
-def rls_step_triton(x, y, slots, state_rows, W, P, n_classes) -> None:
+def rls_step_triton(x, y, slots, state_rows, W, P, n_classes, batch=None) -> None:
     """Launcher. Counts the slots on the host (one synchronisation) to size the position loop."""
     B, (S, C, d) = x.shape[0], W.shape
     if B == 0:
         return
     x, y, state_rows = contiguous_rows(x), y.long().contiguous(), state_rows.long().contiguous()
-    sorted_slots, order = torch.sort(slots.long(), stable=True)
+    batch = slot_batch(slots, batch)
+    order, sorted_slots = batch.order, batch.sorted_slots
     seg_slot, seg_len = torch.unique_consecutive(sorted_slots, return_counts=True)
     seg_start = seg_len.cumsum(0) - seg_len
     valid = seg_slot >= 0

@@ -2,7 +2,7 @@
 for confident unlabelled rows, cross-entropy gradient for labelled rows, mini-batch mean per slot
 over the rows that count.
 
-Two launches, like kernels/sgd.py (whose second launch is reused as is):
+Two launches, like kernels/triton/sgd.py (whose second launch is reused as is):
   1. one program per row: logits of its slot's head, masked softmax / log-softmax, entropy and
      confidence in one pass; writes the row's logit gradient and whether the row counts;
   2. (after dividing every row's gradient by its slot's count of counting rows, on the device)
@@ -16,8 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .common import block_size, contiguous_rows, head_matvec, slot_batch, tile_sizes
 from .sgd import ROWS_PER_DOT, _sgd_apply_kernel
-from .triton_common import block_size, contiguous_rows, head_matvec, sort_rows_by_slot, tile_sizes
 
 
 @triton.jit
@@ -60,7 +60,7 @@ def _entropy_grad_logits_kernel(
     tl.store(counts_ptr + row, tl.where(counts, 1.0, 0.0))
 
 
-def entropy_step_triton(x, y, slots, W, b, n_classes, lr, min_confidence, grad_logits=None) -> None:
+def entropy_step_triton(x, y, slots, W, b, n_classes, lr, min_confidence, grad_logits=None, batch=None) -> None:
     """Launcher; lr and min_confidence are float32 [S]. `grad_logits` (float32 [B, C]) lets tests
     hand in a poisoned scratch buffer: launch 1 writes every element of it."""
     B, (S, C, d) = x.shape[0], W.shape
@@ -80,12 +80,12 @@ def entropy_step_triton(x, y, slots, W, b, n_classes, lr, min_confidence, grad_l
     per_slot = torch.zeros(S, dtype=torch.float32, device=x.device).index_add_(0, slots.clamp_min(0), counts)
     grad_logits /= per_slot.clamp_min(1.0).index_select(0, slots.clamp_min(0)).unsqueeze(1)
 
-    order = sort_rows_by_slot(slots)
+    batch = slot_batch(slots, batch)
     block_c, block_d = tile_sizes(C, d, tile_elements=4096)
     grid = (B, triton.cdiv(C, block_c), triton.cdiv(d, block_d))
     no_decay = torch.zeros(S, dtype=torch.float32, device=x.device)
     _sgd_apply_kernel[grid](
-        x, grad_logits, W, b, order.order, order.slots, order.seg_start, order.seg_end,
+        x, grad_logits, W, b, batch.order, batch.sorted_slots, batch.seg_start, batch.seg_end,
         n_classes, lr, no_decay,
         C, d, BLOCK_R=ROWS_PER_DOT, BLOCK_C=block_c, BLOCK_D=block_d,
     )

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import block_size, contiguous_rows, head_matvec, rows_per_slot, sort_rows_by_slot, tile_sizes
+from .common import block_size, contiguous_rows, head_matvec, rows_per_slot, slot_batch, tile_sizes
 
 ROWS_PER_DOT = 16  # rows summed per tl.dot in launch 2 (tl.dot needs every dimension >= 16)
 
@@ -99,7 +99,7 @@ def _sgd_apply_kernel(
         tl.store(b_ptrs, bias - lr * grad_b, mask=live)
 
 
-def sgd_step_triton(x, y, slots, W, b, n_classes, lr, weight_decay, grad_logits=None) -> None:
+def sgd_step_triton(x, y, slots, W, b, n_classes, lr, weight_decay, grad_logits=None, batch=None) -> None:
     """Launcher; lr and weight_decay are float32 [S]. `grad_logits` (float32 [B, C]) lets tests
     hand in a poisoned scratch buffer: launch 1 writes every element of it."""
     B, (S, C, d) = x.shape[0], W.shape
@@ -115,11 +115,11 @@ def sgd_step_triton(x, y, slots, W, b, n_classes, lr, weight_decay, grad_logits=
         C, d, BLOCK_C=block_c_all, BLOCK_D=block_size(d, cap=max(16, 8192 // block_c_all)),
     )
 
-    order = sort_rows_by_slot(slots)
+    batch = slot_batch(slots, batch)
     block_c, block_d = tile_sizes(C, d, tile_elements=4096)
     grid = (B, triton.cdiv(C, block_c), triton.cdiv(d, block_d))
     _sgd_apply_kernel[grid](
-        x, grad_logits, W, b, order.order, order.slots, order.seg_start, order.seg_end,
+        x, grad_logits, W, b, batch.order, batch.sorted_slots, batch.seg_start, batch.seg_end,
         n_classes, lr, weight_decay,
         C, d, BLOCK_R=ROWS_PER_DOT, BLOCK_C=block_c, BLOCK_D=block_d,
     )

@@ -15,7 +15,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_common import NORM_EPS, block_size, contiguous_rows, sort_rows_by_slot
+from .common import NORM_EPS, block_size, contiguous_rows, slot_batch
 
 
 @triton.jit
@@ -89,18 +89,18 @@ def _support_kernel(
 
 
 def support_step_triton(x, y, priority, slots, state_rows, supports, support_priority, W, n_classes, capacity,
-                        temperature) -> None:
+                        temperature, batch=None) -> None:
     """Launcher; capacity and temperature are float32 [S]."""
     B, (S, C, d), K = x.shape[0], W.shape, supports.shape[2]
     if B == 0:
         return
     x, y = contiguous_rows(x), y.long().contiguous()
     priority, state_rows = priority.float().contiguous(), state_rows.long().contiguous()
-    order = sort_rows_by_slot(slots)
+    batch = slot_batch(slots, batch)
     block_k = block_size(K, cap=1 << 12, floor=2)
     block_d = block_size(d, cap=max(16, 8192 // block_k))
     _support_kernel[(B, C)](
         x, y, priority, state_rows, supports, support_priority, W, n_classes, capacity, temperature,
-        order.order, order.slots, order.seg_start, order.seg_end,
+        batch.order, batch.sorted_slots, batch.seg_start, batch.seg_end,
         C, K, d, NORM_EPS=NORM_EPS, BLOCK_K=block_k, BLOCK_D=block_d,
     )

@@ -13,7 +13,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_common import NORM_EPS, block_size, contiguous_rows, sort_rows_by_slot, tile_sizes
+from .common import NORM_EPS, block_size, contiguous_rows, slot_batch, tile_sizes
 
 
 @triton.jit
@@ -85,20 +85,20 @@ def _prototype_rewrite_kernel(
         tl.store(head + offs_d[None, :], s * scale[:, None], mask=in_c[:, None] & in_d[None, :])
 
 
-def prototype_step_triton(x, y, slots, state_rows, sums, counts, W, n_classes, temperature) -> None:
+def prototype_step_triton(x, y, slots, state_rows, sums, counts, W, n_classes, temperature, batch=None) -> None:
     """Launcher; temperature is float32 [S]."""
     B, (S, C, d) = x.shape[0], W.shape
     if B == 0:
         return
     x, y, state_rows = contiguous_rows(x), y.long().contiguous(), state_rows.long().contiguous()
-    order = sort_rows_by_slot(slots)
+    batch = slot_batch(slots, batch)
     block_d = block_size(d, cap=1024)
     _prototype_accumulate_kernel[(B, triton.cdiv(d, block_d))](
-        x, y, state_rows, sums, counts, order.order, order.slots, order.seg_start, order.seg_end,
+        x, y, state_rows, sums, counts, batch.order, batch.sorted_slots, batch.seg_start, batch.seg_end,
         C, d, BLOCK_D=block_d,
     )
     block_c, block_d = tile_sizes(C, d, tile_elements=4096, class_cap=64)
     _prototype_rewrite_kernel[(B, triton.cdiv(C, block_c))](
-        W, state_rows, sums, counts, n_classes, temperature, order.order, order.slots, order.seg_start,
+        W, state_rows, sums, counts, n_classes, temperature, batch.order, batch.sorted_slots, batch.seg_start,
         C, d, NORM_EPS=NORM_EPS, BLOCK_C=block_c, BLOCK_D=block_d,
     )

@@ -1,8 +1,15 @@
+"""The head-op benchmark (loadtests/kernel_bench.py) and the GPU acceptance check's arithmetic
+(loadtests/gpu_check.py), and the kernels.bench / kernels.gpu_check shims that forward to them."""
+
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
-from kernels import bench, gpu_check
+from loadtests import gpu_check
+from loadtests import kernel_bench as bench
 
 ROW_KEYS = {"op", "impl", "sessions", "d", "C", "rows", "seconds_per_call"}
 
@@ -56,3 +63,15 @@ def test_bandwidth_model_and_targets():
 def test_gpu_check_refuses_without_cuda(monkeypatch):
     monkeypatch.setattr(gpu_check.torch.cuda, "is_available", lambda: False)
     assert gpu_check.main(["--skip-tests"]) == 2
+
+
+def test_shims_forward_to_loadtests():
+    from kernels import bench as bench_shim
+    from kernels import gpu_check as gpu_check_shim
+
+    assert bench_shim.main is bench.main and bench_shim.run is bench.run and bench_shim.OPS == bench.OPS
+    assert gpu_check_shim.main is gpu_check.main
+    for module in ("kernels.bench", "kernels.gpu_check"):
+        result = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=120,
+                                cwd=Path(__file__).resolve().parents[2])
+        assert result.returncode == 0 and "--json" in result.stdout, (module, result.stderr)

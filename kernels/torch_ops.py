@@ -1,0 +1,268 @@
+"""Batched torch implementations of the head ops (the CPU path), label-free ones included.
+
+No Python loop runs over sessions. The call's rows are grouped by slot once (kernels.slot_batch:
+a stable sort, so a group keeps arrival order); every op then works on the U touched slots at
+once: gathered heads, batched matmuls, index_add_. The sequential rules (delta, RLS) loop over
+the position within a group — at most the largest number of rows any one slot has in the
+batch, usually a handful — and each step updates every slot that still has a row, vectorised;
+support_step's sequential part loops over the position within a (slot, class) group.
+
+Which grouped product runs is SlotBatch.torch_path, a function of the call's profile (its
+per-slot row counts): the shape -> code path contract of kernels/slot_batch.py, which exact
+log replay relies on. The operations below and their order are part of that contract: stored
+write-ahead logs are replayed bit for bit.
+
+Math and semantics: see the docstrings of the public ops (kernels/ops.py) and kernels/reference.py.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .slot_batch import SlotBatch
+
+NORM_EPS = 1e-12
+
+
+def _batch(slots: torch.Tensor, batch: SlotBatch | None) -> SlotBatch:
+    return SlotBatch(slots) if batch is None else batch
+
+
+def _grouped_matvec(xr: torch.Tensor, heads: torch.Tensor, seg: SlotBatch) -> torch.Tensor:
+    """out[j] = heads[seg.seg[j]] @ xr[j]: xr [N, d] grouped rows, heads [U, C, d] -> [N, C]."""
+    path = seg.torch_path
+    if path == "one_slot":
+        return xr @ heads[0].T
+    if path == "padded":
+        # Rows sharing a slot become one small GEMM each, batched: heads are read once per slot.
+        out = torch.bmm(heads, seg.padded(xr, seg.max_count).transpose(1, 2))  # [U, C, L]
+        return seg.unpad(out.transpose(1, 2))
+    return torch.bmm(heads.index_select(0, seg.seg), xr.unsqueeze(2)).squeeze(2)
+
+
+def _add_grouped_outer(heads: torch.Tensor, g: torch.Tensor, xr: torch.Tensor, seg: SlotBatch) -> None:
+    """heads[u] += sum over rows j of segment u of g[j] x[j]^T, in place: heads [U, C, d],
+    g [N, C], xr [N, d]."""
+    path = seg.torch_path
+    if path == "one_slot":
+        heads[0].addmm_(g.T, xr)
+    elif path == "padded":
+        length = seg.max_count
+        heads.baddbmm_(seg.padded(g, length).transpose(1, 2), seg.padded(xr, length))
+    else:
+        heads.index_add_(0, seg.seg, g.unsqueeze(2) * xr.unsqueeze(1))
+
+
+def _live_classes(n_classes: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """[U, C] bool: class c is live for a slot with n classes iff c < n."""
+    return torch.arange(num_classes, device=n_classes.device) < n_classes.unsqueeze(1)
+
+
+def head_forward_torch(x, W, b, slots, n_classes, normalize=None, batch=None) -> torch.Tensor:
+    B, C = x.shape[0], W.shape[1]
+    out = torch.zeros((B, C), dtype=torch.float32, device=x.device)
+    seg = _batch(slots, batch)
+    if seg.num_rows == 0:
+        return out
+    xr = seg.gather_rows(x).float()
+    if normalize is not None:
+        unit_rows = normalize[seg.slot].bool()[seg.seg]
+        xr = torch.where(unit_rows.unsqueeze(1), F.normalize(xr, dim=1, eps=NORM_EPS), xr)
+    logits = _grouped_matvec(xr, W.index_select(0, seg.slot), seg) + b.index_select(0, seg.slot).index_select(0, seg.seg)
+    live = _live_classes(n_classes[seg.slot], C)[seg.seg]
+    out.index_copy_(0, seg.rows, logits.masked_fill_(~live, float("-inf")))
+    return out
+
+
+def gathered_logits(x, W, b, n_classes, seg: SlotBatch):
+    """The touched heads and their masked logits, for the gradient ops: grouped rows xr [N, d],
+    gathered heads [U, C, d] (a copy, updated in place and written back by the caller), live
+    classes [U, C] and logits [N, C] with -inf on masked classes."""
+    xr = seg.gather_rows(x).float()
+    heads = W.index_select(0, seg.slot)
+    live = _live_classes(n_classes.index_select(0, seg.slot), W.shape[1])
+    logits = _grouped_matvec(xr, heads, seg) + b.index_select(0, seg.slot).index_select(0, seg.seg)
+    return xr, heads, live, logits.masked_fill_(~live[seg.seg], float("-inf"))
+
+
+def sgd_step_torch(x, y, slots, W, b, n_classes, lr, weight_decay, batch=None) -> None:
+    """lr, weight_decay: float32 [S]. One gather of the touched heads, a batched GEMM for the
+    logits, the decay and the gradient step fused into one in-place batched GEMM, one copy back."""
+    seg = _batch(slots, batch)
+    if seg.num_rows == 0:
+        return
+    C = W.shape[1]
+    xr, heads, live, logits = gathered_logits(x, W, b, n_classes, seg)
+    g = torch.softmax(logits, dim=1)
+    g[torch.arange(g.shape[0], device=g.device), y[seg.rows]] -= 1.0  # p - onehot(y); 0 on masked classes
+    lr_u = lr.index_select(0, seg.slot)
+    # Fold "- lr / rows of the slot" into the small [N, C] factor so the big update is one GEMM.
+    step = g * (-lr_u / seg.count)[seg.seg].unsqueeze(1)
+
+    wd_u = weight_decay.index_select(0, seg.slot)
+    if bool((wd_u != 0).any()):
+        heads.mul_(torch.where(live, 1.0 - lr_u.unsqueeze(1) * wd_u.unsqueeze(1), 1.0).unsqueeze(2))
+    _add_grouped_outer(heads, step, xr, seg)
+    W.index_copy_(0, seg.slot, heads)
+    b.index_add_(0, seg.slot, step.new_zeros((seg.num_segments, C)).index_add_(0, seg.seg, step))
+
+
+def delta_step_torch(x, y, slots, W, n_classes, beta, batch=None) -> None:
+    """beta: float32 [S]. Loops over the position within a slot's rows (sequential semantics),
+    vectorised over all slots that have a row at that position."""
+    seg = _batch(slots, batch).longest_first()
+    if seg.num_rows == 0:
+        return
+    C = W.shape[1]
+    keys = F.normalize(seg.gather_rows(x).float(), dim=1, eps=NORM_EPS)
+    table = seg.padded(torch.arange(seg.rows.numel(), device=x.device), seg.max_count)
+    labels = y[seg.rows].long()
+    heads = W.index_select(0, seg.slot)
+    live = _live_classes(n_classes[seg.slot], C)
+    beta_u = beta[seg.slot].unsqueeze(1)
+    for p, active in enumerate(_active_prefix_sizes(seg.counts_list)):
+        j = table[:active, p]
+        k = keys.index_select(0, j)
+        target = F.one_hot(labels[j], C).float()
+        error = target - torch.bmm(heads[:active], k.unsqueeze(2)).squeeze(2)
+        error = torch.where(live[:active], error * beta_u[:active], 0.0)
+        heads[:active].baddbmm_(error.unsqueeze(2), k.unsqueeze(1))
+    W.index_copy_(0, seg.slot, heads)
+
+
+def prototype_step_torch(x, y, slots, state_rows, sums, counts, W, n_classes, temperature, batch=None) -> None:
+    """temperature: float32 [S]. Scatter-adds into the class sums, then rewrites every touched
+    head from its sums in one batched normalisation."""
+    seg = _batch(slots, batch)
+    if seg.num_rows == 0:
+        return
+    C, d = W.shape[1:]
+    r, labels = state_rows[seg.rows].long(), y[seg.rows].long()
+    # Rows of one class add into their sums in arrival order. (index_put_(accumulate=True) on
+    # CPU adds with atomics in a thread race once the update has 32768 elements: not
+    # reproducible. index_add_ along dim 0 adds row after row; below that size both give the
+    # same bits.) Counts add 1.0s, exact in any order.
+    sums.view(-1, d).index_add_(0, r * C + labels, seg.gather_rows(x).float())
+    counts.index_put_((r, labels), torch.ones_like(labels, dtype=counts.dtype), accumulate=True)
+
+    state_u = state_rows[seg.first_rows()].long()
+    class_sums, class_counts = sums[state_u], counts[state_u]
+    means = class_sums / class_counts.clamp_min(1.0).unsqueeze(2)
+    heads = F.normalize(means, dim=2, eps=NORM_EPS) * temperature[seg.slot].view(-1, 1, 1)
+    keep = (class_counts > 0) & _live_classes(n_classes[seg.slot], C)
+    W.index_copy_(0, seg.slot, torch.where(keep.unsqueeze(2), heads, 0.0))
+
+
+def rls_step_torch(x, y, slots, state_rows, W, P, n_classes, batch=None) -> None:
+    """Loops over the position within a slot's rows, vectorised over slots. P is updated as
+    P - s s^T with s = k / sqrt(1 + x^T k), which keeps it exactly symmetric."""
+    seg = _batch(slots, batch).longest_first()
+    if seg.num_rows == 0:
+        return
+    C = W.shape[1]
+    xr = seg.gather_rows(x).float()
+    table = seg.padded(torch.arange(seg.rows.numel(), device=x.device), seg.max_count)
+    labels = y[seg.rows].long()
+    state_u = state_rows[seg.first_rows()].long()
+    heads, inverses = W.index_select(0, seg.slot), P.index_select(0, state_u)
+    live = _live_classes(n_classes[seg.slot], C)
+    for p, active in enumerate(_active_prefix_sizes(seg.counts_list)):
+        j = table[:active, p]
+        xa = xr.index_select(0, j)
+        k = torch.bmm(inverses[:active], xa.unsqueeze(2)).squeeze(2)
+        denom = 1.0 + (xa * k).sum(1, keepdim=True)
+        target = F.one_hot(labels[j], C).float()
+        error = target - torch.bmm(heads[:active], xa.unsqueeze(2)).squeeze(2)
+        error = torch.where(live[:active], error, 0.0)
+        heads[:active].baddbmm_(error.unsqueeze(2), (k / denom).unsqueeze(1))
+        s = k * denom.rsqrt()
+        inverses[:active].baddbmm_(s.unsqueeze(2), s.unsqueeze(1), alpha=-1.0)
+    W.index_copy_(0, seg.slot, heads)
+    P.index_copy_(0, state_u, inverses)
+
+
+def _active_prefix_sizes(counts_desc: list[int]) -> list[int]:
+    """For segments sorted longest first: how many have a row at position p, for every p."""
+    sizes, active = [], len(counts_desc)
+    for p in range(counts_desc[0] if counts_desc else 0):
+        while counts_desc[active - 1] <= p:
+            active -= 1
+        sizes.append(active)
+    return sizes
+
+
+def support_step_torch(x, y, priority, slots, state_rows, supports, support_priority, W, n_classes, capacity,
+                       temperature, batch=None) -> None:
+    """capacity, temperature: float32 [S]."""
+    seg = _batch(slots, batch)
+    if seg.num_rows == 0:
+        return
+    C, K = W.shape[1], supports.shape[2]
+    # Groups of rows sharing (slot, class), each in arrival order (a stable sort of the valid rows).
+    valid = seg.rows
+    key = slots.long().index_select(0, valid) * C + y.long().index_select(0, valid)
+    sorted_key, order = torch.sort(key, stable=True)
+    rows = valid[order]
+    _, count = torch.unique_consecutive(sorted_key, return_counts=True)
+    first = count.cumsum(0) - count
+    lead = rows[first]  # one row of every group
+    g_slot, g_class, g_state = slots[lead].long(), y[lead].long(), state_rows[lead].long()
+    cap = capacity.index_select(0, g_slot).long().clamp(0, K)
+    in_cap = torch.arange(K, device=x.device) < cap.unsqueeze(1)  # [G, K]
+
+    units = F.normalize(x.index_select(0, rows).float(), dim=1, eps=NORM_EPS)
+    prio = priority.index_select(0, rows).float()
+    E = torch.where(in_cap, support_priority[g_state, g_class], float("-inf"))  # [G, K]; beyond cap never chosen
+    feats = supports[g_state, g_class]  # [G, K, d] (a copy)
+    counts_list = count.tolist()
+    for p in range(max(counts_list)):
+        groups = (count > p).nonzero().squeeze(1)
+        j = first.index_select(0, groups) + p
+        worst, where = E.index_select(0, groups).max(1)  # first index of the maximum
+        take = prio.index_select(0, j) < worst
+        groups, where, j = groups[take], where[take], j[take]
+        E[groups, where] = prio[j]
+        feats[groups, where] = units[j]
+    support_priority[g_state, g_class] = torch.where(in_cap, E, support_priority[g_state, g_class])
+    supports[g_state, g_class] = feats
+
+    # Rewrite every live class of every touched slot from its supports.
+    slot_u = seg.slot
+    state_u = state_rows[seg.first_rows()].long()
+    live = _live_classes(n_classes.index_select(0, slot_u), C)  # [U, C]
+    u, c = live.nonzero(as_tuple=True)
+    cap_u = capacity.index_select(0, slot_u).long().clamp(0, K)[u]
+    keep = (torch.arange(K, device=x.device) < cap_u.unsqueeze(1)) & support_priority[state_u[u], c].isfinite()
+    m = torch.where(keep.unsqueeze(2), supports[state_u[u], c], 0.0).sum(1)  # [L, d]
+    heads = W.index_select(0, slot_u)
+    heads[u, c] = F.normalize(m, dim=1, eps=NORM_EPS) * temperature.index_select(0, slot_u)[u].unsqueeze(1)
+    W.index_copy_(0, slot_u, heads)
+
+
+def entropy_step_torch(x, y, slots, W, b, n_classes, lr, min_confidence, batch=None) -> None:
+    """lr, min_confidence: float32 [S]. Like sgd_step_torch, with per-row gradients of the
+    entropy (unlabelled rows) or the cross-entropy (labelled rows) and the mean over the rows
+    that count."""
+    seg = _batch(slots, batch)
+    if seg.num_rows == 0:
+        return
+    xr, heads, live, logits = gathered_logits(x, W, b, n_classes, seg)
+    p = torch.softmax(logits, dim=1)
+    logp = torch.log_softmax(logits, dim=1)
+    plogp = torch.where(p > 0, p * logp, 0.0)
+    H = -plogp.sum(1, keepdim=True)
+    g_ent = -torch.where(p > 0, p * (logp + H), 0.0)
+    labels = y.index_select(0, seg.rows).long()
+    labelled = labels >= 0
+    g_ce = p.clone()
+    g_ce[torch.arange(p.shape[0], device=p.device), labels.clamp_min(0)] -= 1.0
+    confident = p.max(1).values >= min_confidence.index_select(0, seg.slot)[seg.seg]
+    counts = labelled | confident
+    g = torch.where(labelled.unsqueeze(1), g_ce, torch.where(confident.unsqueeze(1), g_ent, 0.0))
+    m = torch.zeros(seg.num_segments, device=x.device).index_add_(0, seg.seg, counts.float())
+    lr_u = lr.index_select(0, seg.slot)
+    step = g * (-lr_u / m.clamp_min(1.0))[seg.seg].unsqueeze(1)
+    _add_grouped_outer(heads, step, xr, seg)
+    W.index_copy_(0, seg.slot, heads)
+    b.index_add_(0, seg.slot, step.new_zeros((seg.num_segments, W.shape[1])).index_add_(0, seg.seg, step))

@@ -1,0 +1,249 @@
+"""Benchmark the head ops: `python -m loadtests.kernel_bench [--quick] [--json PATH] [--device cuda]`.
+
+Implementations, timed side by side in one process on identical inputs:
+  loop    what a user writes without kernels/: a Python loop over the sessions in the batch —
+          nn.Linear + autograd + torch.optim.SGD for the SGD step, nn.Linear for the forward,
+          the plain per-session (and per-row, for sequential rules) tensor code for the others;
+  torch   the batched torch path (kernels/torch_ops.py), no loop over sessions;
+  triton  the Triton kernels (only when CUDA is present; the interpreter is far too slow).
+Plus `head_forward_shared` / `torch`: one shared-head matmul x @ W^T + b of the same shape,
+the yardstick for the grouped forward.
+
+Every call gets `rows` feature rows. With fewer sessions than rows each session gets
+rows / sessions of them; otherwise every row belongs to a different session, drawn at random.
+`python -m kernels.bench` (a shim) runs the same.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+import kernels
+
+OPS = ("head_forward", "sgd", "delta", "prototype", "rls")
+FULL_GRID = dict(d=(192, 384, 768), C=(10, 100), sessions=(1, 64, 256, 1024))
+QUICK_GRID = dict(d=(192, 768), C=(10,), sessions=(1, 256, 1024))
+# RLS moves d*d floats per row; at d = 768 one call takes seconds on a CPU, too slow for --quick.
+QUICK_MAX_RLS_D = 192
+ROWS = 256
+
+
+class Setup:
+    """One benchmark shape: heads, rule state and a batch, all float32 on `device`."""
+
+    def __init__(self, sessions: int, d: int, C: int, rows: int, device: str, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        if sessions >= rows:
+            slots = torch.randperm(sessions, generator=g)[:rows]
+        else:
+            slots = (torch.arange(rows) % sessions)[torch.randperm(rows, generator=g)]
+        touched = slots.unique()
+        # Rule state pools are sized to the sessions that use the rule; here: the touched ones.
+        state_of_slot = torch.full((sessions,), -1, dtype=torch.int64)
+        state_of_slot[touched] = torch.arange(touched.numel())
+        self.sessions, self.d, self.C, self.rows = sessions, d, C, rows
+        self.slots = slots.to(device)
+        self.state_rows = state_of_slot[slots].to(device)
+        self.touched = touched.tolist()
+        self.x = torch.randn(rows, d, generator=g).to(device)
+        self.y = torch.randint(0, C, (rows,), generator=g).to(device)
+        self.W = (0.01 * torch.randn(sessions, C, d, generator=g)).to(device)
+        self.b = torch.zeros(sessions, C, device=device)
+        self.n_classes = torch.full((sessions,), C, dtype=torch.int64, device=device)
+        R = len(self.touched)
+        self.sums = torch.zeros(R, C, d, device=device)
+        self.counts = torch.zeros(R, C, device=device)
+        self.P = torch.eye(d, device=device).repeat(R, 1, 1)
+        self.normalize = torch.zeros(sessions, dtype=torch.bool, device=device)
+        groups: dict[int, list[int]] = {}
+        for i, s in enumerate(slots.tolist()):
+            groups.setdefault(s, []).append(i)
+        self.groups = {s: torch.tensor(rows_s, device=device) for s, rows_s in groups.items()}
+
+
+def kernel_call(op: str, impl: str, t: Setup) -> Callable[[], object]:
+    if op == "head_forward":
+        return lambda: kernels.head_forward(t.x, t.W, t.b, t.slots, t.n_classes, t.normalize, impl=impl)
+    if op == "sgd":
+        return lambda: kernels.sgd_step(t.x, t.y, t.slots, t.W, t.b, t.n_classes, 1e-3, 1e-4, impl=impl)
+    if op == "delta":
+        return lambda: kernels.delta_step(t.x, t.y, t.slots, t.W, t.n_classes, 0.1, impl=impl)
+    if op == "prototype":
+        return lambda: kernels.prototype_step(t.x, t.y, t.slots, t.state_rows, t.sums, t.counts, t.W, t.n_classes,
+                                              10.0, impl=impl)
+    if op == "rls":
+        return lambda: kernels.rls_step(t.x, t.y, t.slots, t.state_rows, t.W, t.P, t.n_classes, impl=impl)
+    raise ValueError(op)
+
+
+def loop_call(op: str, t: Setup) -> Callable[[], object]:
+    """The per-session Python loop a user would write, for the sessions present in the batch."""
+    groups, C = t.groups, t.C
+    if op in ("head_forward", "sgd"):
+        heads = {}
+        for s in groups:
+            lin = torch.nn.Linear(t.d, C, device=t.x.device)
+            with torch.no_grad():
+                lin.weight.copy_(t.W[s])
+                lin.bias.copy_(t.b[s])
+            heads[s] = lin
+        t.loop_heads = heads  # the user's state lives in these modules, not in t.W / t.b
+        if op == "head_forward":
+            def forward():
+                out = torch.zeros(t.rows, C, device=t.x.device)
+                with torch.no_grad():
+                    for s, rows in groups.items():
+                        out[rows] = heads[s](t.x[rows])
+                return out
+            return forward
+        optimizers = {s: torch.optim.SGD([{"params": [lin.weight], "weight_decay": 1e-4},
+                                          {"params": [lin.bias], "weight_decay": 0.0}], lr=1e-3)
+                      for s, lin in heads.items()}
+
+        def sgd():
+            for s, rows in groups.items():
+                optimizers[s].zero_grad()
+                F.cross_entropy(heads[s](t.x[rows]), t.y[rows]).backward()
+                optimizers[s].step()
+        return sgd
+
+    onehots = F.one_hot(t.y, C).float()
+    if op == "delta":
+        def delta():
+            for s, rows in groups.items():
+                head = t.W[s]
+                for i in rows.tolist():
+                    k = F.normalize(t.x[i], dim=0)
+                    head.add_(torch.outer(onehots[i] - head @ k, k), alpha=0.1)
+        return delta
+    if op == "prototype":
+        def prototype():
+            for s, rows in groups.items():
+                r = int(t.state_rows[rows[0]])
+                t.sums[r].index_add_(0, t.y[rows], t.x[rows])
+                t.counts[r].index_add_(0, t.y[rows], torch.ones(rows.numel(), device=t.x.device))
+                means = t.sums[r] / t.counts[r].clamp_min(1).unsqueeze(1)
+                t.W[s] = 10.0 * F.normalize(means, dim=1) * (t.counts[r] > 0).unsqueeze(1)
+        return prototype
+    if op == "rls":
+        def rls():
+            for s, rows in groups.items():
+                head, P = t.W[s], t.P[int(t.state_rows[rows[0]])]
+                for i in rows.tolist():
+                    k = P @ t.x[i]
+                    denom = 1.0 + t.x[i] @ k
+                    head.add_(torch.outer(onehots[i] - head @ t.x[i], k / denom))
+                    P.sub_(torch.outer(k, k / denom))
+        return rls
+    raise ValueError(op)
+
+
+def shared_matmul_call(t: Setup) -> Callable[[], object]:
+    W0, b0 = t.W[0], t.b[0]
+    return lambda: torch.addmm(b0, t.x, W0.T)
+
+
+def time_call(fn: Callable[[], object], device: str, min_seconds: float, max_calls: int = 50,
+              min_calls: int = 3) -> float:
+    """Median seconds per call, after one warm-up call."""
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    fn()
+    sync()
+    samples: list[float] = []
+    start = time.perf_counter()
+    while len(samples) < min_calls or (time.perf_counter() - start < min_seconds and len(samples) < max_calls):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        samples.append(time.perf_counter() - t0)
+        if samples[-1] > min_seconds:  # one slow call is representative enough
+            break
+    return statistics.median(samples)
+
+
+def run(grid: dict, impls: tuple[str, ...], ops_: tuple[str, ...] = OPS, rows: int | None = None, device: str = "cpu",
+        min_seconds: float = 0.2, max_rls_d: int | None = None,
+        log: Callable[[str], None] | None = print) -> list[dict]:
+    rows = rows or ROWS
+    results = []
+    for d in grid["d"]:
+        for C in grid["C"]:
+            for sessions in grid["sessions"]:
+                setup = Setup(sessions, d, C, rows, device)
+                shape = dict(sessions=sessions, d=d, C=C, rows=rows)
+                candidates = [("head_forward_shared", "torch", shared_matmul_call(setup))]
+                for op in ops_:
+                    if op == "rls" and max_rls_d is not None and d > max_rls_d:
+                        continue
+                    for impl in impls:
+                        call = loop_call(op, setup) if impl == "loop" else kernel_call(op, impl, setup)
+                        candidates.append((op, impl, call))
+                for op, impl, call in candidates:
+                    seconds = time_call(call, device, min_seconds)
+                    results.append(dict(op=op, impl=impl, **shape, seconds_per_call=seconds))
+                    if log:
+                        log(f"{op:<20} {impl:<7} S={sessions:<5} d={d:<4} C={C:<4} {seconds * 1e3:10.3f} ms")
+                del setup
+    return results
+
+
+def format_table(results: list[dict]) -> str:
+    """One line per (op, shape): ms per call of each impl and the speed-up over the loop."""
+    impls = [i for i in ("loop", "torch", "triton") if any(r["impl"] == i for r in results)]
+    by_key: dict[tuple, dict[str, float]] = {}
+    for r in results:
+        by_key.setdefault((r["op"], r["sessions"], r["d"], r["C"], r["rows"]), {})[r["impl"]] = r["seconds_per_call"]
+    columns = ["op", "sessions", "d", "C"] + [f"{i} ms" for i in impls] + ["torch vs loop", "grouped / shared"]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    for (op, sessions, d, C, rows), times in by_key.items():
+        if op == "head_forward_shared":
+            continue
+        cells = [op, str(sessions), str(d), str(C)]
+        cells += [f"{times[i] * 1e3:.3f}" if i in times else "-" for i in impls]
+        cells.append(f"{times['loop'] / times['torch']:.1f}x" if "loop" in times and "torch" in times else "-")
+        shared = by_key.get(("head_forward_shared", sessions, d, C, rows), {}).get("torch")
+        grouped = op == "head_forward" and shared and "torch" in times
+        cells.append(f"{times['torch'] / shared:.2f}x" if grouped else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smaller grid, shorter timing (< 60 s on 2 CPU cores)")
+    parser.add_argument("--json", metavar="PATH", help="write the result rows as a JSON list")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--ops", default=",".join(OPS), help="comma-separated subset of " + ",".join(OPS))
+    parser.add_argument("--impls", default=None, help="comma-separated subset of loop,torch,triton")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (default 1: on a shared, small CPU, OpenMP barriers "
+                             "waiting on a descheduled thread swamp the timings; 0 = torch's choice)")
+    args = parser.parse_args(argv)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    impls = tuple(args.impls.split(",")) if args.impls else (
+        ("loop", "torch", "triton") if args.device.startswith("cuda") else ("loop", "torch"))
+    grid = QUICK_GRID if args.quick else FULL_GRID
+    started = time.perf_counter()
+    results = run(grid, impls, tuple(args.ops.split(",")), device=args.device,
+                  min_seconds=0.05 if args.quick else 0.3, max_rls_d=QUICK_MAX_RLS_D if args.quick else None)
+    print()
+    print(format_table(results))
+    print(f"\n{len(results)} timings in {time.perf_counter() - started:.1f} s on {args.device} "
+          f"({torch.get_num_threads()} threads, {ROWS} rows per call; command: python -m loadtests.kernel_bench "
+          f"{' '.join(argv if argv is not None else sys.argv[1:])})")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
