@@ -13,7 +13,7 @@ Per backbone (random weights, so any named config runs without a checkpoint):
       image, a feature-cache hit) vs without (every adapt image new), concurrency 1;
   (d) server images/s (best of predict without session at c=32 x 1 image and c=8 x 16 images)
       vs the in-process backbone (``Backbone.features``) at its best batch size; target >= 0.8;
-  (e) the head kernels' CPU ratios at the backbone's width (kernels.bench: batched torch path
+  (e) the head kernels' CPU ratios at the backbone's width (loadtests.kernel_bench: batched torch path
       vs a per-session Python loop; grouped forward vs one shared matmul).
 
 Both servers run at once and the measurements of (a) and (b) alternate, ``--reps`` rounds,
@@ -114,7 +114,7 @@ def _ratio(a, b):
 
 
 def kernel_ratios(d: int, sessions: int = 64, C: int = 10) -> dict:
-    from kernels import bench as kb
+    from loadtests import kernel_bench as kb
 
     rows = kb.run(dict(d=(d,), C=(C,), sessions=(sessions,)), ("loop", "torch"), min_seconds=0.1, log=None)
     t = {(r["op"], r["impl"]): r["seconds_per_call"] for r in rows}

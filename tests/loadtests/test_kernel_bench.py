@@ -66,11 +66,6 @@ def test_gpu_check_refuses_without_cuda(monkeypatch):
 
 
 def test_shims_forward_to_loadtests():
-    from kernels import bench as bench_shim
-    from kernels import gpu_check as gpu_check_shim
-
-    assert bench_shim.main is bench.main and bench_shim.run is bench.run and bench_shim.OPS == bench.OPS
-    assert gpu_check_shim.main is gpu_check.main
     for module in ("kernels.bench", "kernels.gpu_check"):
         result = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=120,
                                 cwd=Path(__file__).resolve().parents[2])
