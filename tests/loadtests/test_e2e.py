@@ -53,6 +53,8 @@ def test_short_soak(server, tmp_path, capsys):
                     "--json", str(tmp_path / "soak.json")])
     res = json.loads((tmp_path / "soak.json").read_text())
     assert rc == 0, capsys.readouterr()
-    # two 4 s windows, plus a short tail window when the last sends finish just after 8 s
-    assert len(res["windows"]) in (2, 3) and res["summary"]["errors"] == 0
+    # how many windows close (and how short the last ones are) depends on timing: not asserted
+    assert res["windows"] and res["summary"]["errors"] == 0
+    assert res["summary"]["requests_ok"] == sum(w["ok"] for w in res["windows"]) > 0
+    assert all(w["rss_mb"] is None or w["rss_mb"] > 10 for w in res["windows"])
     assert res["summary"]["rss_first_mb"] > 10
