@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +31,16 @@ class Backbone:
     @property
     def embed_dim(self) -> int:
         return self.config.embed_dim
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """sha256 of the weights: every tensor of the state dict by name, dtype, shape and bytes.
+        Sessions record it, so heads made for other weights are never paired with these features."""
+        h = hashlib.sha256()
+        for name, t in sorted(self.model.state_dict().items()):
+            h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+            h.update(t.detach().contiguous().view(torch.uint8).cpu().numpy().tobytes())
+        return h.hexdigest()
 
     @property
     def class_names(self) -> list[str]:

@@ -77,7 +77,7 @@ def serve(argv: Sequence[str]) -> int:
         print(warning, file=sys.stderr, flush=True)
 
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
-                timeout_graceful_shutdown=10)
+                timeout_graceful_shutdown=settings.shutdown_grace_s)
     return 0
 
 

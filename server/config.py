@@ -60,6 +60,11 @@ class Settings(BaseSettings):
         "its batch starts is dropped (an adapt is then not applied) and answered 504."
     )
     retry_after_s: int = Field(1, ge=0, description="Retry-After seconds sent with 503 responses.")
+    shutdown_grace_s: float = Field(
+        60.0, gt=0, description="On SIGTERM: seconds to finish in-flight requests (the queue drains meanwhile) "
+        "before the server stops; must exceed --request-timeout-s, so every queued adapt is answered. A pod's "
+        "terminationGracePeriodSeconds should be its preStop sleep plus this plus a few seconds.",
+    )
 
     # sessions
     max_device_sessions: int = Field(
@@ -128,6 +133,12 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(
         4096 * 4096, ge=1, description="Largest decoded image (width x height) accepted."
     )
+    max_request_pixels: int = Field(
+        32 * 1024 * 1024, ge=1, description="Most decoded image pixels (width x height, summed) in one request."
+    )
+    max_decode_queue: int = Field(
+        256, ge=1, description="Most requests waiting to be decoded; beyond it requests get 503 + Retry-After."
+    )
     max_top_k: int = Field(20, ge=1, description="Largest top_k a request may ask for.")
     max_episodic_steps: int = Field(100, ge=1, description="Most passes over the support set of an episodic head.")
 
@@ -136,6 +147,10 @@ class Settings(BaseSettings):
         4096, ge=0, description="Entries in the feature LRU cache keyed by image content hash (0 disables it)."
     )
     decode_workers: int = Field(4, ge=1, description="Threads decoding and preprocessing images off the event loop.")
+    store_workers: int = Field(
+        8, ge=1, description="Threads for session management calls (create, export, ...): a stalled store holds "
+        "these, never the threads that serve other requests.",
+    )
 
     @field_validator("device")
     @classmethod
@@ -157,6 +172,16 @@ class Settings(BaseSettings):
     def _weights_xor_random(self) -> "Settings":
         if self.weights is not None and self.random_init:
             raise ValueError("weights and random_init exclude each other")
+        return self
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Settings":
+        if self.durability == "snapshot" and (self.store or "").startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("durability=snapshot keeps each replica's sessions to itself between writes, so a "
+                             "shared (redis) store would fork them: use durability=wal with a shared store")
+        if self.shutdown_grace_s <= self.request_timeout_s:
+            raise ValueError(f"shutdown_grace_s ({self.shutdown_grace_s:g}) must exceed request_timeout_s "
+                             f"({self.request_timeout_s:g}): a queued adapt is answered within the timeout")
         return self
 
     @field_validator("store")

@@ -44,6 +44,11 @@ class TimedOut(DomainError):
     """The request waited too long for its micro-batch and was dropped without being applied."""
 
 
+class Internal(DomainError):
+    """A fault of the server's own (a kernel or device error) that failed this request; what it
+    was meant to change was not changed."""
+
+
 # ---- constructors used across layers (one wording per situation) --------------------------------
 
 
@@ -90,6 +95,22 @@ def version_conflict(session_id: str) -> Unavailable:
 def store_unavailable(detail) -> Unavailable:
     return Unavailable("store_unavailable", f"the session store failed ({detail}); the request was not "
                        "acknowledged: retry it, with the same Idempotency-Key", 1.0)
+
+
+def store_in_doubt(detail) -> Unavailable:
+    """The store failed while this adapt was being made durable, and could not say whether it was."""
+    return Unavailable("store_in_doubt", f"the session store failed while this adapt was being saved ({detail}); "
+                       "it may or may not have been applied: retry it with the same Idempotency-Key, which "
+                       "answers the first response if it was", 1.0)
+
+
+def diverged(session_id: str) -> InvalidInput:
+    return InvalidInput("diverged", f"this update would make the head of session {session_id!r} non-finite "
+                        "(NaN or Inf); it was not applied: lower the learning rate or check the inputs")
+
+
+def internal(message: str = "the server failed to run this request; nothing was changed") -> Internal:
+    return Internal("internal", message)
 
 
 def timed_out(seconds: float) -> TimedOut:

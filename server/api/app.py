@@ -14,6 +14,7 @@ or store unavailable (Retry-After); 504 timed out in the queue (not applied).
 
 from __future__ import annotations
 
+import logging
 from contextlib import asynccontextmanager
 from typing import Optional
 
@@ -31,6 +32,9 @@ from server.api.middleware import Guard
 from server.config import Settings
 from server.engine import Engine
 from server.errors import DomainError
+
+
+log = logging.getLogger("fwserve.api")
 
 
 class ErrorDetail(BaseModel):
@@ -71,7 +75,7 @@ def create_app(settings: Optional[Settings] = None, backbone=None) -> FastAPI:
     app.state.engine = engine
     app.state.api = api
     app.add_middleware(Guard, max_body_bytes=settings.max_body_bytes,
-                       request_duration=engine.metrics.request_duration)
+                       request_duration=engine.metrics.request_duration, auth=api.auth)
     _handlers(app)
     v1.add_routes(app, api)
     v2.add_routes(app, api)
@@ -110,4 +114,7 @@ def _handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, e: Exception):
-        return JSONResponse(error_body("internal", f"{type(e).__name__}: {e}"), status_code=500)
+        # the details go to the log, never to the client (they may name internals or secrets)
+        log.error("%s %s failed", request.method, request.url.path, exc_info=(type(e), e, e.__traceback__))
+        return JSONResponse(error_body("internal", "internal server error; the request was not applied"),
+                            status_code=500)

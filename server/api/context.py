@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import Optional
 
 from fastapi import Request
 
@@ -11,26 +13,41 @@ from server.api.auth import Auth, Principal
 from server.api.decode import Decoder
 from server.config import Settings
 from server.engine import Engine
-from server.errors import invalid
+from server.errors import invalid, overloaded, timed_out
 
 
 class Api:
-    """What the routes share: settings, the engine, auth, the decoder and its thread pool."""
-
     def __init__(self, settings: Settings, engine: Engine) -> None:
         self.settings, self.engine = settings, engine
         self.auth = Auth(settings)
-        self.decoder = Decoder(engine.input_config, settings.max_image_pixels)
+        self.decoder = Decoder(engine.input_config, settings.max_image_pixels, settings.max_request_pixels)
         self.decode_pool = ThreadPoolExecutor(settings.decode_workers, thread_name_prefix="fwserve-decode")
+        self._decoding = 0  # requests waiting for or in the decode pool (event-loop side only)
 
-    def who(self, request: Request) -> Principal:
-        """The request's tenant (401/403), within its rate limit (429); then readiness (503)."""
-        p = self.auth.authenticate(request.headers)
+    async def who(self, request: Request) -> Principal:
+        """The request's principal, authenticated by the guard before the body was read; then
+        readiness (503)."""
+        p = request.state.principal
         self.engine.check_ready()
         return p
 
-    async def decode(self, fn, *args):
-        return await asyncio.get_running_loop().run_in_executor(self.decode_pool, lambda: fn(*args))
+    def deadline(self, request: Request) -> float:
+        """When the request's time is up (monotonic): --request-timeout-s after it arrived."""
+        return request.state.arrival + self.settings.request_timeout_s
+
+    async def decode(self, fn, *args, deadline: Optional[float] = None):
+        """Run a decode in the pool. The pool's queue is bounded (503 beyond it) and a request
+        whose time ran out while it waited is answered 504 before anything is queued."""
+        if self._decoding >= self.settings.max_decode_queue:
+            raise overloaded(self.settings.retry_after_s, "the decode queue is full; retry later")
+        self._decoding += 1
+        try:
+            out = await asyncio.get_running_loop().run_in_executor(self.decode_pool, lambda: fn(*args))
+        finally:
+            self._decoding -= 1
+        if deadline is not None and time.monotonic() > deadline:
+            raise timed_out(self.settings.request_timeout_s)
+        return out
 
     def check_count(self, n: int, what: str) -> None:
         if n > self.settings.max_instances:

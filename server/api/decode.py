@@ -44,27 +44,43 @@ def array_key(array: np.ndarray) -> str:
     return "arr:" + h.hexdigest()
 
 
+class PixelBudget:
+    """Decoded pixels one request may still use (decoding is the amplification a small body buys)."""
+
+    def __init__(self, pixels: int) -> None:
+        self.total = self.left = pixels
+
+    def take(self, n: int, where: str) -> None:
+        if n > self.left:
+            raise invalid("too_many_pixels", f"{where}: the request's images hold more than {self.total} pixels")
+        self.left -= n
+
+
 class Decoder:
-    def __init__(self, cfg: ViTConfig, max_image_pixels: int) -> None:
-        self.cfg, self.max_image_pixels = cfg, max_image_pixels
+    def __init__(self, cfg: ViTConfig, max_image_pixels: int, max_request_pixels: int = 1 << 62) -> None:
+        self.cfg, self.max_image_pixels, self.max_request_pixels = cfg, max_image_pixels, max_request_pixels
 
-    def instances(self, instances, field: str = "instances") -> list[Input]:
-        return [self.instance(inst, f"{field}[{i}]") for i, inst in enumerate(instances)]
+    def budget(self) -> PixelBudget:
+        return PixelBudget(self.max_request_pixels)
 
-    def instance(self, inst, where: str) -> Input:
+    def instances(self, instances, field: str = "instances", budget: PixelBudget | None = None) -> list[Input]:
+        budget = budget or self.budget()
+        return [self.instance(inst, f"{field}[{i}]", budget) for i, inst in enumerate(instances)]
+
+    def instance(self, inst, where: str, budget: PixelBudget) -> Input:
         if inst.image is not None:
-            return self.image_b64(inst.image, where)
+            return self.image_b64(inst.image, where, budget)
         return self.array(check_array(inst.array, self.cfg, where))
 
-    def image_b64(self, text: str, where: str) -> Input:
+    def image_b64(self, text: str, where: str, budget: PixelBudget | None = None) -> Input:
         raw = _b64(text, where)
-        return Input(image_key(raw), preprocess(self._image(raw, where), self.cfg))
+        return Input(image_key(raw), preprocess(self._image(raw, where, budget or self.budget()), self.cfg))
 
     def array(self, arr: np.ndarray) -> Input:
         """A checked float32 array [H, W] or [H, W, C] (check_array)."""
         return Input(array_key(arr), preprocess(arr, self.cfg))
 
-    def _image(self, raw: bytes, where: str) -> Image.Image:
+    def _image(self, raw: bytes, where: str, budget: PixelBudget) -> Image.Image:
         bad = invalid("invalid_image", f"{where}.image could not be decoded as PNG or JPEG")
         try:
             with warnings.catch_warnings():
@@ -75,6 +91,7 @@ class Decoder:
         w, h = img.size
         if w * h > self.max_image_pixels:
             raise invalid("image_too_large", f"{where}.image is {w}x{h}; at most {self.max_image_pixels} pixels")
+        budget.take(w * h, f"{where}.image")
         try:
             img.load()
         except Exception:

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from typing import Optional
 
-from server.errors import Conflict, DomainError, InvalidInput, NotFound, QuotaExceeded, TimedOut, Unavailable
+from server.errors import (
+    Conflict, DomainError, Internal, InvalidInput, NotFound, QuotaExceeded, TimedOut, Unavailable,
+)
 
 STATUS_OF: dict[type, int] = {
     InvalidInput: 422,
@@ -18,6 +20,7 @@ STATUS_OF: dict[type, int] = {
     QuotaExceeded: 429,
     Unavailable: 503,
     TimedOut: 504,
+    Internal: 500,
 }
 
 

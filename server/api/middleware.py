@@ -1,5 +1,7 @@
-"""ASGI middleware: body-size limit and content type before any route runs, and the request
-duration metric by route template."""
+"""ASGI middleware: before any route runs, in this order — authentication and the tenant's rate
+limit (headers only: an unknown client never makes the server read its body), the body-size
+limit, the content type; and the request duration metric by route template. The principal and
+the request's arrival time travel to the routes in ``scope["state"]``."""
 
 from __future__ import annotations
 
@@ -13,14 +15,21 @@ from starlette.routing import Match
 from server.api.errors import ApiError, payload_too_large, unsupported_media_type
 
 
+def needs_auth(path: str) -> bool:
+    """Routes that act on sessions or run the model; health, metadata and metrics stay open."""
+    return path.startswith("/v1/") or (path.startswith("/v2/models/") and path.endswith("/infer"))
+
+
 class Guard:
-    def __init__(self, app, max_body_bytes: int, request_duration) -> None:
-        self.app, self.max_body_bytes, self.request_duration = app, max_body_bytes, request_duration
+    def __init__(self, app, max_body_bytes: int, request_duration, auth) -> None:
+        self.app, self.max_body_bytes, self.request_duration, self.auth = app, max_body_bytes, request_duration, auth
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         start = time.perf_counter()
+        state = scope.setdefault("state", {})
+        state["arrival"] = time.monotonic()
         status = [500]
 
         async def send_(msg):
@@ -29,7 +38,16 @@ class Guard:
             await send(msg)
 
         try:
-            body, err = await self._read(scope, receive)
+            err = None
+            if needs_auth(scope["path"]):
+                headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+                try:
+                    state["principal"] = self.auth.authenticate(headers)
+                except ApiError as e:
+                    err = e
+            body = b""
+            if err is None:
+                body, err = await self._read(scope, receive)
             if err is not None:
                 scope["route"] = _match(scope)
                 resp = JSONResponse(err.body(), status_code=err.status, headers=err.headers)

@@ -105,7 +105,8 @@ class PrequentialPrediction(Prediction):
 
 
 class PredictRequest(_Body):
-    session_id: Optional[str] = Field(None, description="session whose head answers; default: base head")
+    session_id: Optional[str] = Field(None, pattern=SESSION_ID_PATTERN,
+                                      description="session whose head answers; default: base head")
     instances: list[Instance] = Field(..., min_length=1)
     top_k: int = Field(1, ge=1)
     support: Optional[list[LabelledInstance]] = Field(
@@ -139,7 +140,7 @@ class PredictResponse(BaseModel):
 
 
 class AdaptRequest(_Body):
-    session_id: str
+    session_id: str = Field(..., pattern=SESSION_ID_PATTERN)
     instances: list[AdaptInstance] = Field(..., min_length=1)
 
 

@@ -111,28 +111,33 @@ def add_routes(app: FastAPI, api: Api) -> None:
     # ---- predict / adapt --------------------------------------------------------------------
 
     @app.post("/v1/predict", response_model=PredictResponse, tags=["inference"])
-    async def predict(body: PredictRequest, p: Principal = Depends(who)):
+    async def predict(body: PredictRequest, request: Request, p: Principal = Depends(who)):
         api.check_count(len(body.instances), "instances")
         api.check_count(len(body.support or ()), "support examples")
         api.check_top_k(body.top_k)
-        inputs = await api.decode(api.decoder.instances, body.instances)
+        deadline = api.deadline(request)
+        budget = api.decoder.budget()
+        inputs = await api.decode(api.decoder.instances, body.instances, "instances", budget, deadline=deadline)
         if body.support is None:
-            job = PredictJob(inputs, session=p.key(body.session_id), top_k=body.top_k)
+            job = PredictJob(inputs, session=p.key(body.session_id), top_k=body.top_k, tenant=p.tenant,
+                             deadline=deadline)
         else:
-            support = await api.decode(api.decoder.instances, body.support, "support")
+            support = await api.decode(api.decoder.instances, body.support, "support", budget, deadline=deadline)
             job = EpisodicJob(inputs, support, [s.label for s in body.support], body.rule, body.hyperparameters,
-                              body.classes, body.steps, body.top_k)
+                              body.classes, body.steps, body.top_k, tenant=p.tenant, deadline=deadline)
         return dataclasses.asdict(await engine.predict(job))
 
     @app.post("/v1/adapt", response_model=AdaptResponse, tags=["inference"])
     async def adapt(body: AdaptRequest, request: Request, response: Response, p: Principal = Depends(who),
                     idempotency_key: Optional[str] = IdemKey):
         api.check_count(len(body.instances), "instances")
-        inputs = await api.decode(api.decoder.instances, body.instances)
+        deadline = api.deadline(request)
+        inputs = await api.decode(api.decoder.instances, body.instances, deadline=deadline)
         idem = None
         if idempotency_key is not None:
             idem = (idempotency_key, hashlib.sha256(await request.body()).hexdigest())
-        res = await engine.adapt(AdaptJob(p.key(body.session_id), inputs, [i.label for i in body.instances], idem))
+        res = await engine.adapt(AdaptJob(p.key(body.session_id), inputs, [i.label for i in body.instances], idem,
+                                          tenant=p.tenant, deadline=deadline))
         if res.replayed:
             response.headers[REPLAYED] = "true"
         return dataclasses.asdict(res)

@@ -7,8 +7,11 @@
 
 from __future__ import annotations
 
+import math
+import re
+
 import numpy as np
-from fastapi import Depends, FastAPI, Response
+from fastapi import Depends, FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 
 from server import __version__
@@ -20,6 +23,9 @@ from server.api.schemas import InferRequest, InferResponse, ModelMetadata, Serve
 from server.engine import Input, PredictJob
 from server.engine.metrics import CONTENT_TYPE
 from server.errors import invalid
+from server.keys import SESSION_ID_PATTERN
+
+SESSION_ID = re.compile(SESSION_ID_PATTERN)
 
 NUMERIC = ("UINT8", "UINT16", "INT8", "INT16", "INT32", "INT64", "FP16", "FP32", "FP64")
 
@@ -67,18 +73,21 @@ def add_routes(app: FastAPI, api: Api) -> None:
 
     @app.post("/v2/models/{name}/infer", response_model=InferResponse, response_model_exclude_none=True,
               tags=["v2"])
-    async def v2_infer(body: InferRequest, name: str = Depends(model), p: Principal = Depends(api.who)):
+    async def v2_infer(body: InferRequest, request: Request, name: str = Depends(model),
+                       p: Principal = Depends(api.who)):
         params = body.parameters or {}
         session_id, top_k = params.get("session_id"), params.get("top_k", 1)
-        if session_id is not None and not isinstance(session_id, str):
-            raise invalid("invalid_parameters", "parameters.session_id must be a string")
+        if session_id is not None and not (isinstance(session_id, str) and SESSION_ID.match(session_id)):
+            raise invalid("invalid_parameters", f"parameters.session_id must match {SESSION_ID_PATTERN}")
         if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1:
             raise invalid("invalid_parameters", "parameters.top_k must be a positive integer")
         api.check_top_k(top_k)
         if len(body.inputs) != 1:
             raise invalid("invalid_inputs", "exactly one input tensor is expected")
-        inputs = await api.decode(decode_tensor, api, body.inputs[0])
-        res = await engine.predict(PredictJob(inputs, session=p.key(session_id), top_k=top_k))
+        deadline = api.deadline(request)
+        inputs = await api.decode(decode_tensor, api, body.inputs[0], deadline=deadline)
+        res = await engine.predict(PredictJob(inputs, session=p.key(session_id), top_k=top_k, tenant=p.tenant,
+                                              deadline=deadline))
         preds = res.predictions
         B = len(preds)
         outputs = [
@@ -103,8 +112,8 @@ def add_routes(app: FastAPI, api: Api) -> None:
 def decode_tensor(api: Api, t) -> list[Input]:
     """One OIP input tensor ([B, H, W] / [B, H, W, C] numbers, or [B] base64 BYTES) -> inputs."""
     cfg, max_instances = api.decoder.cfg, api.settings.max_instances
-    if not t.shape or any(not isinstance(n, int) or n < 0 for n in t.shape):
-        raise invalid("invalid_inputs", "input shape must be a list of non-negative integers")
+    if not t.shape or len(t.shape) > 4 or any(not isinstance(n, int) or not 0 <= n < 2**31 for n in t.shape):
+        raise invalid("invalid_inputs", "input shape must be 1 to 4 non-negative integers below 2**31")
     B = t.shape[0]
     if not 1 <= B <= max_instances:
         raise invalid("too_many_instances", f"batch of {B}; 1..{max_instances} per request")
@@ -112,16 +121,20 @@ def decode_tensor(api: Api, t) -> list[Input]:
         data = t.data
         if t.shape != [B] or not isinstance(data, list) or len(data) != B or not all(isinstance(d, str) for d in data):
             raise invalid("invalid_inputs", "BYTES input must have shape [B] and B base64 strings")
-        return [api.decoder.image_b64(d, f"inputs[0][{i}]") for i, d in enumerate(data)]
+        budget = api.decoder.budget()
+        return [api.decoder.image_b64(d, f"inputs[0][{i}]", budget) for i, d in enumerate(data)]
     if t.datatype not in NUMERIC:
         raise invalid("invalid_inputs", f"unsupported datatype {t.datatype!r}")
+    need = math.prod(t.shape)  # exact (Python ints): a huge shape must not wrap around
+    per_image = cfg.img_size * cfg.img_size * 4
+    if need > max_instances * per_image:
+        raise invalid("invalid_inputs", f"shape {t.shape} holds {need} values; at most {max_instances * per_image}")
     try:
         flat = np.asarray(t.data, dtype=np.float64).reshape(-1)
     except (ValueError, TypeError):
         raise invalid("invalid_inputs", "input data must be a (nested) list of numbers") from None
-    if flat.size != int(np.prod(t.shape)):
-        raise invalid("invalid_inputs", f"input data has {flat.size} values, shape {t.shape} needs "
-                      f"{int(np.prod(t.shape))}")
+    if flat.size != need:
+        raise invalid("invalid_inputs", f"input data has {flat.size} values, shape {t.shape} needs {need}")
     arr = flat.reshape(t.shape)
     return [api.decoder.array(check_array(arr[i], cfg, f"inputs[0][{i}]")) for i in range(B)]
 

@@ -17,9 +17,10 @@ import asyncio
 import importlib
 import logging
 import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
 
-import anyio
 import torch
 
 from server.config import Settings
@@ -50,6 +51,7 @@ class Engine:
         self._loader: Optional[threading.Thread] = None
         self._checkpointer: Optional[threading.Thread] = None
         self._stopping = threading.Event()
+        self._store_pool = ThreadPoolExecutor(settings.store_workers, thread_name_prefix="fwserve-store")
         if backbone is not None:
             self.input_config = backbone.config
         else:
@@ -92,7 +94,7 @@ class Engine:
             bb = self.backbone
             device = str(bb.device)
             self.store = SessionStore(s, bb.embed_dim, bb.head.weight, bb.head.bias, bb.class_names, device,
-                                      s.backbone, self.metrics)
+                                      s.backbone, self.metrics, fingerprint=bb.fingerprint)
             warn = self.store.backend.durability_warning()
             if s.durability == "wal" and warn:
                 log.warning("%s", warn)
@@ -106,7 +108,7 @@ class Engine:
                 self._checkpointer = threading.Thread(target=self._checkpoint_loop, name="fwserve-checkpoint",
                                                       daemon=True)
                 self._checkpointer.start()
-            self.metrics.set_build_info(s.backbone, device)
+            self.metrics.set_build_info(s.backbone, device, bb.fingerprint[:16])
             self.metrics.ready.set(1)
             self.ready = True
             log.info("ready: backbone %s (d=%d) on %s", s.backbone, bb.embed_dim, device)
@@ -149,6 +151,7 @@ class Engine:
             self.batcher.stop()
         if self.store is not None:
             self.store.close()
+        self._store_pool.shutdown(wait=False, cancel_futures=True)
 
     # ---- jobs -------------------------------------------------------------------------------
 
@@ -177,23 +180,33 @@ class Engine:
                     raise
 
     async def _run_once(self, item: Pending):
+        timeout = self.settings.request_timeout_s
+        left = timeout if item.job.deadline is None else item.job.deadline - time.monotonic()
+        if left <= 0:
+            self.metrics.rejected.labels(reason="timeout").inc()
+            raise timed_out(timeout)
         fut = self.batcher.submit(item)
         afut = asyncio.wrap_future(fut)
-        timeout = self.settings.request_timeout_s
         try:
-            return await asyncio.wait_for(asyncio.shield(afut), timeout)
+            return await asyncio.wait_for(asyncio.shield(afut), left)
         except asyncio.TimeoutError:
             if fut.cancel():  # not started: dropped, never applied
                 self.metrics.rejected.labels(reason="timeout").inc()
                 raise timed_out(timeout) from None
             return await afut  # already running: its result is coming
+        except asyncio.CancelledError:
+            # the caller went away (a shutdown past its grace period): a job not yet started is
+            # dropped, so nothing is applied that nobody is told about
+            fut.cancel()
+            raise
 
     # ---- sessions ---------------------------------------------------------------------------
 
     async def _call(self, fn, *args):
-        """A store call in a worker thread (a micro-batch may hold the store's lock)."""
+        """A store call in the engine's own small thread pool (a micro-batch may hold the store's
+        lock, the store may stall): it never takes threads the HTTP side needs."""
         self.check_ready()
-        return await anyio.to_thread.run_sync(lambda: fn(*args))
+        return await asyncio.get_running_loop().run_in_executor(self._store_pool, lambda: fn(*args))
 
     async def create_session(self, rule: str, classes: Optional[list[str]], hyperparameters: dict,
                              init: str = "zeros", session_id: Optional[str] = None, tenant: Optional[str] = None,

@@ -15,6 +15,7 @@ Futures are resolved only after the transaction has made the batch's adapts dura
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -26,9 +27,11 @@ import kernels
 
 from server.engine.batcher import Pending
 from server.engine.messages import AdaptResult, Input, Prediction, PredictResult, Scored
-from server.errors import DomainError, idempotency_reused, invalid, session_not_found
+from server.errors import DomainError, idempotency_reused, internal, invalid, session_not_found
 from server.keys import split_key
 from server.rules import Rule, scratch_heads
+
+log = logging.getLogger("fwserve.executor")
 
 
 @dataclass
@@ -56,7 +59,9 @@ class Executor:
         m.batch_requests.observe(len(items))
         m.batch_sessions.observe(len({i.session for i in items if i.session is not None}))
         inputs = [inp for i in items for inp in _inputs(i)]
-        feats = iter(self._features(inputs))
+        # one tenant's images never answer another's from the cache (or tell by timing that they would)
+        keys = [_cache_key(i.job.tenant, inp.key) for i in items for inp in _inputs(i)]
+        feats = iter(self._features(inputs, keys))
         rows: dict[int, list[torch.Tensor]] = {}
         support: dict[int, list[torch.Tensor]] = {}
         for i in items:
@@ -65,7 +70,14 @@ class Executor:
                 support[id(i)] = [next(feats) for _ in i.job.support]
         results: dict[int, object] = {}
         self._session_jobs([i for i in items if i.episodic is None], rows, results)
-        self._episodic_jobs([i for i in items if i.episodic is not None], rows, support, results)
+        episodic = [i for i in items if i.episodic is not None]
+        try:  # episodic heads touch no session: their failure is theirs alone
+            self._episodic_jobs(episodic, rows, support, results)
+        except Exception:
+            log.exception("episodic heads failed")
+            for i in episodic:
+                results.pop(id(i), None)
+                i.future.set_exception(internal("the episodic head failed; nothing was changed"))
         now = time.perf_counter()
         for item in items:
             if item.future.done():
@@ -77,15 +89,15 @@ class Executor:
 
     # ---- features ---------------------------------------------------------------------------
 
-    def _features(self, inputs: list[Input]) -> list[torch.Tensor]:
+    def _features(self, inputs: list[Input], keys: list[Optional[str]]) -> list[torch.Tensor]:
         out: list[Optional[torch.Tensor]] = [None] * len(inputs)
         todo: dict[object, list[int]] = {}
-        for i, inp in enumerate(inputs):
-            f = self.cache.get(inp.key) if inp.key else None
+        for i, key in enumerate(keys):
+            f = self.cache.get(key) if key else None
             if f is not None:
                 out[i] = f
             else:
-                todo.setdefault(inp.key or ("row", i), []).append(i)
+                todo.setdefault(key or ("row", i), []).append(i)
         firsts = [idx[0] for idx in todo.values()]
         groups = list(todo.values())
         for at in range(0, len(firsts), self.max_rows):
@@ -100,8 +112,8 @@ class Executor:
                 f = f.clone()  # not a view into the batch: the cache keeps it
                 for j in same:
                     out[j] = f
-                if inputs[i].key:
-                    self.cache.put(inputs[i].key, f)
+                if keys[i]:
+                    self.cache.put(keys[i], f)
         return out
 
     # ---- session and base-head jobs ---------------------------------------------------------
@@ -117,6 +129,9 @@ class Executor:
                 key = item.session
                 if key in txn.missing:
                     item.future.set_exception(session_not_found(split_key(key)[1]))
+                    continue
+                if key in txn.unavailable:
+                    item.future.set_exception(txn.unavailable[key])
                     continue
                 sess = txn.found.get(key) if key else None
                 if item.is_adapt:
@@ -217,7 +232,7 @@ class Executor:
                 state_rows = torch.tensor([txn.state_row(i.session) for i in ritems for _ in i.job.inputs],
                                           dtype=torch.int64, device=dev)
             t0 = time.perf_counter()
-            resets = txn.apply(rule, xs, y, sl, state_rows, batch=kernels.SlotBatch(sl))
+            resets, undone = txn.apply(rule, xs, y, sl, state_rows, batch=kernels.SlotBatch(sl))
             if xs.is_cuda:
                 torch.cuda.synchronize(dev)
             dt = time.perf_counter() - t0
@@ -225,6 +240,11 @@ class Executor:
             if resets:
                 m.label_free_resets.labels(rule=rule_name).inc(resets)
             for i in ritems:
+                if i.session in undone:  # not applied: an adapt fails alone; a predict keeps its predictions
+                    if i.is_adapt:
+                        results.pop(id(i), None)
+                        i.future.set_exception(undone[i.session])
+                    continue
                 res = results[id(i)]
                 labelled = sum(v >= 0 for v in ys[id(i)])
                 correct = sum(bool(p.correct) for p in res.predictions)
@@ -275,6 +295,10 @@ class Executor:
             results[id(i)] = PredictResult("episodic", None, None, _predictions(probs[at:at + n], s.classes,
                                                                                 i.job.top_k))
             at += n
+
+
+def _cache_key(tenant: Optional[str], key: Optional[str]) -> Optional[str]:
+    return f"{tenant}|{key}" if key and tenant else key
 
 
 def _inputs(item: Pending) -> list[Input]:

@@ -29,6 +29,8 @@ class PredictJob:
     inputs: list[Input]
     session: Optional[str] = None  # session key; None: the backbone's base head
     top_k: int = 1
+    tenant: Optional[str] = None  # whose request: the feature cache is kept apart per tenant
+    deadline: Optional[float] = None  # time.monotonic() by which it is answered or dropped (504)
 
 
 @dataclass
@@ -37,6 +39,8 @@ class AdaptJob:
     inputs: list[Input]
     labels: list[Optional[Label]]  # class names or indices; None: unlabelled (label-free rules)
     idempotency: Optional[tuple[str, str]] = None  # (Idempotency-Key, request fingerprint)
+    tenant: Optional[str] = None
+    deadline: Optional[float] = None
 
 
 @dataclass
@@ -51,6 +55,8 @@ class EpisodicJob:
     classes: Optional[list[str]] = None  # default: the support labels in order of appearance
     steps: int = 1
     top_k: int = 1
+    tenant: Optional[str] = None
+    deadline: Optional[float] = None
 
 
 Job = Union[PredictJob, AdaptJob, EpisodicJob]

@@ -149,13 +149,14 @@ class Metrics(StoreEvents):
         else:
             self.restores.labels(from_tier=tier).inc()
 
-    def set_build_info(self, backbone: str, device: str) -> None:
+    def set_build_info(self, backbone: str, device: str, weights: str = "") -> None:
         import torch
 
         self.build_info.info(
             {
                 "version": __version__,
                 "backbone": backbone,
+                "weights_sha256": weights,
                 "device": device,
                 "torch": torch.__version__,
                 "python": platform.python_version(),

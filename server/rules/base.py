@@ -91,7 +91,12 @@ class Rule:
             raise invalid(
                 "invalid_hyperparameter", f"rule {self.name!r} has no hyper-parameter {unknown[0]!r} (known: {known})"
             )
-        return {k: h.check(self.name, k, given.get(k, h.default)) for k, h in self.hyper.items()}
+        out = {k: h.check(self.name, k, given.get(k, h.default)) for k, h in self.hyper.items()}
+        self.check_together(out)
+        return out
+
+    def check_together(self, hyper: dict[str, float]) -> None:
+        """Raise InvalidInput for combinations of values under which heads would not stay finite."""
 
     def state_shapes(self, n: int, d: int) -> dict[str, tuple[int, ...]]:
         return {name: shape(n, d) for name, shape in self.state.items()}

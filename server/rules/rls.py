@@ -19,7 +19,8 @@ from server.rules.base import Hyper, Rule, register
 class RLS(Rule):
     name = "rls"
     normalize = False
-    hyper = {"lambda": Hyper(1.0, 0.0, 1e6, per_slot=False, help="ridge strength: P starts as I / lambda")}
+    hyper = {"lambda": Hyper(1.0, 1e-3, 1e6, low_open=False, per_slot=False,
+                             help="ridge strength: P starts as I / lambda")}
     state = {"P": lambda n, d: (d, d)}
     base_init = True
     description = "recursive least squares onto one-hot targets (online ridge regression)"

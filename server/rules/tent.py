@@ -22,7 +22,7 @@ class Tent(Rule):
     name = "tent"
     normalize = False
     hyper = {
-        "lr": Hyper(0.001, 0.0, 100.0, help="learning rate (0.001 suits features of norm ~10)"),
+        "lr": Hyper(0.001, 0.0, 10.0, help="learning rate (0.001 suits features of norm ~10)"),
         "min_confidence": Hyper(0.9, 0.0, 1.0, low_open=False,
                                 help="unlabelled rows count only if their top probability reaches this"),
         "collapse_share": Hyper(0.95, 0.0, 1.0, help="reset when one class holds this share of recent predictions"),

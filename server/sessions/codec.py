@@ -2,16 +2,19 @@
 
 Both are safetensors blobs whose metadata holds one JSON object under ``"fwserve"``:
 
-- an **export** / **snapshot** (``fwserve-session/1``): tensors ``W [n, d]``, ``b [n]`` and the
-  rule's state; metadata: backbone, embed_dim, the session's rule, hyper-parameters, classes,
-  init, version and statistics. A store snapshot adds its key, incarnation and idempotency
-  entries (``internal``).
-- a **log record** (``fwserve-wal/1``): one adapt: for every head-update call it took part in,
+- an **export** / **snapshot** (``fwserve-session/2``): tensors ``W [n, d]``, ``b [n]`` and the
+  rule's state; metadata: backbone, embed_dim, the sha256 of the backbone's weights
+  (``weights``), the session's rule, hyper-parameters, classes, init, version and statistics. A
+  store snapshot adds its key, incarnation and idempotency entries (``internal``).
+- a **log record** (``fwserve-wal/2``): one adapt, with the weights' sha256 (``w``): for every
+  head-update call it took part in,
   this session's rows ``x{i}``, ``y{i}`` and the row counts of the other sessions of that call
   (``others``: the torch kernels choose their code path from the call's shape; replay rebuilds
   it with kernels.replay_slots); plus the adapt's statistics and its Idempotency-Key entry.
 
-Decoding raises ``CodecError`` (a ValueError) on anything that is not such a blob.
+Decoding raises ``CodecError`` (a ValueError) on anything that is not such a blob. The /1 formats
+of the first release (no weights fingerprint) are read as well; tests/server/sessions/fixtures
+holds a store and exports written by it.
 """
 
 from __future__ import annotations
@@ -24,8 +27,11 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-EXPORT_FORMAT = "fwserve-session/1"
-RECORD_FORMAT = "fwserve-wal/1"
+EXPORT_FORMAT = "fwserve-session/2"
+RECORD_FORMAT = "fwserve-wal/2"
+# formats this release reads: /1 (the first release: no weights fingerprint) and /2
+EXPORT_FORMATS = ("fwserve-session/1", EXPORT_FORMAT)
+RECORD_FORMATS = ("fwserve-wal/1", RECORD_FORMAT)
 
 
 class CodecError(ValueError):
@@ -84,6 +90,7 @@ class Record:
     t: float
     steps: list[Step]
     idem: Optional[dict] = None  # {"key", "fp", "expires", "response"}
+    weights: Optional[str] = None  # sha256 of the backbone weights it was computed with (None: a /1 record)
 
     def encode(self, inc: str) -> bytes:
         tensors = {}
@@ -91,20 +98,20 @@ class Record:
             tensors[f"x{i}"], tensors[f"y{i}"] = x, y
         meta = {"format": RECORD_FORMAT, "inc": inc, "v": self.version, "n": self.n, "correct": self.correct,
                 "labelled": self.labelled, "t": self.t, "steps": len(self.steps), "idem": self.idem,
-                "others": [o for _, _, o in self.steps]}
+                "others": [o for _, _, o in self.steps], "w": self.weights}
         return encode(tensors, meta)
 
     @classmethod
     def decode(cls, data: bytes) -> tuple[str, "Record"]:
         """(incarnation, record)."""
         m, t = decode(data)
-        if m.get("format") != RECORD_FORMAT:
-            raise CodecError(f"log record format {m.get('format')!r} != {RECORD_FORMAT!r}")
+        if m.get("format") not in RECORD_FORMATS:
+            raise CodecError(f"log record format {m.get('format')!r} is none of {RECORD_FORMATS}")
         try:
             k = int(m["steps"])
             others = m.get("others") or [[]] * k
             steps = [(t[f"x{i}"], t[f"y{i}"], [int(c) for c in others[i]]) for i in range(k)]
             return str(m["inc"]), cls(int(m["v"]), int(m["n"]), int(m["correct"]), int(m.get("labelled", m["n"])),
-                                      float(m["t"]), steps, m.get("idem"))
+                                      float(m["t"]), steps, m.get("idem"), m.get("w"))
         except (KeyError, TypeError, ValueError, IndexError):
             raise CodecError("malformed log record") from None

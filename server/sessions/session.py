@@ -21,6 +21,8 @@ from server.rules import Rule, get_rule
 from server.sessions.idempotency import IdempotencyRecords
 
 MAX_LABEL_LEN = 128
+MAX_COUNT = 2**53 - 1  # versions and counts stay exact in JSON numbers and Lua scripts
+MAX_CLOCK_SKEW_S = 86400.0
 
 
 @dataclass
@@ -101,13 +103,18 @@ class Session:
         for attr, name in (("version", "version"), ("seen", "examples_seen"),
                            ("correct", "prequential_correct"), ("total", "prequential_total")):
             v = meta.get(name, 0)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-                raise invalid("invalid_snapshot", f"metadata {name} must be a non-negative integer")
+            if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= MAX_COUNT:
+                raise invalid("invalid_snapshot", f"metadata {name} must be an integer in 0..2**53 - 1")
             setattr(sess, attr, v)
+        if sess.correct > sess.total:
+            raise invalid("invalid_snapshot", "metadata prequential_correct exceeds prequential_total")
         now = time.time()
         for attr in ("created_at", "updated_at"):
             t = meta.get(attr, now)
-            setattr(sess, attr, float(t) if isinstance(t, (int, float)) and not isinstance(t, bool) else now)
+            if not isinstance(t, (int, float)) or isinstance(t, bool) or not 0 <= t <= now + MAX_CLOCK_SKEW_S:
+                raise invalid("invalid_snapshot", f"metadata {attr} must be a time in seconds since 1970, not in "
+                              "the future")
+            setattr(sess, attr, float(t))
         return sess
 
     def check_tensors(self, tensors: dict[str, torch.Tensor], d: int) -> None:

@@ -20,6 +20,7 @@ replicas racing on one session exactly one wins and the other drops its copy and
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import threading
@@ -30,7 +31,7 @@ from typing import Iterable, Optional
 import torch
 
 from server.errors import (
-    DomainError, Unavailable, conflict, invalid, overloaded, quota_exceeded, session_not_found, store_unavailable,
+    DomainError, InvalidInput, conflict, invalid, overloaded, quota_exceeded, session_not_found, store_in_doubt, store_unavailable,
     version_conflict,
 )
 from server.keys import make_key, split_key
@@ -60,8 +61,9 @@ class StoreEvents:
 class SessionStore:
     def __init__(self, settings, embed_dim: int, base_W: torch.Tensor, base_b: torch.Tensor,
                  base_classes: list[str], device, backbone_name: str, events: Optional[StoreEvents] = None,
-                 backend: Optional[Backend] = None) -> None:
+                 backend: Optional[Backend] = None, fingerprint: Optional[str] = None) -> None:
         self.settings, self.backbone_name = settings, backbone_name
+        self.fingerprint = fingerprint  # sha256 of the backbone weights: recorded in everything stored
         self.events = events or StoreEvents()
         self.d = embed_dim
         self.S = settings.max_device_sessions
@@ -145,22 +147,21 @@ class SessionStore:
             return self._info(self._get(key))
 
     def reset(self, key: str) -> SessionInfo:
-        """Back to the initial head and state; version and statistics back to 0."""
+        """Back to the initial head and state; version and statistics back to 0. The store is
+        written first (compare-and-set on the head this process holds): a reset never revives a
+        session another replica deleted or moved on."""
         with self.lock:
             held = self._get(key)
-            sess = held.session
-            self.tiers.drop(held)
-            sess.version = sess.seen = sess.correct = sess.total = 0
-            sess.updated_at = time.time()
-            sess.inc = new_incarnation()
-            tensors = self._initial_tensors(sess)
+            fresh = dataclasses.replace(held.session, version=0, seen=0, correct=0, total=0,
+                                        updated_at=time.time(), inc=new_incarnation())
+            tensors = self._initial_tensors(fresh)
             if self.persistent:
-                try:
-                    self._store_call(self.backend.put, key, sess.inc, 0, self._encode(held, tensors, True))
-                except DomainError:
-                    self._unhold(held)
-                    raise
-                held.synced = held.snap_version = 0
+                data = self._encode(Held(fresh, idem=held.idem), tensors, True)
+                expect = Head(held.session.inc, held.synced)
+                if not self._store_call(self.backend.put, key, fresh.inc, 0, data, expect):
+                    self._lost_race(held)
+            self.tiers.drop(held)
+            held.session, held.synced, held.snap_version = fresh, 0, 0
             self.tiers.place(held, tensors)
             self._gauges()
             return self._info(held)
@@ -195,7 +196,12 @@ class SessionStore:
             if self.persistent:
                 if old is None and self.backend.count() >= self.settings.max_sessions:
                     raise self._full()
-                self._store_call(self.backend.put, key, sess.inc, sess.version, self._encode(held, tensors, True))
+                expect = "absent" if old is None else Head(old.session.inc, old.synced)
+                if not self._store_call(self.backend.put, key, sess.inc, sess.version,
+                                        self._encode(held, tensors, True), expect):
+                    if old is None:  # created meanwhile by another replica
+                        raise version_conflict(split_key(key)[1])
+                    self._lost_race(old)
                 held.synced = held.snap_version = sess.version
             if old is not None:
                 self.tiers.drop(old)
@@ -264,23 +270,34 @@ class SessionStore:
 
     # ---- the transaction's side (under the lock) --------------------------------------------
 
-    def _acquire(self, keys: list[str]) -> dict[str, Held]:
-        """Bring these sessions to the device together (none evicts another)."""
-        self._refresh(keys)
-        found = {k: self.held[k] for k in keys if k in self.held}
-        if len(found) > self.S:
-            raise overloaded(1.0, "more sessions in one batch than device slots")
+    def _acquire(self, keys: list[str]) -> tuple[dict[str, Held], dict[str, DomainError]]:
+        """Bring these sessions to the device together (none evicts another) -> (held, the keys
+        that cannot be served now and why). One session's trouble is its own."""
+        unavailable: dict[str, DomainError] = {}
+        self._refresh(keys, unavailable)
+        found: dict[str, Held] = {}
+        for k in keys:
+            if k in self.held and k not in unavailable:
+                if len(found) < self.S:
+                    found[k] = self.held[k]
+                else:
+                    unavailable[k] = overloaded(1.0, "more sessions in one batch than device slots")
         moved = False
-        for held in found.values():
+        for key, held in list(found.items()):
             moved |= held.tier != "device"
-            self.tiers.to_device(held, found)
+            try:
+                self.tiers.to_device(held, found)
+            except (DomainError, StoreError, OSError) as e:
+                log.error("session %s: bringing it to the device failed: %s", key, e)
+                unavailable[key] = e if isinstance(e, DomainError) else store_unavailable(e)
+                del found[key]
         if moved:
             self._gauges()
-        return found
+        return found, unavailable
 
     def _flush(self, wal: Optional[WalBuffer]) -> dict[str, DomainError]:
         """wal: append the transaction's records (one backend call). Sessions whose append failed
-        are dropped from memory (their update was not logged) -> {key: the error}."""
+        are dropped from memory (the store keeps their last durable state) -> {key: the error}."""
         if wal is None or not wal.pending:
             return {}
         batch = {}
@@ -289,10 +306,17 @@ class SessionStore:
             batch[key] = (Head(sess.inc, recs[0].version - 1), [r.encode(sess.inc) for r in recs])
         try:
             failed = self.backend.append(batch)
-            errors = {k: version_conflict(split_key(k)[1]) for k in failed}
         except StoreError as e:
             log.error("log append failed: %s", e)
-            errors = {k: store_unavailable(e) for k in batch}
+            failed = self._appended_in_doubt(batch, e)
+        errors: dict[str, DomainError] = {}
+        for key, why in failed.items():
+            if isinstance(why, DomainError):
+                errors[key] = why
+            elif why == "conflict":
+                errors[key] = version_conflict(split_key(key)[1])
+            else:
+                errors[key] = store_unavailable(why)
         for key in batch:
             held = self.held[key]
             if key in errors:
@@ -301,11 +325,26 @@ class SessionStore:
                 held.synced = held.session.version
         return errors
 
-    def _abort(self, wal: Optional[WalBuffer]) -> None:
-        """The micro-batch failed half-way: drop the sessions it changed but did not log."""
-        for key in wal.touched() if wal is not None else ():
-            if key in self.held:
-                self._forget(self.held[key])
+    def _appended_in_doubt(self, batch, error: StoreError, tries: int = 3) -> dict:
+        """The append call failed as a whole: ask the store which keys it appended (their head
+        moved by exactly their records). Keys it still cannot tell about are in doubt."""
+        delay = 0.1
+        for attempt in range(tries):
+            try:
+                heads = self.backend.heads(batch)
+            except StoreError:
+                if attempt + 1 < tries:
+                    time.sleep(delay)
+                    delay *= 3
+                continue
+            out = {}
+            for key, (expect, records) in batch.items():
+                head = heads.get(key)
+                if head == Head(expect.inc, expect.version + len(records)):
+                    continue  # appended
+                out[key] = f"error: {error}" if head == expect else store_in_doubt(error)
+            return out
+        return {key: store_in_doubt(error) for key in batch}
 
     # ---- the disk tier (tiers.Disk) ---------------------------------------------------------
 
@@ -381,6 +420,15 @@ class SessionStore:
         self._unhold(held)
         self._gauges()
 
+    def _lost_race(self, held: Held) -> None:
+        """A compare-and-set on this session failed: another replica changed or deleted it.
+        Drop the local copy and say which (404, or a conflict to retry)."""
+        self._forget(held)
+        self._refresh([held.key])
+        if held.key not in self.held:
+            raise session_not_found(held.session.id)
+        raise version_conflict(held.session.id)
+
     def _store_call(self, fn, *args):
         try:
             return fn(*args)
@@ -391,7 +439,8 @@ class SessionStore:
     def _encode(self, held: Held, tensors, internal: bool = False) -> bytes:
         """An export; `internal` (store snapshots) adds the key, incarnation and idempotency records."""
         sess = held.session
-        meta = {"format": codec.EXPORT_FORMAT, "backbone": self.backbone_name, "embed_dim": self.d, **sess.meta()}
+        meta = {"format": codec.EXPORT_FORMAT, "backbone": self.backbone_name, "embed_dim": self.d,
+                "weights": self.fingerprint, **sess.meta()}
         if internal:
             meta.update(key=sess.key, incarnation=sess.inc, **held.idem.to_meta())
         return codec.encode(tensors, meta)
@@ -401,14 +450,23 @@ class SessionStore:
             meta, tensors = codec.decode(data)
         except codec.CodecError:
             raise invalid("invalid_snapshot", "body is not a fwserve session export (safetensors)") from None
-        if meta.get("format") != codec.EXPORT_FORMAT:
-            raise invalid("invalid_snapshot", f"snapshot format must be {codec.EXPORT_FORMAT!r}")
+        if meta.get("format") not in codec.EXPORT_FORMATS:
+            raise invalid("invalid_snapshot", f"snapshot format {meta.get('format')!r} is none of {codec.EXPORT_FORMATS}")
         if meta.get("backbone") != self.backbone_name:
             raise invalid("invalid_snapshot", f"snapshot was made on backbone {meta.get('backbone')!r}; "
                           f"this server serves {self.backbone_name!r}")
         if meta.get("embed_dim") != self.d:
             raise invalid("invalid_snapshot", f"snapshot embed_dim {meta.get('embed_dim')} != backbone's {self.d}")
+        self._check_weights(meta.get("weights"))
         return meta, tensors
+
+    def _check_weights(self, weights: Optional[str]) -> None:
+        """A head learnt on other backbone weights must not meet these weights' features. Records
+        of the first release carry no fingerprint and are taken as they are."""
+        if weights and self.fingerprint and weights != self.fingerprint:
+            raise invalid("weights_mismatch", f"this session was made for backbone weights {weights[:16]}...; this "
+                          f"server's are {self.fingerprint[:16]}... (its head would meet features it never saw): "
+                          "recreate it, or serve it with the weights it was made for")
 
     def _dirty(self, held: Held, final: bool) -> bool:
         if self.durability == "snapshot":
@@ -430,16 +488,32 @@ class SessionStore:
             self._unhold(held)
         return ok
 
-    def _refresh(self, keys: list[str]) -> None:
+    def _refresh(self, keys: list[str], errors: Optional[dict] = None) -> None:
         """snapshot/wal: load sessions this process does not hold; with a shared store also drop
-        and reload copies whose head moved (one round trip for all keys)."""
+        and reload copies whose head moved (one round trip for all keys). With `errors`, a key
+        the store fails for is recorded there (key -> error) and the others go on; without, the
+        first failure raises."""
         if not self.persistent:
             return
         keys = [k for k in keys if k]
+
+        def fail(key, e):
+            if errors is None:
+                raise e
+            errors[key] = e
+
         if self.check_heads:
-            heads = self._store_call(self.backend.heads, keys)
+            try:
+                heads = self._store_call(self.backend.heads, keys)
+            except DomainError as e:
+                for key in keys:
+                    fail(key, e)
+                return
             for key in keys:
                 local, head = self.held.get(key), heads.get(key)
+                if isinstance(head, StoreError):
+                    fail(key, store_unavailable(head))
+                    continue
                 if local is not None and (head is None or head != Head(local.session.inc, local.synced)):
                     if head is not None and local.session.version != local.synced:
                         log.warning("session %s: dropping %d adapts not yet written (another replica moved on)",
@@ -447,11 +521,17 @@ class SessionStore:
                     self._forget(local)
                     local = None
                 if local is None and head is not None:
-                    self._load(key)
+                    try:
+                        self._load(key)
+                    except DomainError as e:
+                        fail(key, e)
         else:
             for key in keys:
                 if key not in self.held:
-                    self._load(key)
+                    try:
+                        self._load(key)
+                    except DomainError as e:
+                        fail(key, e)
 
     def _load(self, key: str) -> Optional[Held]:
         stored = self._store_call(self.backend.load, key)
@@ -477,6 +557,10 @@ class SessionStore:
             want = {"W": (n, self.d), "b": (n,), **sess.rule.state_shapes(n, self.d)}
             if {k: tuple(v.shape) for k, v in tensors.items()} != want:
                 raise invalid("invalid_snapshot", f"stored tensors do not match the rule {sess.rule.name!r}")
+        except InvalidInput as e:
+            if e.code == "weights_mismatch":  # readable, but not for these weights: say so, do not retry
+                raise conflict("weights_mismatch", e.message) from None
+            raise StoreError(f"session {key}: unreadable snapshot in the store: {e.message}") from None
         except (DomainError, KeyError) as e:
             raise StoreError(f"session {key}: unreadable snapshot in the store: {getattr(e, 'message', e)}") from None
         held = Held(sess, idem=IdempotencyRecords.from_meta(meta, self.idem_max))
@@ -486,6 +570,9 @@ class SessionStore:
             for raw in stored.records:
                 inc, rec = codec.Record.decode(raw)
                 if inc == sess.inc and rec.version == sess.version + len(recs) + 1:
+                    if rec.weights and self.fingerprint and rec.weights != self.fingerprint:
+                        raise conflict("weights_mismatch", f"session {split_key(key)[1]!r}: its log was written "
+                                       "with other backbone weights")
                     recs.append(rec)
         except codec.CodecError as e:
             raise StoreError(f"session {key}: unreadable log record: {e}") from None

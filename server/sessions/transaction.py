@@ -2,34 +2,56 @@
 
     with store.batch(keys) as txn:          # the store's lock; the sessions brought to device slots
         txn.found, txn.missing              # key -> Session; keys that do not exist
+        txn.unavailable                     # key -> why it cannot be served now (the store failed for it)
         logits = txn.forward(x, slots)      # grouped head forward over txn.slot(key) / txn.base_slot
-        txn.apply(rule, x, y, slots, rows)  # one grouped update (wal: its exact inputs are kept)
+        failed = txn.apply(rule, x, y, slots, rows)   # one grouped update; key -> why it was undone
         version = txn.commit(key, ...)      # one applied adapt booked: version + 1
         txn.remember(key, idem, response)   # its Idempotency-Key answer
-    txn.errors                              # after exit: key -> why its work was not made durable
+    txn.errors                              # after exit: key -> why its adapts were not made durable
 
-On a clean exit the transaction appends every committed adapt to the write-ahead log (wal mode:
-one backend call, fsync or AOF) before the caller acknowledges anything; sessions whose append
-failed are dropped from memory and listed in ``errors``. On an exception it aborts: the sessions
-it changed but did not log are dropped from memory (the store still has their last durable
-state), then the exception propagates. Management calls (create, reset, ...) wait for the lock,
-so they never interleave with an update.
+Failures stay with the sessions they belong to. A session the store cannot load is unavailable
+and the rest are served. Before every update the touched heads and state rows are copied; if the
+kernel call raises, every session of the call is put back (and reported failed), and after it any
+session whose head or state became non-finite is put back alone (``diverged``): an update that
+was not applied is never logged. On a clean exit the transaction appends every committed adapt
+to the write-ahead log (wal mode: one backend call, fsync or AOF) before the caller acknowledges
+anything; a session whose append failed is dropped from memory (the store keeps its last durable
+state) and listed in ``errors``. On an exception it aborts: every session it changed goes back to
+how it was before the transaction, then the exception propagates. Management calls (create,
+reset, ...) wait for the lock, so they never interleave with an update.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 import time
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
 import kernels
 
-from server.errors import DomainError
+from server.errors import DomainError, diverged, internal
 from server.rules import Heads, Rule
 from server.sessions.idempotency import Idem
 from server.sessions.session import Held, Session
 from server.sessions.wal import WalBuffer
+
+log = logging.getLogger("fwserve.store")
+
+
+@dataclass
+class _Copy:
+    """The touched sessions' heads and state rows before one update call (on the device)."""
+
+    keys: list[str]
+    slots: torch.Tensor  # [U]
+    W: torch.Tensor  # [U, C, d]
+    b: torch.Tensor  # [U, C]
+    rows: Optional[torch.Tensor]  # [U] state rows (rules with state)
+    state: dict[str, torch.Tensor]  # name -> [U, ...]
 
 
 class Transaction:
@@ -37,20 +59,24 @@ class Transaction:
         self._store = store
         self._keys = list(dict.fromkeys(k for k in keys if k))
         self._held: dict[str, Held] = {}
-        self._wal: Optional[WalBuffer] = WalBuffer() if store.durability == "wal" else None
+        self._owner: dict[int, str] = {}
+        self._wal: Optional[WalBuffer] = WalBuffer(store.fingerprint) if store.durability == "wal" else None
+        self._before: dict[str, tuple] = {}  # key -> (rule, copy, index, counters, idem keys): the state at entry
         self.found: dict[str, Session] = {}
         self.missing: set[str] = set()
+        self.unavailable: dict[str, DomainError] = {}
         self.errors: dict[str, DomainError] = {}
 
     def __enter__(self) -> "Transaction":
         self._store.lock.acquire()
         try:
-            self._held = self._store._acquire(self._keys)
+            self._held, self.unavailable = self._store._acquire(self._keys)
         except BaseException:
             self._store.lock.release()
             raise
+        self._owner = {h.slot: k for k, h in self._held.items()}
         self.found = {k: h.session for k, h in self._held.items()}
-        self.missing = set(self._keys) - set(self.found)
+        self.missing = set(self._keys) - set(self.found) - set(self.unavailable)
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
@@ -58,7 +84,7 @@ class Transaction:
             if exc_type is None:
                 self.errors = self._store._flush(self._wal)
             else:
-                self._store._abort(self._wal)
+                self._restore_entry_state()
         finally:
             self._store.lock.release()
         return False
@@ -91,12 +117,23 @@ class Transaction:
         return kernels.head_forward(x, h.W, h.b, slots, h.n_classes, normalize=h.normalize, batch=batch)
 
     def apply(self, rule: Rule, x: torch.Tensor, y: torch.Tensor, slots: torch.Tensor,
-              state_rows: Optional[torch.Tensor], batch=None) -> int:
-        """One grouped update over rows of sessions of `rule` (all found here); returns what the
-        rule reports (label-free rules: sessions reset by their collapse guard)."""
+              state_rows: Optional[torch.Tensor], batch=None) -> tuple[int, dict[str, DomainError]]:
+        """One grouped update over rows of sessions of `rule` (all found here) -> (what the rule
+        reports: sessions reset by a label-free collapse guard, {key: why its rows were undone})."""
+        copy = self._copy(rule, slots, state_rows)
         if self._wal is not None:
-            self._wal.log_steps(x, y, slots, {h.slot: k for k, h in self._held.items()})
-        return rule.update(self.heads, x, y, slots, state_rows, batch=batch)
+            self._wal.log_steps(x, y, slots, self._owner)
+        try:
+            resets = rule.update(self.heads, x, y, slots, state_rows, batch=batch)
+        except Exception as e:
+            self._put_back(rule, copy, range(len(copy.keys)))
+            err = internal(f"the {rule.name} update failed ({type(e).__name__}); nothing was changed")
+            log.exception("rule %s: update failed; %d sessions put back", rule.name, len(copy.keys))
+            return 0, {k: err for k in copy.keys}
+        bad = self._nonfinite(rule, copy)
+        if bad:
+            self._put_back(rule, copy, bad)
+        return int(resets or 0), {copy.keys[i]: diverged(self.found[copy.keys[i]].id) for i in bad}
 
     def commit(self, key: str, n_examples: int, correct: int, labelled: Optional[int] = None) -> int:
         """Book one applied adapt request; returns the session's new version. `labelled`: how
@@ -118,5 +155,70 @@ class Transaction:
         if not idem:
             return
         entry = self._held[key].idem.remember(idem, response, self._store.idem_ttl)
+        if key in self._before:
+            self._before[key][4].add(idem[0])
         if self._wal is not None:
             self._wal.attach_idem(key, {"key": idem[0], **entry})
+
+    # ---- copies, checks and putting back ----------------------------------------------------
+
+    def _copy(self, rule: Rule, slots: torch.Tensor, state_rows: Optional[torch.Tensor]) -> _Copy:
+        pool = self._store.pool
+        valid = slots >= 0
+        touched, first = _unique_first(slots[valid])
+        keys = [self._owner[s] for s in touched.tolist()]
+        rows = state_rows[valid].index_select(0, first) if rule.state and state_rows is not None else None
+        state = {}
+        if rows is not None:
+            state = {n: t.index_select(0, rows) for n, t in pool.pools[rule.name].tensors.items()}
+        copy = _Copy(keys, touched, pool.W.index_select(0, touched), pool.b.index_select(0, touched), rows, state)
+        for i, key in enumerate(keys):  # the state at entry: the first copy of each session
+            if key not in self._before:
+                s = self.found[key]
+                self._before[key] = (rule, copy, i, (s.version, s.seen, s.correct, s.total, s.updated_at), set())
+        return copy
+
+    def _nonfinite(self, rule: Rule, copy: _Copy) -> list[int]:
+        pool = self._store.pool
+        ok = pool.W.index_select(0, copy.slots).isfinite().flatten(1).all(1)
+        ok &= pool.b.index_select(0, copy.slots).isfinite().all(1)
+        if copy.rows is not None:
+            for name, t in pool.pools[rule.name].tensors.items():
+                v = t.index_select(0, copy.rows).flatten(1)
+                good = ~(v.isnan() | (v == -math.inf)) if name in rule.inf_state else v.isfinite()
+                ok &= good.all(1)
+        return (~ok).nonzero().flatten().tolist()
+
+    def _put_back(self, rule: Rule, copy: _Copy, which) -> None:
+        pool = self._store.pool
+        idx = torch.as_tensor(list(which), dtype=torch.int64, device=copy.slots.device)
+        slots = copy.slots.index_select(0, idx)
+        pool.W.index_copy_(0, slots, copy.W.index_select(0, idx))
+        pool.b.index_copy_(0, slots, copy.b.index_select(0, idx))
+        if copy.rows is not None:
+            rows = copy.rows.index_select(0, idx)
+            for name, t in pool.pools[rule.name].tensors.items():
+                t.index_copy_(0, rows, copy.state[name].index_select(0, idx))
+        if self._wal is not None:
+            for i in idx.tolist():
+                self._wal.drop_last_step(copy.keys[i])
+
+    def _restore_entry_state(self) -> None:
+        """Abort: every session this transaction changed goes back to its state at entry."""
+        for key, (rule, copy, i, counters, idem_keys) in self._before.items():
+            self._put_back(rule, copy, [i])
+            s = self.found[key]
+            s.version, s.seen, s.correct, s.total, s.updated_at = counters
+            for k in idem_keys:
+                self._held[key].idem.adapts.pop(k, None)
+        if self._wal is not None:
+            self._wal.pending.clear()
+            self._wal.steps.clear()
+
+
+def _unique_first(slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The distinct slots (ascending) and, for each, the index of its first row."""
+    touched, inverse = torch.unique(slots, return_inverse=True)
+    first = torch.full((touched.numel(),), slots.numel(), dtype=torch.int64, device=slots.device)
+    first.scatter_reduce_(0, inverse, torch.arange(slots.numel(), device=slots.device), reduce="amin")
+    return touched, first

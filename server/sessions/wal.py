@@ -13,6 +13,8 @@ bit for bit as they did.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 import kernels
@@ -23,7 +25,8 @@ from server.sessions.session import Session
 
 
 class WalBuffer:
-    def __init__(self) -> None:
+    def __init__(self, weights: Optional[str] = None) -> None:
+        self.weights = weights  # the backbone weights' sha256, carried by every record
         self.steps: dict[str, list] = {}  # update inputs applied since the session's last commit
         self.pending: dict[str, list[Record]] = {}  # committed, not yet logged
 
@@ -42,8 +45,15 @@ class WalBuffer:
             self.steps.setdefault(key, []).append(
                 (x[mask].detach().cpu().clone(), y[mask].detach().cpu().clone(), others))
 
+    def drop_last_step(self, key: str) -> None:
+        """The last update call's rows of this session were undone: they are not its inputs."""
+        steps = self.steps.get(key)
+        if steps:
+            steps.pop()
+
     def commit(self, key: str, version: int, n: int, correct: int, labelled: int, t: float) -> None:
-        self.pending.setdefault(key, []).append(Record(version, n, correct, labelled, t, self.steps.pop(key, [])))
+        self.pending.setdefault(key, []).append(
+            Record(version, n, correct, labelled, t, self.steps.pop(key, []), weights=self.weights))
 
     def attach_idem(self, key: str, entry: dict) -> None:
         recs = self.pending.get(key)

@@ -49,7 +49,10 @@ class Backend:
     shared = False  # may other processes write the same sessions (do reads need a version check)?
     url = ""
 
-    def heads(self, keys: Iterable[str]) -> dict[str, Optional[Head]]:
+    def heads(self, keys: Iterable[str]) -> dict[str, "Optional[Head] | StoreError"]:
+        """The current head of each key (None: no such session). A key whose head cannot be read
+        maps to its StoreError, so the other keys are still served; raises StoreError when the
+        call as a whole fails."""
         raise NotImplementedError
 
     def load(self, key: str) -> Optional[Stored]:
@@ -60,14 +63,19 @@ class Backend:
         -> 'ok' | 'exists' | 'tenant_quota' | 'limit'."""
         raise NotImplementedError
 
-    def put(self, key: str, inc: str, version: int, snapshot: bytes, expect: Optional[Head] = None) -> bool:
+    def put(self, key: str, inc: str, version: int, snapshot: bytes, expect=None) -> bool:
         """Snapshot at `version` becomes the session's state (created if absent); log records up to
-        `version` of the same incarnation are dropped. With `expect`, only if the head equals it."""
+        `version` of the same incarnation are dropped. `expect`: None (unconditional), a Head
+        (only if the session's head equals it) or "absent" (only if there is no such session).
+        -> written?"""
         raise NotImplementedError
 
-    def append(self, batch: dict[str, tuple[Head, list[bytes]]]) -> set[str]:
+    def append(self, batch: dict[str, tuple[Head, list[bytes]]]) -> dict[str, str]:
         """Append log records per key, each key only if its head equals the given one; the head's
-        version advances by the number of records. -> the keys that were not appended (conflict)."""
+        version advances by the number of records. Keys are independent: one key's failure
+        does not stop the others. -> {key: "conflict" (the head moved) or "error: <why>"} for
+        the keys not appended. Raises StoreError only when the outcome is unknown (the medium
+        failed mid-call; some keys may have been appended)."""
         raise NotImplementedError
 
     def delete(self, key: str) -> bool:

@@ -17,7 +17,7 @@ import zlib
 from pathlib import Path
 from typing import Optional
 
-from server.keys import split_key, tenant_name
+from server.keys import TENANT_PATTERN, split_key, tenant_name
 from server.sessions import codec
 from server.sessions.backends.base import Backend, Head, Stored, StoreError
 
@@ -26,6 +26,14 @@ log = logging.getLogger("fwserve.store")
 
 _FRAME = struct.Struct("<II")  # payload length, crc32(payload)
 _NAME = re.compile(r"^([A-Za-z0-9_-]{1,64})\.([0-9a-f]{40})\.safetensors$")
+
+
+def _tenant_part(tenant: Optional[str]) -> str:
+    """The tenant as it may appear in a file name (a tenant that is not a valid name is hashed)."""
+    name = tenant_name(tenant)
+    if re.fullmatch(TENANT_PATTERN[1:-1], name):
+        return name
+    return "h" + hashlib.sha256(name.encode()).hexdigest()[:32]
 
 
 def _fsync_dir(path: Path) -> None:
@@ -86,8 +94,8 @@ class DirectoryBackend(Backend):
                 self._counts[m.group(1)] = self._counts.get(m.group(1), 0) + 1
 
     def _base(self, key: str) -> str:
-        tenant, _ = split_key(key)
-        return f"{tenant_name(tenant)}.{hashlib.sha256(key.encode()).hexdigest()[:40]}"
+        """File name stem: the tenant (for counting) and a hash of the key (any id is safe)."""
+        return f"{_tenant_part(split_key(key)[0])}.{hashlib.sha256(key.encode()).hexdigest()[:40]}"
 
     def _snap(self, key: str) -> Path:
         return self.root / (self._base(key) + ".safetensors")
@@ -110,9 +118,12 @@ class DirectoryBackend(Backend):
         out = {}
         for k in keys:
             if k not in self._heads:
-                s = self.load(k)
-                if s is None:
-                    out[k] = None
+                try:
+                    if self.load(k) is None:
+                        out[k] = None
+                        continue
+                except StoreError as e:  # this session only
+                    out[k] = e
                     continue
             out[k] = self._heads.get(k)
         return out
@@ -125,7 +136,10 @@ class DirectoryBackend(Backend):
             return None
         except OSError as e:
             raise StoreError(f"reading {self._snap(key)}: {e}") from e
-        inc, snap_version = codec.snapshot_head(snapshot)
+        try:
+            inc, snap_version = codec.snapshot_head(snapshot)
+        except (codec.CodecError, KeyError, ValueError) as e:
+            raise StoreError(f"{self._snap(key).name}: not a session snapshot ({e})") from None
         records: list[bytes] = []
         wal = self._wal(key)
         try:
@@ -144,7 +158,10 @@ class DirectoryBackend(Backend):
         # the head: the snapshot plus the records of its incarnation that follow it in order
         version = snap_version
         for r in records:
-            r_inc, r_v = codec.record_head(r)
+            try:
+                r_inc, r_v = codec.record_head(r)
+            except (codec.CodecError, KeyError, ValueError):
+                break  # an unreadable record ends the usable log
             if r_inc == inc and r_v == version + 1:
                 version = r_v
         self._heads[key] = Head(inc, version)
@@ -153,7 +170,7 @@ class DirectoryBackend(Backend):
     def create(self, key, inc, snapshot, max_tenant=0, max_total=0):
         if self._snap(key).exists():
             return "exists"
-        tenant = tenant_name(split_key(key)[0])
+        tenant = _tenant_part(split_key(key)[0])
         if max_tenant and self._counts.get(tenant, 0) >= max_tenant:
             return "tenant_quota"
         if max_total and sum(self._counts.values()) >= max_total:
@@ -170,12 +187,15 @@ class DirectoryBackend(Backend):
         except OSError as e:
             raise StoreError(f"writing {path}: {e}") from e
         if new:
-            t = tenant_name(split_key(key)[0])
+            t = _tenant_part(split_key(key)[0])
             self._counts[t] = self._counts.get(t, 0) + 1
         self._heads[key] = Head(inc, version)
 
     def put(self, key, inc, version, snapshot, expect=None):
-        if expect is not None and self.heads([key]).get(key) != expect:
+        if expect == "absent":
+            if self._snap(key).exists():
+                return False
+        elif expect is not None and self.heads([key]).get(key) != expect:
             return False
         self._write(key, inc, version, snapshot)
         wal = self._wal(key)
@@ -190,21 +210,28 @@ class DirectoryBackend(Backend):
         return True
 
     def append(self, batch):
+        failed = {}
         for key, (expect, records) in batch.items():
             wal = self._wal(key)
             new = not wal.exists()
             try:
                 with open(wal, "ab") as f:
-                    f.write(b"".join(frame(r) for r in records))
-                    if self.fsync:
-                        f.flush()
-                        os.fsync(f.fileno())
+                    at = f.tell()
+                    try:
+                        f.write(b"".join(frame(r) for r in records))
+                        if self.fsync:
+                            f.flush()
+                            os.fsync(f.fileno())
+                    except OSError:
+                        f.truncate(at)  # a partial append must not stay behind a later one
+                        raise
                 if new and self.fsync:
                     _fsync_dir(self.root)
             except OSError as e:
-                raise StoreError(f"appending to {wal}: {e}") from e
+                failed[key] = f"error: appending to {wal.name}: {e}"
+                continue
             self._heads[key] = Head(expect.inc, expect.version + len(records))
-        return set()
+        return failed
 
     def delete(self, key):
         path = self._snap(key)
@@ -212,14 +239,14 @@ class DirectoryBackend(Backend):
         self._wal(key).unlink(missing_ok=True)
         path.unlink(missing_ok=True)
         if existed:
-            t = tenant_name(split_key(key)[0])
+            t = _tenant_part(split_key(key)[0])
             self._counts[t] = max(0, self._counts.get(t, 0) - 1)
         self._heads.pop(key, None)
         return existed
 
     def count(self, tenant=None):
         if tenant is not None:
-            return self._counts.get(tenant_name(tenant), 0)
+            return self._counts.get(_tenant_part(tenant), 0)
         return sum(self._counts.values())
 
     def close(self):

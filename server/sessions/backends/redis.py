@@ -1,57 +1,71 @@
 """``RedisBackend`` (``redis://host:port/db``), shared by replicas.
 
-Every write is one Lua script, so it is atomic and compare-and-set on the head; a replica
-checks the heads of the sessions of a micro-batch with one pipelined ``HMGET`` round trip
-before serving them. Durability of an acknowledged write is Redis's: run it with
-``appendonly yes`` and ``appendfsync always`` (the reply to a write comes after its AOF fsync).
+Keys (``{ns}`` is the namespace, ``{t}`` the tenant's storage name)::
+
+    {ns}:{{t}}:s:<id>   hash   inc, ver, snap, snap_ver          the session's head and snapshot
+    {ns}:{{t}}:w:<id>   list   log records after the snapshot
+    {ns}:{{t}}:t        set    the tenant's session ids (its quota)
+    {ns}:n              string sessions in the store (the global limit, kept outside the scripts)
+
+Every write is one Lua script over one tenant's keys, which share a hash slot (the ``{t}`` hash
+tag), so it is atomic, compare-and-set on the head, and runs on Redis Cluster. Versions travel
+as decimal strings and are compared as strings: Lua's numbers are doubles and would round large
+versions. A replica checks the heads of a micro-batch's sessions with one pipelined ``HMGET``
+round trip before serving them. Durability of an acknowledged write is Redis's: run it with
+``appendonly yes`` and ``appendfsync always`` (the reply to a write comes after its AOF fsync),
+and with ``maxmemory-policy noeviction`` so a full Redis refuses writes instead of dropping
+sessions.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Optional
+from urllib.parse import urlsplit, urlunsplit
 
 from server.keys import split_key, tenant_name
 from server.sessions.backends.base import Backend, Head, Stored, StoreError
 
+log = logging.getLogger("fwserve.store")
 
 _CREATE = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 'exists' end
 local mt = tonumber(ARGV[4])
-local mx = tonumber(ARGV[5])
 if mt > 0 and redis.call('SCARD', KEYS[3]) >= mt then return 'tenant_quota' end
-if mx > 0 and tonumber(redis.call('GET', KEYS[4]) or '0') >= mx then return 'limit' end
-redis.call('HSET', KEYS[1], 'inc', ARGV[1], 'ver', 0, 'snap', ARGV[2], 'snap_ver', 0)
+redis.call('HSET', KEYS[1], 'inc', ARGV[1], 'ver', '0', 'snap', ARGV[2], 'snap_ver', '0')
 redis.call('DEL', KEYS[2])
 redis.call('SADD', KEYS[3], ARGV[3])
-redis.call('INCR', KEYS[4])
 return 'ok'
 """
 
+# ARGV: inc, ver, snap, id, expect_inc ('' = unconditional, '-' = only if absent), expect_ver
 _PUT = """
-if ARGV[5] ~= '' then
-  local h = redis.call('HMGET', KEYS[1], 'inc', 'ver')
-  if h[1] ~= ARGV[5] or tonumber(h[2]) ~= tonumber(ARGV[6]) then return 0 end
+local h = redis.call('HMGET', KEYS[1], 'inc', 'ver', 'snap_ver')
+if ARGV[5] == '-' then
+  if h[1] then return 0 end
+elseif ARGV[5] ~= '' then
+  if h[1] ~= ARGV[5] or h[2] ~= ARGV[6] then return 0 end
 end
-local old = redis.call('HMGET', KEYS[1], 'inc', 'snap_ver')
 redis.call('HSET', KEYS[1], 'inc', ARGV[1], 'ver', ARGV[2], 'snap', ARGV[3], 'snap_ver', ARGV[2])
-if old[1] == ARGV[1] then
-  local drop = tonumber(ARGV[2]) - tonumber(old[2])
+if h[1] == ARGV[1] then
+  local drop = tonumber(ARGV[2]) - tonumber(h[3])
   if drop > 0 then redis.call('LTRIM', KEYS[2], drop, -1) end
 else
   redis.call('DEL', KEYS[2])
 end
-if not old[1] then
+if not h[1] then
   redis.call('SADD', KEYS[3], ARGV[4])
-  redis.call('INCR', KEYS[4])
+  return 2
 end
 return 1
 """
 
+# ARGV: inc, expected ver, new ver, records...
 _APPEND = """
 local h = redis.call('HMGET', KEYS[1], 'inc', 'ver')
-if h[1] ~= ARGV[1] or tonumber(h[2]) ~= tonumber(ARGV[2]) then return 0 end
-for i = 3, #ARGV do redis.call('RPUSH', KEYS[2], ARGV[i]) end
-redis.call('HSET', KEYS[1], 'ver', tonumber(ARGV[2]) + #ARGV - 2)
+if h[1] ~= ARGV[1] or h[2] ~= ARGV[2] then return 0 end
+for i = 4, #ARGV do redis.call('RPUSH', KEYS[2], ARGV[i]) end
+redis.call('HSET', KEYS[1], 'ver', ARGV[3])
 return 1
 """
 
@@ -59,17 +73,33 @@ _DELETE = """
 if redis.call('DEL', KEYS[1]) == 1 then
   redis.call('DEL', KEYS[2])
   redis.call('SREM', KEYS[3], ARGV[1])
-  redis.call('DECR', KEYS[4])
   return 1
 end
 return 0
 """
 
 
-class RedisBackend(Backend):
-    """Keys: ``<ns>:s:<key>`` hash (inc, ver, snap, snap_ver), ``<ns>:w:<key>`` list (log),
-    ``<ns>:t:<tenant>`` set (the tenant's keys), ``<ns>:n`` (session count)."""
+def redact(url: str) -> str:
+    """The URL without its password (for logs and health output)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    user = parts.username or ""
+    return urlunsplit((parts.scheme, f"{user}:***@{host}", parts.path, parts.query, parts.fragment))
 
+
+def parse_version(raw) -> int:
+    """A stored version as an int; anything that is not a plain non-negative integer is an error."""
+    text = raw.decode() if isinstance(raw, bytes) else str(raw)
+    if not text.isdigit():
+        raise StoreError(f"corrupt version {text[:32]!r} in the store")
+    return int(text)
+
+
+class RedisBackend(Backend):
     shared = True
 
     def __init__(self, url: str, namespace: str = "fwserve") -> None:
@@ -78,33 +108,39 @@ class RedisBackend(Backend):
         except ImportError:  # pragma: no cover - an install without the redis extra
             raise StoreError("a redis:// store needs the redis package (pip install 'fwserve[redis]')") from None
         self._redis_errors = (redis.RedisError, OSError)
-        self.url = url
+        self.url = redact(url)
         self.ns = namespace
         self.r = redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=10)
         try:
             self.r.ping()
         except self._redis_errors as e:
-            raise StoreError(f"cannot reach redis at {url}: {e}") from e
+            raise StoreError(f"cannot reach redis at {self.url}: {type(e).__name__}") from None
         self._create = self.r.register_script(_CREATE)
         self._put = self.r.register_script(_PUT)
         self._append = self.r.register_script(_APPEND)
         self._delete = self.r.register_script(_DELETE)
+        self._migrate_legacy()
 
     def durability_warning(self) -> Optional[str]:
-        """A warning when the server's AOF settings do not make acknowledged writes durable."""
         try:
             aof = self.r.config_get("appendonly").get("appendonly")
             fs = self.r.config_get("appendfsync").get("appendfsync")
+            policy = self.r.config_get("maxmemory-policy").get("maxmemory-policy")
         except self._redis_errors:
             return None  # CONFIG may be disabled (managed Redis): nothing to check
+        problems = []
         if aof != "yes" or fs != "always":
-            return (f"redis at {self.url} runs with appendonly={aof} appendfsync={fs}: an acknowledged adapt can "
-                    "be lost if redis crashes; use appendonly yes + appendfsync always for --durability wal")
-        return None
+            problems.append(f"appendonly={aof} appendfsync={fs}: an acknowledged adapt can be lost if redis "
+                            "crashes (use appendonly yes + appendfsync always)")
+        if policy not in (None, "noeviction"):
+            problems.append(f"maxmemory-policy={policy}: a full redis may evict sessions silently "
+                            "(use noeviction)")
+        return f"redis at {self.url}: " + "; ".join(problems) if problems else None
 
     def _k(self, key: str) -> list[str]:
-        tenant = tenant_name(split_key(key)[0])
-        return [f"{self.ns}:s:{key}", f"{self.ns}:w:{key}", f"{self.ns}:t:{tenant}", f"{self.ns}:n"]
+        tenant, sid = split_key(key)
+        t = f"{self.ns}:{{{tenant_name(tenant)}}}"
+        return [f"{t}:s:{sid}", f"{t}:w:{sid}", f"{t}:t"]
 
     def _call(self, fn, *a, **kw):
         try:
@@ -125,7 +161,13 @@ class RedisBackend(Backend):
 
         out = {}
         for k, (inc, ver) in zip(keys, self._call(run)):
-            out[k] = None if inc is None else Head(inc.decode(), int(ver))
+            if inc is None:
+                out[k] = None
+                continue
+            try:
+                out[k] = Head(inc.decode(), parse_version(ver))
+            except StoreError as e:  # this session only: the others are served
+                out[k] = e
         return out
 
     def load(self, key):
@@ -140,35 +182,59 @@ class RedisBackend(Backend):
         (inc, ver, sv, snap), records = self._call(run)
         if inc is None:
             return None
-        return Stored(inc.decode(), int(ver), int(sv), snap, list(records))
+        return Stored(inc.decode(), parse_version(ver), parse_version(sv), snap, list(records))
 
     def create(self, key, inc, snapshot, max_tenant=0, max_total=0):
-        res = self._call(self._create, keys=self._k(key), args=[inc, snapshot, key, max_tenant, max_total])
-        return res.decode() if isinstance(res, bytes) else str(res)
+        if max_total and self.count() >= max_total:  # the global limit: best effort (another slot)
+            return "limit"
+        res = self._call(self._create, keys=self._k(key), args=[inc, snapshot, split_key(key)[1], max_tenant])
+        res = res.decode() if isinstance(res, bytes) else str(res)
+        if res == "ok":
+            self._call(self.r.incr, f"{self.ns}:n")
+        return res
 
     def put(self, key, inc, version, snapshot, expect=None):
-        args = [inc, version, snapshot, key, expect.inc if expect else "", expect.version if expect else 0]
-        return bool(self._call(self._put, keys=self._k(key), args=args))
+        if expect is None:
+            exp_inc, exp_ver = "", ""
+        elif expect == "absent":
+            exp_inc, exp_ver = "-", ""
+        else:
+            exp_inc, exp_ver = expect.inc, str(expect.version)
+        args = [inc, str(version), snapshot, split_key(key)[1], exp_inc, exp_ver]
+        res = int(self._call(self._put, keys=self._k(key), args=args))
+        if res == 2:
+            self._call(self.r.incr, f"{self.ns}:n")
+        return res > 0
 
     def append(self, batch):
         if not batch:
-            return set()
+            return {}
         items = list(batch.items())
 
         def run():
             p = self.r.pipeline(transaction=False)
             for key, (expect, records) in items:
-                self._append(keys=self._k(key)[:2], args=[expect.inc, expect.version, *records], client=p)
-            return p.execute()
+                args = [expect.inc, str(expect.version), str(expect.version + len(records)), *records]
+                self._append(keys=self._k(key)[:2], args=args, client=p)
+            return p.execute(raise_on_error=False)
 
-        return {key for (key, _), ok in zip(items, self._call(run)) if not ok}
+        failed = {}
+        for (key, _), res in zip(items, self._call(run)):
+            if isinstance(res, Exception):  # e.g. OOM under noeviction: refused, not applied
+                failed[key] = f"error: redis: {type(res).__name__}: {res}"
+            elif not res:
+                failed[key] = "conflict"
+        return failed
 
     def delete(self, key):
-        return bool(self._call(self._delete, keys=self._k(key), args=[key]))
+        existed = bool(self._call(self._delete, keys=self._k(key), args=[split_key(key)[1]]))
+        if existed:
+            self._call(self.r.decr, f"{self.ns}:n")
+        return existed
 
     def count(self, tenant=None):
         if tenant is not None:
-            return int(self._call(self.r.scard, f"{self.ns}:t:{tenant_name(tenant)}"))
+            return int(self._call(self.r.scard, f"{self.ns}:{{{tenant_name(tenant)}}}:t"))
         return int(self._call(self.r.get, f"{self.ns}:n") or 0)
 
     def close(self):
@@ -176,3 +242,35 @@ class RedisBackend(Backend):
             self.r.close()
         except Exception:  # pragma: no cover
             pass
+
+    def _migrate_legacy(self) -> None:
+        """Sessions written by an earlier release (``{ns}:s:<key>``, one slot per key kind) move to
+        the tenant-tagged layout once, at start; a store without them costs one SCAN."""
+        prefix = f"{self.ns}:s:"
+        moved = 0
+        for raw in self._call(lambda: list(self.r.scan_iter(prefix + "*", count=1000))):
+            key = raw.decode()[len(prefix):]
+            h = self._call(self.r.hgetall, raw)
+            if not h:
+                continue
+            records = self._call(self.r.lrange, f"{self.ns}:w:{key}", 0, -1)
+            hk, wk, tk = self._k(key)
+
+            def write():
+                p = self.r.pipeline(transaction=True)
+                p.delete(hk, wk)
+                p.hset(hk, mapping={k.decode(): v for k, v in h.items()})
+                if records:
+                    p.rpush(wk, *records)
+                p.sadd(tk, split_key(key)[1])
+                p.delete(raw, f"{self.ns}:w:{key}")
+                p.srem(f"{self.ns}:t:{tenant_name(split_key(key)[0])}", key)
+                return p.execute()
+
+            self._call(write)
+            moved += 1
+        if moved:
+            log.warning("store %s: moved %d sessions to the tenant-tagged key layout", self.url, moved)
+
+
+__all__ = ["RedisBackend", "parse_version", "redact"]

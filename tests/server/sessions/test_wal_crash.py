@@ -20,7 +20,7 @@ from safetensors.torch import load as st_load
 from tests.server.conftest import arr, digits
 from tests.server.redis_server import needs_redis, redis_server, redis_url  # noqa: F401 (fixtures)
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 SESSIONS = {"k-sgd": "sgd", "k-rls": "rls", "k-proto": "prototype"}
 CLASSES = ["a", "b", "c"]
 XS = digits(16, seed=80)
