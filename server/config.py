@@ -100,10 +100,12 @@ class Settings(BaseSettings):
         "(--no-fsync survives a process crash but not a power loss). Redis: set by its appendfsync.",
     )
     idempotency_ttl_s: float = Field(
-        3600.0, gt=0, description="How long a response to a request with an Idempotency-Key is kept for retries."
+        86400.0, gt=0, description="How long an Idempotency-Key and the response to its request are kept for "
+        "retries (24 h by default); a key belongs to its tenant for that long.",
     )
-    idempotency_max_keys: int = Field(
-        128, ge=1, description="Most remembered Idempotency-Keys per session (the oldest are forgotten first)."
+    idempotency_max_bytes: int = Field(
+        1 << 20, ge=1024, description="Bytes of stored responses to Idempotency-Key requests kept per session; "
+        "beyond it the oldest are dropped early (counted in fwserve_idempotency_evictions_total and logged).",
     )
     max_classes: int = Field(64, ge=2, description="Most classes a session head may have (slot tensor width).")
     max_sessions: int = Field(

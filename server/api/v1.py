@@ -49,6 +49,11 @@ IdemKey = Header(None, alias="Idempotency-Key", min_length=1, max_length=255, pa
 REPLAYED = "Idempotent-Replayed"
 
 
+def fingerprint(content) -> str:
+    """A request's identity for Idempotency-Key checks: its parsed content, canonically encoded."""
+    return hashlib.sha256(json.dumps(content, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
 def add_routes(app: FastAPI, api: Api) -> None:
     engine = api.engine
     who = api.who
@@ -60,8 +65,7 @@ def add_routes(app: FastAPI, api: Api) -> None:
                              idempotency_key: Optional[str] = IdemKey):
         idem = None
         if idempotency_key is not None:
-            fp = hashlib.sha256(json.dumps(body.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
-            idem = (idempotency_key, fp)
+            idem = (idempotency_key, fingerprint(body.model_dump(mode="json")))
         info, replayed = await engine.create_session(body.rule, body.classes, body.hyperparameters, body.init,
                                                      body.id, p.tenant, p.max_sessions, idem)
         if replayed:
@@ -134,8 +138,9 @@ def add_routes(app: FastAPI, api: Api) -> None:
         deadline = api.deadline(request)
         inputs = await api.decode(api.decoder.instances, body.instances, deadline=deadline)
         idem = None
-        if idempotency_key is not None:
-            idem = (idempotency_key, hashlib.sha256(await request.body()).hexdigest())
+        if idempotency_key is not None:  # the request as parsed content: JSON key order and spacing do not count
+            idem = (idempotency_key, fingerprint({"session_id": body.session_id,
+                                                  "instances": [[x.key, i.label] for x, i in zip(inputs, body.instances)]}))
         res = await engine.adapt(AdaptJob(p.key(body.session_id), inputs, [i.label for i in body.instances], idem,
                                           tenant=p.tenant, deadline=deadline))
         if res.replayed:

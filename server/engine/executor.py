@@ -146,6 +146,15 @@ class Executor:
                 elif sess is not None and sess.hyper.get("adapt_on_predict"):
                     ys[id(item)] = [-1] * len(item.job.inputs)  # test-time adaptation on the predict's own instances
                 live.append(item)
+            # keys the tenant used on another session or for another request (only the ones that
+            # would be applied: a rejected request leaves no trace)
+            keyed = [i for i in live if i.is_adapt and i.job.idempotency]
+            reused, unchecked = txn.reused([(i.session, i.job.idempotency) for i in keyed])
+            for item in keyed:
+                if item.session in reused or item.session in unchecked:
+                    item.future.set_exception(unchecked.get(item.session) or idempotency_reused())
+                    ys.pop(id(item), None)
+                    live.remove(item)
             rounds: dict[int, list[Pending]] = defaultdict(list)
             n_adapts: dict[str, int] = defaultdict(int)
             for item in live:

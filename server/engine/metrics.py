@@ -118,6 +118,11 @@ class Metrics(StoreEvents):
         self.adapted = Counter(
             "fwserve_adapted_examples", "Labelled examples applied to session heads, by rule.", ["rule"], registry=r
         )
+        self.idempotency_evictions = Counter(
+            "fwserve_idempotency_evictions",
+            "Idempotency-Key answers dropped before their time (a session over --idempotency-max-bytes).",
+            registry=r,
+        )
         self.label_free_resets = Counter(
             "fwserve_label_free_resets",
             "Sessions of label-free rules reset to their initial head by the collapse guard, by rule.",
@@ -148,6 +153,9 @@ class Metrics(StoreEvents):
             self.evictions.labels(to_tier=tier).inc()
         else:
             self.restores.labels(from_tier=tier).inc()
+
+    def idempotency_evicted(self, n: int) -> None:
+        self.idempotency_evictions.inc(n)
 
     def set_build_info(self, backbone: str, device: str, weights: str = "") -> None:
         import torch

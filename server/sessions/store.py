@@ -31,19 +31,18 @@ from typing import Iterable, Optional
 import torch
 
 from server.errors import (
-    DomainError, InvalidInput, conflict, invalid, overloaded, quota_exceeded, session_not_found, store_in_doubt, store_unavailable,
-    version_conflict,
+    DomainError, conflict, idempotency_reused, invalid, overloaded, quota_exceeded, session_not_found,
+    store_unavailable, version_conflict,
 )
 from server.keys import make_key, split_key
 from server.rules import RULES, get_rule
-from server.sessions import codec
 from server.sessions.backends import Backend, Head, StoreError, new_incarnation, open_backend
-from server.sessions.idempotency import Idem, IdempotencyRecords
+from server.sessions.idempotency import Idem
 from server.sessions.session import Held, Session, SessionInfo, check_classes
 from server.sessions.slots import SlotPool
 from server.sessions.tiers import Tiers
+from server.sessions.store_io import StoreIO
 from server.sessions.transaction import Transaction
-from server.sessions.wal import WalBuffer, replay
 
 log = logging.getLogger("fwserve.store")
 
@@ -57,8 +56,11 @@ class StoreEvents:
     def moved(self, kind: str, tier: str) -> None:
         """A session moved: ("evict", to_tier) or ("restore", from_tier)."""
 
+    def idempotency_evicted(self, n: int) -> None:
+        """Idempotency-Key answers dropped before their time (a session over its byte budget)."""
 
-class SessionStore:
+
+class SessionStore(StoreIO):
     def __init__(self, settings, embed_dim: int, base_W: torch.Tensor, base_b: torch.Tensor,
                  base_classes: list[str], device, backbone_name: str, events: Optional[StoreEvents] = None,
                  backend: Optional[Backend] = None, fingerprint: Optional[str] = None) -> None:
@@ -86,7 +88,7 @@ class SessionStore:
         self.backend = backend
         self.check_heads = self.persistent and backend.shared  # version check on every use
         self.idem_ttl = float(settings.idempotency_ttl_s)
-        self.idem_max = int(settings.idempotency_max_keys)
+        self.idem_max = int(settings.idempotency_max_bytes)
 
     @property
     def base_slot(self) -> int:
@@ -118,13 +120,15 @@ class SessionStore:
             key = make_key(tenant, session_id)
             self._refresh([key])
             old = self.held.get(key)
+            if idem and self._reused([(key, idem)]):  # the tenant used this key for another request
+                raise idempotency_reused()
             if old is not None:
                 if old.idem.created_by(idem):
                     return self._info(old), True
                 raise conflict("session_exists", f"session {session_id!r} already exists")
             self._check_room(tenant, quota)
             sess = Session(key, rule, hyper, classes, init, inc=new_incarnation())
-            held = Held(sess, idem=IdempotencyRecords(self.idem_max))
+            held = Held(sess, idem=self._records())
             if idem:
                 held.idem.create = {"key": idem[0], "fp": idem[1], "expires": time.time() + self.idem_ttl}
             tensors = self._initial_tensors(sess)
@@ -140,6 +144,8 @@ class SessionStore:
             self.tiers.place(held, tensors)
             self.held[key] = held
             self._gauges()
+            if idem:
+                self._record_claims([(key, idem)])
             return self._info(held), False
 
     def info(self, key: str) -> SessionInfo:
@@ -167,10 +173,13 @@ class SessionStore:
             return self._info(held)
 
     def delete(self, key: str) -> None:
+        """Remove the session with everything the store holds of it: snapshot, log, and the
+        Idempotency-Keys it owned."""
         with self.lock:
             held = self._get(key)
             if self.persistent:
                 self._store_call(self.backend.delete, key)
+            self._store_call(self.backend.unclaim, held.session.tenant, held.idem.keys())
             self.tiers.drop(held)
             self._unhold(held)
             self._gauges()
@@ -187,7 +196,7 @@ class SessionStore:
         sess.check_tensors(tensors, self.d)
         sess.updated_at = time.time()
         sess.inc = new_incarnation()
-        held = Held(sess, idem=IdempotencyRecords(self.idem_max))
+        held = Held(sess, idem=self._records())
         with self.lock:
             self._refresh([key])
             old = self.held.get(key)
@@ -295,57 +304,6 @@ class SessionStore:
             self._gauges()
         return found, unavailable
 
-    def _flush(self, wal: Optional[WalBuffer]) -> dict[str, DomainError]:
-        """wal: append the transaction's records (one backend call). Sessions whose append failed
-        are dropped from memory (the store keeps their last durable state) -> {key: the error}."""
-        if wal is None or not wal.pending:
-            return {}
-        batch = {}
-        for key, recs in wal.pending.items():
-            sess = self.held[key].session
-            batch[key] = (Head(sess.inc, recs[0].version - 1), [r.encode(sess.inc) for r in recs])
-        try:
-            failed = self.backend.append(batch)
-        except StoreError as e:
-            log.error("log append failed: %s", e)
-            failed = self._appended_in_doubt(batch, e)
-        errors: dict[str, DomainError] = {}
-        for key, why in failed.items():
-            if isinstance(why, DomainError):
-                errors[key] = why
-            elif why == "conflict":
-                errors[key] = version_conflict(split_key(key)[1])
-            else:
-                errors[key] = store_unavailable(why)
-        for key in batch:
-            held = self.held[key]
-            if key in errors:
-                self._forget(held)
-            else:
-                held.synced = held.session.version
-        return errors
-
-    def _appended_in_doubt(self, batch, error: StoreError, tries: int = 3) -> dict:
-        """The append call failed as a whole: ask the store which keys it appended (their head
-        moved by exactly their records). Keys it still cannot tell about are in doubt."""
-        delay = 0.1
-        for attempt in range(tries):
-            try:
-                heads = self.backend.heads(batch)
-            except StoreError:
-                if attempt + 1 < tries:
-                    time.sleep(delay)
-                    delay *= 3
-                continue
-            out = {}
-            for key, (expect, records) in batch.items():
-                head = heads.get(key)
-                if head == Head(expect.inc, expect.version + len(records)):
-                    continue  # appended
-                out[key] = f"error: {error}" if head == expect else store_in_doubt(error)
-            return out
-        return {key: store_in_doubt(error) for key in batch}
-
     # ---- the disk tier (tiers.Disk) ---------------------------------------------------------
 
     def save(self, held: Held, tensors) -> bool:
@@ -429,64 +387,11 @@ class SessionStore:
             raise session_not_found(held.session.id)
         raise version_conflict(held.session.id)
 
-    def _store_call(self, fn, *args):
-        try:
-            return fn(*args)
-        except StoreError as e:
-            log.error("store: %s", e)
-            raise store_unavailable(e) from None
-
-    def _encode(self, held: Held, tensors, internal: bool = False) -> bytes:
-        """An export; `internal` (store snapshots) adds the key, incarnation and idempotency records."""
-        sess = held.session
-        meta = {"format": codec.EXPORT_FORMAT, "backbone": self.backbone_name, "embed_dim": self.d,
-                "weights": self.fingerprint, **sess.meta()}
-        if internal:
-            meta.update(key=sess.key, incarnation=sess.inc, **held.idem.to_meta())
-        return codec.encode(tensors, meta)
-
-    def _decode(self, data: bytes) -> tuple[dict, dict[str, torch.Tensor]]:
-        try:
-            meta, tensors = codec.decode(data)
-        except codec.CodecError:
-            raise invalid("invalid_snapshot", "body is not a fwserve session export (safetensors)") from None
-        if meta.get("format") not in codec.EXPORT_FORMATS:
-            raise invalid("invalid_snapshot", f"snapshot format {meta.get('format')!r} is none of {codec.EXPORT_FORMATS}")
-        if meta.get("backbone") != self.backbone_name:
-            raise invalid("invalid_snapshot", f"snapshot was made on backbone {meta.get('backbone')!r}; "
-                          f"this server serves {self.backbone_name!r}")
-        if meta.get("embed_dim") != self.d:
-            raise invalid("invalid_snapshot", f"snapshot embed_dim {meta.get('embed_dim')} != backbone's {self.d}")
-        self._check_weights(meta.get("weights"))
-        return meta, tensors
-
-    def _check_weights(self, weights: Optional[str]) -> None:
-        """A head learnt on other backbone weights must not meet these weights' features. Records
-        of the first release carry no fingerprint and are taken as they are."""
-        if weights and self.fingerprint and weights != self.fingerprint:
-            raise invalid("weights_mismatch", f"this session was made for backbone weights {weights[:16]}...; this "
-                          f"server's are {self.fingerprint[:16]}... (its head would meet features it never saw): "
-                          "recreate it, or serve it with the weights it was made for")
-
     def _dirty(self, held: Held, final: bool) -> bool:
         if self.durability == "snapshot":
             return held.session.version != held.synced
         behind = held.session.version - held.snap_version
         return behind > 0 and (final or behind >= self.settings.wal_compact_records)
-
-    def _write_snapshot(self, held: Held, tensors) -> bool:
-        """Snapshot the session at its version into the store (compare-and-set on its head); a
-        stale copy (another replica moved on) is let go: the caller drops its tensors. -> written?"""
-        sess = held.session
-        data = self._encode(held, tensors, True)
-        ok = self._store_call(self.backend.put, held.key, sess.inc, sess.version, data, Head(sess.inc, held.synced))
-        if ok:
-            held.synced = held.snap_version = sess.version
-        else:
-            log.warning("session %s changed in the store since this replica loaded it; dropping the local copy "
-                        "(%d unsaved adapts lost)", held.key, sess.version - held.synced)
-            self._unhold(held)
-        return ok
 
     def _refresh(self, keys: list[str], errors: Optional[dict] = None) -> None:
         """snapshot/wal: load sessions this process does not hold; with a shared store also drop
@@ -547,40 +452,3 @@ class SessionStore:
         self._gauges()
         return held
 
-    def _materialize(self, key: str, stored) -> tuple[Held, dict[str, torch.Tensor]]:
-        """Snapshot + the log records that follow it (same incarnation, in version order)."""
-        try:
-            meta, tensors = self._decode(stored.snapshot)
-            sess = Session.from_meta(key, meta, self.C)
-            sess.inc = str(meta["incarnation"])
-            n = len(sess.classes)
-            want = {"W": (n, self.d), "b": (n,), **sess.rule.state_shapes(n, self.d)}
-            if {k: tuple(v.shape) for k, v in tensors.items()} != want:
-                raise invalid("invalid_snapshot", f"stored tensors do not match the rule {sess.rule.name!r}")
-        except InvalidInput as e:
-            if e.code == "weights_mismatch":  # readable, but not for these weights: say so, do not retry
-                raise conflict("weights_mismatch", e.message) from None
-            raise StoreError(f"session {key}: unreadable snapshot in the store: {e.message}") from None
-        except (DomainError, KeyError) as e:
-            raise StoreError(f"session {key}: unreadable snapshot in the store: {getattr(e, 'message', e)}") from None
-        held = Held(sess, idem=IdempotencyRecords.from_meta(meta, self.idem_max))
-        held.synced = held.snap_version = sess.version
-        recs = []
-        try:
-            for raw in stored.records:
-                inc, rec = codec.Record.decode(raw)
-                if inc == sess.inc and rec.version == sess.version + len(recs) + 1:
-                    if rec.weights and self.fingerprint and rec.weights != self.fingerprint:
-                        raise conflict("weights_mismatch", f"session {split_key(key)[1]!r}: its log was written "
-                                       "with other backbone weights")
-                    recs.append(rec)
-        except codec.CodecError as e:
-            raise StoreError(f"session {key}: unreadable log record: {e}") from None
-        if recs:
-            tensors = replay(sess, tensors, recs, self.C, self.d, self.device)
-            now = time.time()
-            for rec in recs:
-                if rec.idem and rec.idem["expires"] > now:
-                    held.idem.put(rec.idem["key"], {k: rec.idem[k] for k in ("fp", "expires", "response")})
-        held.synced = sess.version
-        return held, tensors

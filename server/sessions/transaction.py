@@ -66,6 +66,7 @@ class Transaction:
         self.missing: set[str] = set()
         self.unavailable: dict[str, DomainError] = {}
         self.errors: dict[str, DomainError] = {}
+        self._keyed: list[tuple[str, Idem]] = []  # keyed adapts remembered here
 
     def __enter__(self) -> "Transaction":
         self._store.lock.acquire()
@@ -83,6 +84,7 @@ class Transaction:
         try:
             if exc_type is None:
                 self.errors = self._store._flush(self._wal)
+                self._store._record_claims([(k, i) for k, i in self._keyed if k not in self.errors])
             else:
                 self._restore_entry_state()
         finally:
@@ -146,6 +148,17 @@ class Transaction:
             self._wal.commit(key, version, n_examples, correct, labelled, t)
         return version
 
+    def reused(self, pairs: list[tuple[str, Idem]]) -> tuple[set[str], dict[str, DomainError]]:
+        """For this batch's keyed adapts, (session key, idem) pairs -> (the session keys whose
+        Idempotency-Key the tenant used for another request, {session key: why that could not be
+        checked}). One store call per tenant; applied requests' keys are recorded at the end."""
+        if not pairs:
+            return set(), {}
+        try:
+            return self._store._reused(pairs), {}
+        except DomainError as e:
+            return set(), {s: e for s, _ in pairs}
+
     def lookup(self, key: str, idem: Optional[Idem]) -> Optional[dict]:
         """The stored answer of an earlier adapt with this Idempotency-Key (InvalidInput when the
         key came with another request), or None."""
@@ -155,6 +168,7 @@ class Transaction:
         if not idem:
             return
         entry = self._held[key].idem.remember(idem, response, self._store.idem_ttl)
+        self._keyed.append((key, idem))
         if key in self._before:
             self._before[key][4].add(idem[0])
         if self._wal is not None:

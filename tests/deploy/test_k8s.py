@@ -65,6 +65,10 @@ def test_shared_redis_store(overlay):
     # the durability the server's wal mode documents: a write is answered after its AOF fsync
     assert opts["--appendonly"] == "yes" and opts["--appendfsync"] == "always"
     assert opts["--maxmemory-policy"] == "noeviction"
+    # a full Redis refuses writes before the container's memory limit kills it
+    limit = sts["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["memory"]
+    assert opts["--maxmemory"].endswith("mb") and limit.endswith("Gi")
+    assert int(opts["--maxmemory"][:-2]) <= 0.8 * int(limit[:-2]) * 1024
     # the server points at this Redis
     cm = _config(docs)
     url = re.fullmatch(r"redis://([a-z0-9-]+):(\d+)/\d+", cm["FWSERVE_STORE"])
@@ -181,11 +185,12 @@ def test_server_pod(overlay, monkeypatch):
     startup_budget = probes["startupProbe"]["periodSeconds"] * probes["startupProbe"]["failureThreshold"]
     assert startup_budget >= (600 if overlay == "gpu" else 240)
 
-    # shutdown: preStop sleep + the longest adapt (queue timeout + a batch) fits in the grace period
+    # shutdown: preStop sleep + the server's grace (longer than the longest adapt: queue timeout
+    # + a batch) fits in the pod's grace period
     pre_stop = c["lifecycle"]["preStop"]["exec"]["command"]
     assert pre_stop[0] == "sleep"
-    longest_adapt = s.request_timeout_s + 10
-    assert pod["terminationGracePeriodSeconds"] > int(pre_stop[1]) + longest_adapt
+    assert s.shutdown_grace_s >= s.request_timeout_s + 10
+    assert pod["terminationGracePeriodSeconds"] > int(pre_stop[1]) + s.shutdown_grace_s
 
     # writable paths on a read-only root: /tmp and the snapshot directory are volumes
     mounts = {m["mountPath"] for m in c["volumeMounts"]}

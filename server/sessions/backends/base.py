@@ -85,6 +85,18 @@ class Backend:
         """Sessions stored, of one tenant or in all."""
         raise NotImplementedError
 
+    def claims(self, tenant: Optional[str], keys: Iterable[str]) -> dict[str, dict]:
+        """The unexpired claims on these Idempotency-Keys of one tenant: key -> {"owner", "fp", "expires"}."""
+        raise NotImplementedError
+
+    def claim(self, tenant: Optional[str], claims: dict[str, dict]) -> None:
+        """Record claims (key -> {"owner", "fp", "expires"}); a key with an unexpired claim keeps it."""
+        raise NotImplementedError
+
+    def unclaim(self, tenant: Optional[str], keys: Iterable[str]) -> None:
+        """Forget claims (the session that owned them was deleted)."""
+        raise NotImplementedError
+
     def durability_warning(self) -> Optional[str]:
         """A warning when the medium's own settings do not make acknowledged writes durable."""
         return None

@@ -9,10 +9,12 @@ middle of an append, never acknowledged) fails its CRC and is cut off on load.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import re
 import struct
+import time
 import zlib
 from pathlib import Path
 from typing import Optional
@@ -86,6 +88,13 @@ class DirectoryBackend(Backend):
                 raise StoreError(f"store directory {self.root} is in use by another fwserve process "
                                  "(a directory store serves one replica; use redis:// to share)") from None
             self._lock_fd = fd
+        # Idempotency-Key claims: in memory, and with `exclusive` (the store is this process's and
+        # durable) in an append-only file, replayed at start and rewritten when mostly stale
+        self._claims: dict[str, dict[str, dict]] = {}
+        self._claims_path = self.root / "idempotency.jsonl" if exclusive else None
+        self._claim_lines = 0
+        if self._claims_path is not None:
+            self._load_claims()
         self._counts: dict[str, int] = {}
         self._heads: dict[str, Head] = {}  # known heads of the keys this process wrote or read
         for p in self.root.glob("*.safetensors"):
@@ -248,6 +257,65 @@ class DirectoryBackend(Backend):
         if tenant is not None:
             return self._counts.get(_tenant_part(tenant), 0)
         return sum(self._counts.values())
+
+    def claims(self, tenant, keys):
+        table, now = self._claims.get(_tenant_part(tenant), {}), time.time()
+        return {k: table[k] for k in keys if k in table and table[k]["expires"] > now}
+
+    def claim(self, tenant, claims):
+        table = self._claims.setdefault(_tenant_part(tenant), {})
+        now, lines = time.time(), []
+        for key, c in claims.items():
+            prev = table.get(key)
+            if prev is None or prev["expires"] <= now:
+                table[key] = c
+                lines.append({"t": _tenant_part(tenant), "k": key, **c})
+        self._write_claims(lines)
+
+    def unclaim(self, tenant, keys):
+        table = self._claims.get(_tenant_part(tenant), {})
+        gone = [k for k in keys if table.pop(k, None) is not None]
+        self._write_claims([{"t": _tenant_part(tenant), "k": k, "del": True} for k in gone])
+
+    def _write_claims(self, lines: list[dict]) -> None:
+        if not lines or self._claims_path is None:
+            return
+        live = sum(len(t) for t in self._claims.values())
+        try:
+            if self._claim_lines + len(lines) > 2 * live + 1024:  # mostly stale: rewrite the live ones
+                now = time.time()
+                rows = [{"t": t, "k": k, **c} for t, table in self._claims.items() for k, c in table.items()
+                        if c["expires"] > now]
+                self._write_atomic(self._claims_path, "".join(json.dumps(r) + "\n" for r in rows).encode())
+                self._claim_lines = len(rows)
+                return
+            with open(self._claims_path, "ab") as f:
+                f.write("".join(json.dumps(r) + "\n" for r in lines).encode())
+                if self.fsync:
+                    f.flush()
+                    os.fsync(f.fileno())
+            self._claim_lines += len(lines)
+        except OSError as e:
+            raise StoreError(f"writing {self._claims_path.name}: {e}") from e
+
+    def _load_claims(self) -> None:
+        try:
+            text = self._claims_path.read_text()
+        except FileNotFoundError:
+            return
+        now = time.time()
+        for line in text.splitlines():
+            try:
+                r = json.loads(line)
+                table = self._claims.setdefault(r.pop("t"), {})
+                key = r.pop("k")
+            except (ValueError, KeyError, TypeError, AttributeError):
+                continue  # a torn last line (a crash mid-append): never acknowledged
+            if r.get("del"):
+                table.pop(key, None)
+            elif r.get("expires", 0) > now:
+                table[key] = r
+            self._claim_lines += 1
 
     def close(self):
         if self._lock_fd is not None:

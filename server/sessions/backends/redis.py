@@ -19,7 +19,9 @@ sessions.
 
 from __future__ import annotations
 
+import json
 import logging
+import time
 from typing import Optional
 from urllib.parse import urlsplit, urlunsplit
 
@@ -236,6 +238,34 @@ class RedisBackend(Backend):
         if tenant is not None:
             return int(self._call(self.r.scard, f"{self.ns}:{{{tenant_name(tenant)}}}:t"))
         return int(self._call(self.r.get, f"{self.ns}:n") or 0)
+
+    def _claim_key(self, tenant, key: str) -> str:
+        return f"{self.ns}:{{{tenant_name(tenant)}}}:k:{key}"
+
+    def claims(self, tenant, keys):
+        keys = list(keys)
+        if not keys:
+            return {}
+        values = self._call(self.r.mget, [self._claim_key(tenant, k) for k in keys])
+        return {k: json.loads(v) for k, v in zip(keys, values) if v}
+
+    def claim(self, tenant, claims):
+        if not claims:
+            return
+        now = time.time()
+
+        def run():  # SET NX with the claim's remaining time: Redis forgets it when it expires
+            p = self.r.pipeline(transaction=False)
+            for k, c in claims.items():
+                p.set(self._claim_key(tenant, k), json.dumps(c), nx=True, px=max(1, int((c["expires"] - now) * 1000)))
+            return p.execute()
+
+        self._call(run)
+
+    def unclaim(self, tenant, keys):
+        keys = [self._claim_key(tenant, k) for k in keys]
+        if keys:
+            self._call(self.r.delete, *keys)
 
     def close(self):
         try:

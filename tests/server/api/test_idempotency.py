@@ -63,9 +63,16 @@ def test_adapt_retry_applies_once(server):
         reused = post(c, "/v1/adapt", adapt_body(sid, 1, "b"), "adapt-1")
         assert reused.status_code == 422 and reused.json()["error"]["code"] == "idempotency_key_reused"
         assert post(c, "/v1/adapt", adapt_body(sid, 1, "b"), "adapt-2").json()["version"] == 2
-        # the same key on another session is another request
+        # a key is its tenant's: the same key on another session is refused, not applied there
         sid2 = c.post("/v1/sessions", json={"rule": "rls", "classes": ["a", "b"]}).json()["id"]
-        assert post(c, "/v1/adapt", adapt_body(sid2), "adapt-1").json()["version"] == 1
+        other = post(c, "/v1/adapt", adapt_body(sid2), "adapt-1")
+        assert other.status_code == 422 and other.json()["error"]["code"] == "idempotency_key_reused"
+        assert c.get(f"/v1/sessions/{sid2}").json()["version"] == 0
+        # the same request with its JSON keys in another order and other spacing is the same request
+        reordered = json.dumps({"instances": [{"label": "a", **arr(XS[0])}], "session_id": sid}, indent=1)
+        again = c.post("/v1/adapt", content=reordered, headers={"content-type": "application/json",
+                                                                "Idempotency-Key": "adapt-1"})
+        assert again.status_code == 200 and again.headers["idempotent-replayed"] == "true"
         # a rejected request is not remembered
         bad = post(c, "/v1/adapt", adapt_body(sid, 0, "zebra"), "adapt-3")
         assert bad.status_code == 422
@@ -110,11 +117,19 @@ def test_keys_survive_a_crash_in_wal_mode_and_expire(backbone, tmp_path):
         assert late.json()["version"] == 2 and "idempotent-replayed" not in late.headers
 
 
-@pytest.mark.parametrize("n_keys", [3])
-def test_keys_per_session_are_capped(backbone, tmp_path, n_keys):
-    with live_server(backbone, tmp_path, idempotency_max_keys=n_keys) as srv, srv.client() as c:
+def test_a_key_is_the_tenants_on_create_too(server):
+    with server.client() as c:
+        body = {"rule": "sgd", "classes": ["a", "b"], "id": "tk-1"}
+        assert post(c, "/v1/sessions", body, "tk").status_code == 201
+        other = post(c, "/v1/sessions", {**body, "id": "tk-2"}, "tk")  # same key, another session
+        assert other.status_code == 422 and other.json()["error"]["code"] == "idempotency_key_reused"
+        assert c.get("/v1/sessions/tk-2").status_code == 404
+
+
+def test_answers_beyond_the_byte_budget_are_dropped_loudly(backbone, tmp_path):
+    with live_server(backbone, tmp_path, idempotency_max_bytes=2048) as srv, srv.client() as c:
         sid = c.post("/v1/sessions", json={"rule": "sgd", "classes": ["a", "b"]}).json()["id"]
-        for i in range(n_keys + 1):
-            post(c, "/v1/adapt", adapt_body(sid), f"cap-{i}")
-        assert post(c, "/v1/adapt", adapt_body(sid), f"cap-{n_keys}").headers.get("idempotent-replayed") == "true"
-        assert post(c, "/v1/adapt", adapt_body(sid), "cap-0").json()["version"] == n_keys + 2  # the oldest went
+        for i in range(12):
+            assert post(c, "/v1/adapt", adapt_body(sid), f"cap-{i}").status_code == 200
+        assert post(c, "/v1/adapt", adapt_body(sid), "cap-11").headers.get("idempotent-replayed") == "true"
+        assert srv.metric("fwserve_idempotency_evictions_total") > 0

@@ -1,0 +1,213 @@
+"""What the session store reads and writes in its backend: encoded snapshots and exports (with
+their checks), log appends and their outcome, snapshot writes, loading a stored session (snapshot
+plus log replay), and Idempotency-Key claims.
+
+``StoreIO`` is a part of ``SessionStore`` (server/sessions/store.py) kept in its own module: it
+works on the store's own attributes (backend, fingerprint, held sessions, settings) and is never
+used alone.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Optional
+
+import torch
+
+from server.errors import (
+    DomainError, InvalidInput, conflict, invalid, store_in_doubt, store_unavailable, version_conflict,
+)
+from server.keys import split_key
+from server.sessions import codec
+from server.sessions.backends import Head, StoreError
+from server.sessions.idempotency import Idem, IdempotencyRecords, claim_conflicts
+from server.sessions.session import Held, Session
+from server.sessions.wal import WalBuffer, replay
+
+log = logging.getLogger("fwserve.store")
+
+
+class StoreIO:
+    # ---- the write-ahead log ----------------------------------------------------------------
+
+    def _flush(self, wal: Optional[WalBuffer]) -> dict[str, DomainError]:
+        """wal: append the transaction's records (one backend call). Sessions whose append failed
+        are dropped from memory (the store keeps their last durable state) -> {key: the error}."""
+        if wal is None or not wal.pending:
+            return {}
+        batch = {}
+        for key, recs in wal.pending.items():
+            sess = self.held[key].session
+            batch[key] = (Head(sess.inc, recs[0].version - 1), [r.encode(sess.inc) for r in recs])
+        try:
+            failed = self.backend.append(batch)
+        except StoreError as e:
+            log.error("log append failed: %s", e)
+            failed = self._appended_in_doubt(batch, e)
+        errors: dict[str, DomainError] = {}
+        for key, why in failed.items():
+            if isinstance(why, DomainError):
+                errors[key] = why
+            elif why == "conflict":
+                errors[key] = version_conflict(split_key(key)[1])
+            else:
+                errors[key] = store_unavailable(why)
+        for key in batch:
+            held = self.held[key]
+            if key in errors:
+                self._forget(held)
+            else:
+                held.synced = held.session.version
+        return errors
+
+    def _appended_in_doubt(self, batch, error: StoreError, tries: int = 3) -> dict:
+        """The append call failed as a whole: ask the store which keys it appended (their head
+        moved by exactly their records). Keys it still cannot tell about are in doubt."""
+        delay = 0.1
+        for attempt in range(tries):
+            try:
+                heads = self.backend.heads(batch)
+            except StoreError:
+                if attempt + 1 < tries:
+                    time.sleep(delay)
+                    delay *= 3
+                continue
+            out = {}
+            for key, (expect, records) in batch.items():
+                head = heads.get(key)
+                if head == Head(expect.inc, expect.version + len(records)):
+                    continue  # appended
+                out[key] = f"error: {error}" if head == expect else store_in_doubt(error)
+            return out
+        return {key: store_in_doubt(error) for key in batch}
+
+    # ---- snapshots and exports ----------------------------------------------------------------
+
+    def _encode(self, held: Held, tensors, internal: bool = False) -> bytes:
+        """An export; `internal` (store snapshots) adds the key, incarnation and idempotency records."""
+        sess = held.session
+        meta = {"format": codec.EXPORT_FORMAT, "backbone": self.backbone_name, "embed_dim": self.d,
+                "weights": self.fingerprint, **sess.meta()}
+        if internal:
+            meta.update(key=sess.key, incarnation=sess.inc, **held.idem.to_meta())
+        return codec.encode(tensors, meta)
+
+    def _decode(self, data: bytes) -> tuple[dict, dict[str, torch.Tensor]]:
+        try:
+            meta, tensors = codec.decode(data)
+        except codec.CodecError:
+            raise invalid("invalid_snapshot", "body is not a fwserve session export (safetensors)") from None
+        if meta.get("format") not in codec.EXPORT_FORMATS:
+            raise invalid("invalid_snapshot", f"snapshot format {meta.get('format')!r} is none of {codec.EXPORT_FORMATS}")
+        if meta.get("backbone") != self.backbone_name:
+            raise invalid("invalid_snapshot", f"snapshot was made on backbone {meta.get('backbone')!r}; "
+                          f"this server serves {self.backbone_name!r}")
+        if meta.get("embed_dim") != self.d:
+            raise invalid("invalid_snapshot", f"snapshot embed_dim {meta.get('embed_dim')} != backbone's {self.d}")
+        self._check_weights(meta.get("weights"))
+        return meta, tensors
+
+    def _check_weights(self, weights: Optional[str]) -> None:
+        """A head learnt on other backbone weights must not meet these weights' features. Records
+        of the first release carry no fingerprint and are taken as they are."""
+        if weights and self.fingerprint and weights != self.fingerprint:
+            raise invalid("weights_mismatch", f"this session was made for backbone weights {weights[:16]}...; this "
+                          f"server's are {self.fingerprint[:16]}... (its head would meet features it never saw): "
+                          "recreate it, or serve it with the weights it was made for")
+
+    def _write_snapshot(self, held: Held, tensors) -> bool:
+        """Snapshot the session at its version into the store (compare-and-set on its head); a
+        stale copy (another replica moved on) is let go: the caller drops its tensors. -> written?"""
+        sess = held.session
+        data = self._encode(held, tensors, True)
+        ok = self._store_call(self.backend.put, held.key, sess.inc, sess.version, data, Head(sess.inc, held.synced))
+        if ok:
+            held.synced = held.snap_version = sess.version
+        else:
+            log.warning("session %s changed in the store since this replica loaded it; dropping the local copy "
+                        "(%d unsaved adapts lost)", held.key, sess.version - held.synced)
+            self._unhold(held)
+        return ok
+
+    def _materialize(self, key: str, stored) -> tuple[Held, dict[str, torch.Tensor]]:
+        """Snapshot + the log records that follow it (same incarnation, in version order)."""
+        try:
+            meta, tensors = self._decode(stored.snapshot)
+            sess = Session.from_meta(key, meta, self.C)
+            sess.inc = str(meta["incarnation"])
+            n = len(sess.classes)
+            want = {"W": (n, self.d), "b": (n,), **sess.rule.state_shapes(n, self.d)}
+            if {k: tuple(v.shape) for k, v in tensors.items()} != want:
+                raise invalid("invalid_snapshot", f"stored tensors do not match the rule {sess.rule.name!r}")
+        except InvalidInput as e:
+            if e.code == "weights_mismatch":  # readable, but not for these weights: say so, do not retry
+                raise conflict("weights_mismatch", e.message) from None
+            raise StoreError(f"session {key}: unreadable snapshot in the store: {e.message}") from None
+        except (DomainError, KeyError) as e:
+            raise StoreError(f"session {key}: unreadable snapshot in the store: {getattr(e, 'message', e)}") from None
+        held = Held(sess, idem=IdempotencyRecords.from_meta(meta, self.idem_max, self._idem_evicted))
+        held.synced = held.snap_version = sess.version
+        recs = []
+        try:
+            for raw in stored.records:
+                inc, rec = codec.Record.decode(raw)
+                if inc == sess.inc and rec.version == sess.version + len(recs) + 1:
+                    if rec.weights and self.fingerprint and rec.weights != self.fingerprint:
+                        raise conflict("weights_mismatch", f"session {split_key(key)[1]!r}: its log was written "
+                                       "with other backbone weights")
+                    recs.append(rec)
+        except codec.CodecError as e:
+            raise StoreError(f"session {key}: unreadable log record: {e}") from None
+        if recs:
+            tensors = replay(sess, tensors, recs, self.C, self.d, self.device)
+            now = time.time()
+            for rec in recs:
+                if rec.idem and rec.idem["expires"] > now:
+                    held.idem.put(rec.idem["key"], {k: rec.idem[k] for k in ("fp", "expires", "response")})
+        held.synced = sess.version
+        return held, tensors
+    # ---- Idempotency-Keys ---------------------------------------------------------------------
+
+    def _records(self) -> IdempotencyRecords:
+        return IdempotencyRecords(self.idem_max, self._idem_evicted)
+
+    def _idem_evicted(self, n: int) -> None:
+        log.warning("%d Idempotency-Key answers dropped before their time: a session's answers exceed "
+                    "--idempotency-max-bytes", n)
+        self.events.idempotency_evicted(n)
+
+    def _claims_by_tenant(self, pairs: list[tuple[str, Idem]]) -> dict:
+        by_tenant: dict = {}
+        expires = time.time() + self.idem_ttl
+        for session_key, (k, fp) in pairs:
+            by_tenant.setdefault(split_key(session_key)[0], {})[k] = {"owner": session_key, "fp": fp,
+                                                                      "expires": expires}
+        return by_tenant
+
+    def _reused(self, pairs: list[tuple[str, Idem]]) -> set[str]:
+        """For (session key, (key, fingerprint)) pairs: the session keys whose Idempotency-Key the
+        tenant already used with another session or request (one backend call per tenant)."""
+        taken = set()
+        for tenant, claims in self._claims_by_tenant(pairs).items():
+            held = self._store_call(self.backend.claims, tenant, list(claims))
+            taken |= {claims[k]["owner"] for k in claim_conflicts(claims, held)}
+        return taken
+
+    def _record_claims(self, pairs: list[tuple[str, Idem]]) -> None:
+        """The keys of applied requests become their tenant's (best effort: the answers themselves
+        are durable with their sessions; the claims catch reuse on other sessions)."""
+        for tenant, claims in self._claims_by_tenant(pairs).items():
+            try:
+                self.backend.claim(tenant, claims)
+            except StoreError as e:
+                log.error("recording %d Idempotency-Keys of tenant %s failed: %s", len(claims), tenant, e)
+
+    # ---- calls into the backend --------------------------------------------------------------
+
+    def _store_call(self, fn, *args):
+        try:
+            return fn(*args)
+        except StoreError as e:
+            log.error("store: %s", e)
+            raise store_unavailable(e) from None
