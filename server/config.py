@@ -95,6 +95,9 @@ class Settings(BaseSettings):
     wal_compact_records: int = Field(
         256, ge=1, description="wal: compact a session's log into a snapshot once it holds this many adapts."
     )
+    wal_compact_bytes: int = Field(
+        4 << 20, ge=1024, description="wal: compact a session's log into a snapshot once it holds this many bytes."
+    )
     fsync: bool = Field(
         True, description="Directory store: fsync log appends and snapshot writes before acknowledging "
         "(--no-fsync survives a process crash but not a power loss). Redis: set by its appendfsync.",
@@ -109,7 +112,15 @@ class Settings(BaseSettings):
     )
     max_classes: int = Field(64, ge=2, description="Most classes a session head may have (slot tensor width).")
     max_sessions: int = Field(
-        1_000_000, ge=1, description="Most sessions in all tiers together; creating more is refused (409)."
+        100_000, ge=1, description="Most sessions in all tiers together; creating more is refused (409)."
+    )
+    session_ttl_s: float = Field(
+        30 * 86400.0, ge=0, description="A session neither used nor changed for this long is deleted "
+        "(fwserve_sessions_expired_total; 0 keeps sessions forever).",
+    )
+    store_max_bytes: int = Field(
+        0, ge=0, description="Directory store: most bytes its files may take (snapshots, logs); a write beyond it "
+        "fails like a full disk (503, nothing acknowledged). 0: the disk is the limit.",
     )
 
     # tenants
@@ -120,7 +131,7 @@ class Settings(BaseSettings):
     )
     api_keys_file: Optional[Path] = Field(None, description="File with API key lines (see --api-keys).")
     tenant_max_sessions: int = Field(
-        0, ge=0, description="Default per-tenant session quota (0 = only --max-sessions); 429 beyond it."
+        10_000, ge=0, description="Default per-tenant session quota (0 = only --max-sessions); 429 beyond it."
     )
     tenant_rps: float = Field(
         0.0, ge=0, description="Default per-tenant requests per second (0 = unlimited); 429 + Retry-After beyond it."

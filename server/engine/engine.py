@@ -104,8 +104,8 @@ class Engine:
             if s.warmup:
                 self._warmup(executor)  # on this thread, before the worker starts
             self.batcher.start()
-            if self.store.persistent:
-                self._checkpointer = threading.Thread(target=self._checkpoint_loop, name="fwserve-checkpoint",
+            if self.store.persistent or s.session_ttl_s:
+                self._checkpointer = threading.Thread(target=self._maintenance_loop, name="fwserve-maintenance",
                                                       daemon=True)
                 self._checkpointer.start()
             self.metrics.set_build_info(s.backbone, device, bb.fingerprint[:16])
@@ -130,15 +130,23 @@ class Engine:
         for item in items:
             item.future.result()
 
-    def _checkpoint_loop(self) -> None:
-        """snapshot: write changed sessions; wal: compact long logs; every --snapshot-interval-s."""
-        while not self._stopping.wait(self.settings.snapshot_interval_s):
+    def _maintenance_loop(self) -> None:
+        """Every --snapshot-interval-s: snapshot: write changed sessions; wal: compact long logs.
+        And now and then (a tenth of --session-ttl-s, at most every 5 minutes): delete idle sessions."""
+        s = self.settings
+        sweep_every = min(s.session_ttl_s / 10, 300.0)
+        last_sweep = time.monotonic()
+        while not self._stopping.wait(s.snapshot_interval_s):
             try:
-                n = self.store.checkpoint()
-                if n:
-                    log.debug("checkpoint: %d sessions written", n)
+                if self.store.persistent:
+                    n = self.store.checkpoint()
+                    if n:
+                        log.debug("checkpoint: %d sessions written", n)
+                if s.session_ttl_s and time.monotonic() - last_sweep >= sweep_every:
+                    last_sweep = time.monotonic()
+                    self.store.expire(s.session_ttl_s)
             except Exception:  # keep trying; every failure is logged
-                log.exception("checkpoint failed")
+                log.exception("maintenance failed")
 
     def stop(self) -> None:
         """Shutdown: stop taking jobs, drain the queue, write the sessions (snapshot/wal), close."""

@@ -123,6 +123,9 @@ class Metrics(StoreEvents):
             "Idempotency-Key answers dropped before their time (a session over --idempotency-max-bytes).",
             registry=r,
         )
+        self.sessions_expired = Counter(
+            "fwserve_sessions_expired", "Sessions deleted after --session-ttl-s without use.", registry=r,
+        )
         self.label_free_resets = Counter(
             "fwserve_label_free_resets",
             "Sessions of label-free rules reset to their initial head by the collapse guard, by rule.",
@@ -153,6 +156,9 @@ class Metrics(StoreEvents):
             self.evictions.labels(to_tier=tier).inc()
         else:
             self.restores.labels(from_tier=tier).inc()
+
+    def expired(self, n: int) -> None:
+        self.sessions_expired.inc(n)
 
     def idempotency_evicted(self, n: int) -> None:
         self.idempotency_evictions.inc(n)

@@ -173,6 +173,9 @@ class Held:
     host: Optional[dict[str, torch.Tensor]] = None  # CPU copies while on the host tier
     synced: int = 0  # version the store holds (wal: == version once flushed)
     snap_version: int = 0  # version of the store's snapshot (wal: the log holds the rest)
+    log_bytes: int = 0  # wal: bytes of its log records after the snapshot
+    used_at: float = field(default_factory=time.time)  # last request on it (idle expiry)
+    use_stored_at: float = 0.0  # when its last use was written to a shared store
     idem: IdempotencyRecords = field(default_factory=IdempotencyRecords)
 
     @property

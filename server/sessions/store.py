@@ -8,7 +8,9 @@ Management calls (create, get, reset, delete, export, import) and micro-batch tr
   tier (a private namespace, emptied at exit); with ``snapshot`` or ``wal`` the source of truth,
   the device and host tiers caching it: a session this process does not hold is loaded on first
   use (snapshot, then its log replayed, ``wal.replay``);
-- ``codec``: the byte formats; ``idempotency``: per-session Idempotency-Key records.
+- ``codec``: the byte formats; ``idempotency``: Idempotency-Key records and claims;
+- ``store_io`` (backend reads and writes) and ``upkeep`` (checkpoints, idle expiry, shutdown):
+  parts of this class in modules of their own.
 
 Multi-replica protocol (shared store, ``snapshot``/``wal``): a local copy is current exactly
 when the store's head equals ``(session.inc, synced version)``. Every transaction and
@@ -37,11 +39,12 @@ from server.errors import (
 from server.keys import make_key, split_key
 from server.rules import RULES, get_rule
 from server.sessions.backends import Backend, Head, StoreError, new_incarnation, open_backend
-from server.sessions.idempotency import Idem
+from server.sessions.idempotency import Idem, IdempotencyRecords
 from server.sessions.session import Held, Session, SessionInfo, check_classes
 from server.sessions.slots import SlotPool
 from server.sessions.tiers import Tiers
 from server.sessions.store_io import StoreIO
+from server.sessions.upkeep import Upkeep
 from server.sessions.transaction import Transaction
 
 log = logging.getLogger("fwserve.store")
@@ -59,8 +62,11 @@ class StoreEvents:
     def idempotency_evicted(self, n: int) -> None:
         """Idempotency-Key answers dropped before their time (a session over its byte budget)."""
 
+    def expired(self, n: int) -> None:
+        """Sessions deleted after --session-ttl-s without use."""
 
-class SessionStore(StoreIO):
+
+class SessionStore(StoreIO, Upkeep):
     def __init__(self, settings, embed_dim: int, base_W: torch.Tensor, base_b: torch.Tensor,
                  base_classes: list[str], device, backbone_name: str, events: Optional[StoreEvents] = None,
                  backend: Optional[Backend] = None, fingerprint: Optional[str] = None) -> None:
@@ -84,7 +90,7 @@ class SessionStore(StoreIO):
             # none: a private spill namespace; snapshot/wal: the shared, exclusive (directory) store
             ns = "fwserve" if self.persistent else f"fwserve:tmp:{uuid.uuid4().hex}"
             backend = open_backend(settings.store_url(), fsync=settings.fsync, exclusive=self.persistent,
-                                   namespace=ns)
+                                   namespace=ns, max_bytes=settings.store_max_bytes)
         self.backend = backend
         self.check_heads = self.persistent and backend.shared  # version check on every use
         self.idem_ttl = float(settings.idempotency_ttl_s)
@@ -177,6 +183,8 @@ class SessionStore(StoreIO):
         Idempotency-Keys it owned."""
         with self.lock:
             held = self._get(key)
+            if held.tier == "disk":  # its answers were spilled with it: their keys are needed
+                self._reload_answers(held)
             if self.persistent:
                 self._store_call(self.backend.delete, key)
             self._store_call(self.backend.unclaim, held.session.tenant, held.idem.keys())
@@ -239,44 +247,6 @@ class SessionStore(StoreIO):
         """A micro-batch's transaction over these sessions (see server/sessions/transaction.py)."""
         return Transaction(self, keys)
 
-    # ---- background work and shutdown -------------------------------------------------------
-
-    def checkpoint(self, final: bool = False) -> int:
-        """snapshot: write sessions changed since their last write; wal: compact logs of
-        --wal-compact-records or more records (all non-empty ones when `final`). One session per
-        lock hold, so micro-batches interleave. -> sessions written."""
-        if not self.persistent:
-            return 0
-        with self.lock:
-            todo = [h for h in self.held.values() if h.tier in ("device", "host") and self._dirty(h, final)]
-        written = 0
-        for held in todo:
-            with self.lock:
-                if self.held.get(held.key) is not held or held.tier not in ("device", "host") \
-                        or not self._dirty(held, final):
-                    continue
-                try:
-                    if not self._write_snapshot(held, self.tiers.tensors_of(held)):
-                        self.tiers.drop(held)
-                    written += 1
-                except DomainError as e:
-                    log.error("writing session %s to the store failed: %s", held.key, e.message)
-        return written
-
-    def close(self) -> None:
-        """none: remove this store's spilled heads (sessions do not outlive the process);
-        snapshot/wal: write every changed session, compact every log."""
-        with self.lock:
-            try:
-                if self.persistent:
-                    self.checkpoint(final=True)
-                else:
-                    for held in list(self.held.values()):
-                        if held.tier == "disk":
-                            self.backend.delete(held.key)
-            finally:
-                self.backend.close()
-
     # ---- the transaction's side (under the lock) --------------------------------------------
 
     def _acquire(self, keys: list[str]) -> tuple[dict[str, Held], dict[str, DomainError]]:
@@ -291,6 +261,7 @@ class SessionStore(StoreIO):
                     found[k] = self.held[k]
                 else:
                     unavailable[k] = overloaded(1.0, "more sessions in one batch than device slots")
+        self._used(found.values())
         moved = False
         for key, held in list(found.items()):
             moved |= held.tier != "device"
@@ -308,17 +279,24 @@ class SessionStore(StoreIO):
 
     def save(self, held: Held, tensors) -> bool:
         if self.persistent:
-            return self._write_snapshot(held, tensors)
-        sess = held.session
-        self._store_call(self.backend.put, held.key, sess.inc, sess.version, self._encode(held, tensors, True))
-        return True
+            ok = self._write_snapshot(held, tensors)
+        else:
+            sess = held.session
+            self._store_call(self.backend.put, held.key, sess.inc, sess.version, self._encode(held, tensors, True))
+            ok = True
+        if ok:  # the answers travel with the disk copy; memory keeps only what finds the session
+            held.idem.adapts.clear()
+            held.idem.bytes = 0
+        return ok
 
     def load(self, held: Held):
         stored = self._store_call(self.backend.load, held.key)
         if stored is None:
             raise store_unavailable(f"session {held.key} is missing from the store")
         if not self.persistent:
-            return self._decode(stored.snapshot)[1]
+            meta, tensors = self._decode(stored.snapshot)
+            held.idem = IdempotencyRecords.from_meta(meta, self.idem_max, self._idem_evicted)
+            return tensors
         try:
             fresh, tensors = self._materialize(held.key, stored)
         except StoreError as e:
@@ -329,7 +307,8 @@ class SessionStore(StoreIO):
                         held.key, theirs.version, mine.version)
             for attr in ("inc", "version", "seen", "correct", "total", "updated_at"):
                 setattr(mine, attr, getattr(theirs, attr))
-            held.synced, held.snap_version, held.idem = fresh.synced, fresh.snap_version, fresh.idem
+            held.synced, held.snap_version = fresh.synced, fresh.snap_version
+        held.idem, held.log_bytes = fresh.idem, fresh.log_bytes
         return tensors
 
     def discard(self, held: Held) -> None:
@@ -343,6 +322,7 @@ class SessionStore(StoreIO):
         held = self.held.get(key)
         if held is None:
             raise session_not_found(split_key(key)[1])
+        self._used([held])
         return held
 
     def _info(self, held: Held) -> SessionInfo:
@@ -378,6 +358,11 @@ class SessionStore(StoreIO):
         self._unhold(held)
         self._gauges()
 
+    def _reload_answers(self, held: Held) -> None:
+        stored = self._store_call(self.backend.load, held.key)
+        if stored is not None:
+            held.idem = IdempotencyRecords.from_meta(self._decode(stored.snapshot)[0], self.idem_max)
+
     def _lost_race(self, held: Held) -> None:
         """A compare-and-set on this session failed: another replica changed or deleted it.
         Drop the local copy and say which (404, or a conflict to retry)."""
@@ -386,12 +371,6 @@ class SessionStore(StoreIO):
         if held.key not in self.held:
             raise session_not_found(held.session.id)
         raise version_conflict(held.session.id)
-
-    def _dirty(self, held: Held, final: bool) -> bool:
-        if self.durability == "snapshot":
-            return held.session.version != held.synced
-        behind = held.session.version - held.snap_version
-        return behind > 0 and (final or behind >= self.settings.wal_compact_records)
 
     def _refresh(self, keys: list[str], errors: Optional[dict] = None) -> None:
         """snapshot/wal: load sessions this process does not hold; with a shared store also drop

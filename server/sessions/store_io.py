@@ -53,12 +53,13 @@ class StoreIO:
                 errors[key] = version_conflict(split_key(key)[1])
             else:
                 errors[key] = store_unavailable(why)
-        for key in batch:
+        for key, (_, records) in batch.items():
             held = self.held[key]
             if key in errors:
                 self._forget(held)
             else:
                 held.synced = held.session.version
+                held.log_bytes += sum(len(r) for r in records)
         return errors
 
     def _appended_in_doubt(self, batch, error: StoreError, tries: int = 3) -> dict:
@@ -124,6 +125,7 @@ class StoreIO:
         ok = self._store_call(self.backend.put, held.key, sess.inc, sess.version, data, Head(sess.inc, held.synced))
         if ok:
             held.synced = held.snap_version = sess.version
+            held.log_bytes = 0
         else:
             log.warning("session %s changed in the store since this replica loaded it; dropping the local copy "
                         "(%d unsaved adapts lost)", held.key, sess.version - held.synced)
@@ -159,6 +161,7 @@ class StoreIO:
                     recs.append(rec)
         except codec.CodecError as e:
             raise StoreError(f"session {key}: unreadable log record: {e}") from None
+        held.log_bytes = sum(len(raw) for raw in stored.records)
         if recs:
             tensors = replay(sess, tensors, recs, self.C, self.d, self.device)
             now = time.time()

@@ -5,7 +5,8 @@ from server.sessions.backends.directory import DirectoryBackend
 from server.sessions.backends.redis import RedisBackend
 
 
-def open_backend(url: str, *, fsync: bool = True, exclusive: bool = True, namespace: str = "fwserve") -> Backend:
+def open_backend(url: str, *, fsync: bool = True, exclusive: bool = True, namespace: str = "fwserve",
+                 max_bytes: int = 0) -> Backend:
     """The backend for a --store value: redis://, rediss://, unix:// or a directory (file:// optional)."""
     if url.startswith(("redis://", "rediss://", "unix://")):
         return RedisBackend(url, namespace=namespace)
@@ -13,7 +14,7 @@ def open_backend(url: str, *, fsync: bool = True, exclusive: bool = True, namesp
 
     if url.startswith("file://"):
         url = url[len("file://"):]
-    return DirectoryBackend(Path(url), fsync=fsync, exclusive=exclusive)
+    return DirectoryBackend(Path(url), fsync=fsync, exclusive=exclusive, max_bytes=max_bytes)
 
 
 __all__ = ["Backend", "DirectoryBackend", "Head", "RedisBackend", "StoreError", "Stored", "new_incarnation",

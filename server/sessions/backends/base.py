@@ -97,6 +97,15 @@ class Backend:
         """Forget claims (the session that owned them was deleted)."""
         raise NotImplementedError
 
+    def touch(self, keys: Iterable[str]) -> None:
+        """Note that these sessions were used now (idle expiry counts from a session's last use)."""
+        raise NotImplementedError
+
+    def expire_idle(self, before: float, keep: set[str]) -> list[str]:
+        """Delete the sessions neither used nor written since `before` (seconds since 1970), except
+        the keys in `keep`, with their logs and Idempotency-Key claims. -> the keys deleted."""
+        raise NotImplementedError
+
     def durability_warning(self) -> Optional[str]:
         """A warning when the medium's own settings do not make acknowledged writes durable."""
         return None

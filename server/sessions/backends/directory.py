@@ -8,6 +8,7 @@ middle of an append, never acknowledged) fails its CRC and is cut off on load.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -71,10 +72,11 @@ class DirectoryBackend(Backend):
 
     shared = False
 
-    def __init__(self, root: Path, fsync: bool = True, exclusive: bool = True) -> None:
+    def __init__(self, root: Path, fsync: bool = True, exclusive: bool = True, max_bytes: int = 0) -> None:
         self.root = Path(root)
         self.url = str(self.root)
         self.fsync = fsync
+        self.max_bytes = max_bytes  # 0: the disk is the limit
         self.root.mkdir(parents=True, exist_ok=True)
         self._lock_fd: Optional[int] = None
         if exclusive:
@@ -97,10 +99,24 @@ class DirectoryBackend(Backend):
             self._load_claims()
         self._counts: dict[str, int] = {}
         self._heads: dict[str, Head] = {}  # known heads of the keys this process wrote or read
-        for p in self.root.glob("*.safetensors"):
+        self._used = 0  # bytes of the store's files (the --store-max-bytes cap)
+        for p in self.root.iterdir():
+            if p.suffix in (".safetensors", ".wal", ".jsonl"):
+                self._used += p.stat().st_size
             m = _NAME.match(p.name)
             if m:
                 self._counts[m.group(1)] = self._counts.get(m.group(1), 0) + 1
+
+    def _reserve(self, path: Path, new_size: int, append: bool = False) -> int:
+        """Bytes a write of `path` adds; OSError(ENOSPC) beyond --store-max-bytes, like a full disk."""
+        try:
+            old = 0 if append else path.stat().st_size
+        except FileNotFoundError:
+            old = 0
+        delta = new_size - old
+        if self.max_bytes and delta > 0 and self._used + delta > self.max_bytes:
+            raise OSError(errno.ENOSPC, f"the store holds its maximum of {self.max_bytes} bytes")
+        return delta
 
     def _base(self, key: str) -> str:
         """File name stem: the tenant (for counting) and a hash of the key (any id is safe)."""
@@ -113,6 +129,7 @@ class DirectoryBackend(Backend):
         return self.root / (self._base(key) + ".wal")
 
     def _write_atomic(self, path: Path, data: bytes) -> None:
+        delta = self._reserve(path, len(data))
         tmp = path.with_suffix(path.suffix + ".tmp")
         with open(tmp, "wb") as f:
             f.write(data)
@@ -120,6 +137,7 @@ class DirectoryBackend(Backend):
                 f.flush()
                 os.fsync(f.fileno())
         tmp.replace(path)
+        self._used += delta
         if self.fsync:
             _fsync_dir(self.root)
 
@@ -223,11 +241,13 @@ class DirectoryBackend(Backend):
         for key, (expect, records) in batch.items():
             wal = self._wal(key)
             new = not wal.exists()
+            data = b"".join(frame(r) for r in records)
             try:
+                self._reserve(wal, len(data), append=True)
                 with open(wal, "ab") as f:
                     at = f.tell()
                     try:
-                        f.write(b"".join(frame(r) for r in records))
+                        f.write(data)
                         if self.fsync:
                             f.flush()
                             os.fsync(f.fileno())
@@ -239,14 +259,15 @@ class DirectoryBackend(Backend):
             except OSError as e:
                 failed[key] = f"error: appending to {wal.name}: {e}"
                 continue
+            self._used += len(data)
             self._heads[key] = Head(expect.inc, expect.version + len(records))
         return failed
 
     def delete(self, key):
         path = self._snap(key)
         existed = path.exists()
-        self._wal(key).unlink(missing_ok=True)
-        path.unlink(missing_ok=True)
+        for p in (self._wal(key), path):
+            self._unlink(p)
         if existed:
             t = _tenant_part(split_key(key)[0])
             self._counts[t] = max(0, self._counts.get(t, 0) - 1)
@@ -257,6 +278,44 @@ class DirectoryBackend(Backend):
         if tenant is not None:
             return self._counts.get(_tenant_part(tenant), 0)
         return sum(self._counts.values())
+
+    def _unlink(self, path: Path) -> None:
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            return
+        path.unlink(missing_ok=True)
+        self._used -= size
+
+    def touch(self, keys):
+        for key in keys:
+            try:
+                os.utime(self._snap(key))
+            except FileNotFoundError:
+                pass
+
+    def expire_idle(self, before, keep):
+        keep_bases = {self._base(k) for k in keep}
+        gone = []
+        for snap in list(self.root.glob("*.safetensors")):
+            base = snap.name[:-len(".safetensors")]
+            if base in keep_bases or not _NAME.match(snap.name):
+                continue
+            wal = self.root / (base + ".wal")
+            try:
+                last = max(snap.stat().st_mtime, wal.stat().st_mtime if wal.exists() else 0.0)
+                if last >= before:
+                    continue
+                meta = codec.read_meta(snap.read_bytes())
+                key = str(meta["key"])
+            except (OSError, codec.CodecError, KeyError):
+                continue
+            tenant = split_key(key)[0]
+            self.unclaim(tenant, [e["key"] for e in meta.get("idempotency", ())]
+                         + ([meta["create_idempotency"]["key"]] if meta.get("create_idempotency") else []))
+            if self.delete(key):
+                gone.append(key)
+        return gone
 
     def claims(self, tenant, keys):
         table, now = self._claims.get(_tenant_part(tenant), {}), time.time()
@@ -289,8 +348,10 @@ class DirectoryBackend(Backend):
                 self._write_atomic(self._claims_path, "".join(json.dumps(r) + "\n" for r in rows).encode())
                 self._claim_lines = len(rows)
                 return
+            data = "".join(json.dumps(r) + "\n" for r in lines).encode()
+            self._used += self._reserve(self._claims_path, len(data), append=True)
             with open(self._claims_path, "ab") as f:
-                f.write("".join(json.dumps(r) + "\n" for r in lines).encode())
+                f.write(data)
                 if self.fsync:
                     f.flush()
                     os.fsync(f.fileno())

@@ -2,7 +2,7 @@
 
 Keys (``{ns}`` is the namespace, ``{t}`` the tenant's storage name)::
 
-    {ns}:{{t}}:s:<id>   hash   inc, ver, snap, snap_ver          the session's head and snapshot
+    {ns}:{{t}}:s:<id>   hash   inc, ver, snap, snap_ver, t       the session's head, snapshot, last use
     {ns}:{{t}}:w:<id>   list   log records after the snapshot
     {ns}:{{t}}:t        set    the tenant's session ids (its quota)
     {ns}:n              string sessions in the store (the global limit, kept outside the scripts)
@@ -26,6 +26,7 @@ from typing import Optional
 from urllib.parse import urlsplit, urlunsplit
 
 from server.keys import split_key, tenant_name
+from server.sessions import codec
 from server.sessions.backends.base import Backend, Head, Stored, StoreError
 
 log = logging.getLogger("fwserve.store")
@@ -34,13 +35,13 @@ _CREATE = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 'exists' end
 local mt = tonumber(ARGV[4])
 if mt > 0 and redis.call('SCARD', KEYS[3]) >= mt then return 'tenant_quota' end
-redis.call('HSET', KEYS[1], 'inc', ARGV[1], 'ver', '0', 'snap', ARGV[2], 'snap_ver', '0')
+redis.call('HSET', KEYS[1], 'inc', ARGV[1], 'ver', '0', 'snap', ARGV[2], 'snap_ver', '0', 't', ARGV[5])
 redis.call('DEL', KEYS[2])
 redis.call('SADD', KEYS[3], ARGV[3])
 return 'ok'
 """
 
-# ARGV: inc, ver, snap, id, expect_inc ('' = unconditional, '-' = only if absent), expect_ver
+# ARGV: inc, ver, snap, id, expect_inc ('' = unconditional, '-' = only if absent), expect_ver, time
 _PUT = """
 local h = redis.call('HMGET', KEYS[1], 'inc', 'ver', 'snap_ver')
 if ARGV[5] == '-' then
@@ -48,7 +49,7 @@ if ARGV[5] == '-' then
 elseif ARGV[5] ~= '' then
   if h[1] ~= ARGV[5] or h[2] ~= ARGV[6] then return 0 end
 end
-redis.call('HSET', KEYS[1], 'inc', ARGV[1], 'ver', ARGV[2], 'snap', ARGV[3], 'snap_ver', ARGV[2])
+redis.call('HSET', KEYS[1], 'inc', ARGV[1], 'ver', ARGV[2], 'snap', ARGV[3], 'snap_ver', ARGV[2], 't', ARGV[7])
 if h[1] == ARGV[1] then
   local drop = tonumber(ARGV[2]) - tonumber(h[3])
   if drop > 0 then redis.call('LTRIM', KEYS[2], drop, -1) end
@@ -62,13 +63,18 @@ end
 return 1
 """
 
-# ARGV: inc, expected ver, new ver, records...
+# ARGV: inc, expected ver, new ver, time, records...
 _APPEND = """
 local h = redis.call('HMGET', KEYS[1], 'inc', 'ver')
 if h[1] ~= ARGV[1] or h[2] ~= ARGV[2] then return 0 end
-for i = 4, #ARGV do redis.call('RPUSH', KEYS[2], ARGV[i]) end
-redis.call('HSET', KEYS[1], 'ver', ARGV[3])
+for i = 5, #ARGV do redis.call('RPUSH', KEYS[2], ARGV[i]) end
+redis.call('HSET', KEYS[1], 'ver', ARGV[3], 't', ARGV[4])
 return 1
+"""
+
+_TOUCH = """
+if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('HSET', KEYS[1], 't', ARGV[1]) end
+return 0
 """
 
 _DELETE = """
@@ -121,6 +127,7 @@ class RedisBackend(Backend):
         self._put = self.r.register_script(_PUT)
         self._append = self.r.register_script(_APPEND)
         self._delete = self.r.register_script(_DELETE)
+        self._touch = self.r.register_script(_TOUCH)
         self._migrate_legacy()
 
     def durability_warning(self) -> Optional[str]:
@@ -189,7 +196,8 @@ class RedisBackend(Backend):
     def create(self, key, inc, snapshot, max_tenant=0, max_total=0):
         if max_total and self.count() >= max_total:  # the global limit: best effort (another slot)
             return "limit"
-        res = self._call(self._create, keys=self._k(key), args=[inc, snapshot, split_key(key)[1], max_tenant])
+        res = self._call(self._create, keys=self._k(key),
+                         args=[inc, snapshot, split_key(key)[1], max_tenant, repr(time.time())])
         res = res.decode() if isinstance(res, bytes) else str(res)
         if res == "ok":
             self._call(self.r.incr, f"{self.ns}:n")
@@ -202,7 +210,7 @@ class RedisBackend(Backend):
             exp_inc, exp_ver = "-", ""
         else:
             exp_inc, exp_ver = expect.inc, str(expect.version)
-        args = [inc, str(version), snapshot, split_key(key)[1], exp_inc, exp_ver]
+        args = [inc, str(version), snapshot, split_key(key)[1], exp_inc, exp_ver, repr(time.time())]
         res = int(self._call(self._put, keys=self._k(key), args=args))
         if res == 2:
             self._call(self.r.incr, f"{self.ns}:n")
@@ -213,10 +221,12 @@ class RedisBackend(Backend):
             return {}
         items = list(batch.items())
 
+        now = repr(time.time())
+
         def run():
             p = self.r.pipeline(transaction=False)
             for key, (expect, records) in items:
-                args = [expect.inc, str(expect.version), str(expect.version + len(records)), *records]
+                args = [expect.inc, str(expect.version), str(expect.version + len(records)), now, *records]
                 self._append(keys=self._k(key)[:2], args=args, client=p)
             return p.execute(raise_on_error=False)
 
@@ -238,6 +248,48 @@ class RedisBackend(Backend):
         if tenant is not None:
             return int(self._call(self.r.scard, f"{self.ns}:{{{tenant_name(tenant)}}}:t"))
         return int(self._call(self.r.get, f"{self.ns}:n") or 0)
+
+    def touch(self, keys):
+        keys = list(keys)
+        if not keys:
+            return
+        now = repr(time.time())
+
+        def run():
+            p = self.r.pipeline(transaction=False)
+            for k in keys:
+                self._touch(keys=self._k(k)[:1], args=[now], client=p)
+            return p.execute()
+
+        self._call(run)
+
+    def expire_idle(self, before, keep):
+        """Walks every tenant's set (a SCAN and one pipelined read per tenant: run it rarely)."""
+        gone = []
+        for tkey in self._call(lambda: list(self.r.scan_iter(f"{self.ns}:{{*}}:t", count=1000))):
+            tag = tkey.decode()[len(self.ns) + 2:-3]  # {ns}:{<tag>}:t
+            tenant = None if tag == tenant_name(None) else tag
+            ids = [i.decode() for i in self._call(self.r.smembers, tkey)]
+            keys = [f"{tenant}/{i}" if tenant else i for i in ids]
+            times = self._call(lambda: self._pipeline_hget([self._k(k)[0] for k in keys], "t"))
+            for key, t in zip(keys, times):
+                if key in keep or t is None or float(t) >= before:
+                    continue
+                try:
+                    meta = codec.read_meta(self._call(self.r.hget, self._k(key)[0], "snap") or b"")
+                    self.unclaim(tenant, [e["key"] for e in meta.get("idempotency", ())]
+                                 + ([meta["create_idempotency"]["key"]] if meta.get("create_idempotency") else []))
+                except codec.CodecError:
+                    pass
+                if self.delete(key):
+                    gone.append(key)
+        return gone
+
+    def _pipeline_hget(self, hashes: list[str], field: str) -> list:
+        p = self.r.pipeline(transaction=False)
+        for h in hashes:
+            p.hget(h, field)
+        return p.execute()
 
     def _claim_key(self, tenant, key: str) -> str:
         return f"{self.ns}:{{{tenant_name(tenant)}}}:k:{key}"
@@ -289,7 +341,7 @@ class RedisBackend(Backend):
             def write():
                 p = self.r.pipeline(transaction=True)
                 p.delete(hk, wk)
-                p.hset(hk, mapping={k.decode(): v for k, v in h.items()})
+                p.hset(hk, mapping={**{k.decode(): v for k, v in h.items()}, "t": repr(time.time())})
                 if records:
                     p.rpush(wk, *records)
                 p.sadd(tk, split_key(key)[1])
