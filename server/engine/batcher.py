@@ -1,8 +1,14 @@
 """Dynamic micro-batching: one bounded queue for the jobs of all sessions, one worker thread.
 
-A micro-batch is up to ``max_batch_size`` rows, collected until ``max_wait_ms`` after its first
+A micro-batch is up to ``max_batch_size`` rows, collected until ``max_wait_ms`` after its oldest
 job was enqueued, with at most as many distinct sessions as there are device slots. The worker
 hands each micro-batch to the executor (server/engine/executor.py).
+
+Fair share: the queue keeps one line per tenant and takes jobs from the lines in turn (first in,
+first out within a tenant, so a session's jobs keep their order). When the queue is full, a
+tenant with fewer queued jobs than the longest line still gets in: the newest job of the
+longest line is turned away instead (503, never started, never applied). One tenant's burst
+therefore cannot starve the others.
 
 Futures are ``concurrent.futures.Future``: the worker claims a job with
 ``set_running_or_notify_cancel``, so a job cancelled by its timeout is never applied.
@@ -13,7 +19,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -54,7 +60,8 @@ class Batcher:
         self.max_queue = settings.max_queue_size
         self.retry_after = settings.retry_after_s
         self.max_sessions = max_sessions
-        self._queue: deque[Pending] = deque()
+        self._lines: OrderedDict[Optional[str], deque[Pending]] = OrderedDict()  # tenant -> its jobs
+        self._size = 0
         self._cond = threading.Condition()
         self._stop = False
         self._thread: Optional[threading.Thread] = None
@@ -63,20 +70,43 @@ class Batcher:
     @property
     def depth(self) -> int:
         """Jobs waiting in the queue."""
-        return len(self._queue)
+        return self._size
 
     def submit(self, item: Pending) -> Future:
+        tenant = item.job.tenant
         with self._cond:
             if self._stop:
                 raise shutting_down()
-            if len(self._queue) >= self.max_queue:
-                self.metrics.rejected.labels(reason="queue_full").inc()
-                raise overloaded(self.retry_after)
+            if self._size >= self.max_queue:
+                self._make_room(tenant)
             item.enqueued = time.perf_counter()
-            self._queue.append(item)
-            self.metrics.queue_depth.set(len(self._queue))
+            self._lines.setdefault(tenant, deque()).append(item)
+            self._size += 1
+            self.metrics.queue_depth.set(self._size)
             self._cond.notify()
         return item.future
+
+    def _make_room(self, tenant) -> None:
+        """The queue is full: turn away the newest job of the longest line if that line is longer
+        than this tenant's, else this job."""
+        mine = len(self._lines.get(tenant, ()))
+        longest = max(self._lines, key=lambda t: len(self._lines[t]))
+        if len(self._lines[longest]) <= mine + 1:
+            self.metrics.rejected.labels(reason="queue_full").inc()
+            raise overloaded(self.retry_after)
+        shed = self._pop(longest, newest=True)
+        self.metrics.rejected.labels(reason="fair_share").inc()
+        if shed.future.set_running_or_notify_cancel():
+            shed.future.set_exception(overloaded(self.retry_after, "the queue is full and other tenants are "
+                                                 "waiting; retry later"))
+
+    def _pop(self, tenant, newest: bool = False) -> Pending:
+        line = self._lines[tenant]
+        item = line.pop() if newest else line.popleft()
+        self._size -= 1
+        if not line:
+            del self._lines[tenant]
+        return item
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="fwserve-batcher", daemon=True)
@@ -90,14 +120,14 @@ class Batcher:
         if self._thread is not None:
             self._thread.join(timeout)
         with self._cond:
-            while self._queue:
-                item = self._queue.popleft()
+            while self._lines:
+                item = self._pop(next(iter(self._lines)))
                 if item.future.set_running_or_notify_cancel():
                     item.future.set_exception(shutting_down())
 
     def _run(self) -> None:
         while True:
-            items = self._collect()
+            items = self.next_batch()
             if items is None:
                 return
             if not items:
@@ -112,36 +142,43 @@ class Batcher:
                     if not item.future.done():
                         item.future.set_exception(e)
 
-    def _collect(self) -> Optional[list[Pending]]:
+    def next_batch(self) -> Optional[list[Pending]]:
+        """The next micro-batch (waiting for jobs); None once stopped and drained. The worker's step."""
         items: list[Pending] = []
         rows, sessions = 0, set()
         with self._cond:
-            while not self._queue and not self._stop:
+            while not self._size and not self._stop:
                 self._cond.wait()
-            if self._stop and not self._queue:  # stopping: the queue is drained first
+            if self._stop and not self._size:  # stopping: the queue is drained first
                 return None
-            deadline = self._queue[0].enqueued + self.max_wait
+            deadline = min(line[0].enqueued for line in self._lines.values()) + self.max_wait
+            full: set = set()  # tenants whose next job does not fit this batch
             while True:
-                if not self._queue:
+                ready = [t for t in self._lines if t not in full]
+                if not ready:
                     left = deadline - time.perf_counter()
-                    if left <= 0 or rows >= self.max_rows:
+                    if left <= 0 or rows >= self.max_rows or full:
                         break
                     self._cond.wait(left)
                     if self._stop:
                         break
                     continue
-                nxt = self._queue[0]
+                tenant = ready[0]
+                nxt = self._lines[tenant][0]
                 key = nxt.session
                 new_session = key is not None and key not in sessions
                 if items and (rows + nxt.n_rows > self.max_rows
                               or (new_session and len(sessions) >= self.max_sessions)):
-                    break
-                self._queue.popleft()
+                    full.add(tenant)
+                    continue
+                self._pop(tenant)
+                if tenant in self._lines:  # its turn is over: to the back of the rota
+                    self._lines.move_to_end(tenant)
                 if not nxt.future.set_running_or_notify_cancel():
                     continue  # timed out before it was served
                 items.append(nxt)
                 rows += nxt.n_rows
                 if key is not None:
                     sessions.add(key)
-            self.metrics.queue_depth.set(len(self._queue))
+            self.metrics.queue_depth.set(self._size)
         return items

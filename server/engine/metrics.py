@@ -44,7 +44,7 @@ class Metrics(StoreEvents):
         self.queue_depth = Gauge("fwserve_queue_depth", "Requests waiting in the batch queue.", registry=r)
         self.rejected = Counter(
             "fwserve_rejected_requests",
-            "Requests refused or dropped by the batcher, by reason (queue_full, timeout).",
+            "Requests refused or dropped by the batcher, by reason (queue_full, fair_share, timeout).",
             ["reason"],
             registry=r,
         )
@@ -136,7 +136,7 @@ class Metrics(StoreEvents):
         for tier in ("host", "disk"):
             self.evictions.labels(to_tier=tier)
             self.restores.labels(from_tier=tier)
-        for reason in ("queue_full", "timeout"):
+        for reason in ("queue_full", "fair_share", "timeout"):
             self.rejected.labels(reason=reason)
         for rule in RULES:
             for metric in (self.head_update, self.prequential_correct, self.prequential_total, self.adapted,
