@@ -21,7 +21,16 @@ class Settings(BaseSettings):
     # network
     host: str = Field("127.0.0.1", description="Interface to bind.")
     port: int = Field(8000, ge=0, le=65535, description="TCP port to bind (0 = any free port).")
-    log_level: str = Field("info", description="uvicorn log level (critical, error, warning, info, debug).")
+    log_level: str = Field("info", description="Log level of the server's and uvicorn's logs (critical, error, "
+                           "warning, info, debug).")
+    log_format: Literal["text", "json"] = Field(
+        "text", description="Log lines as text, or one JSON object per line (access lines and engine events carry "
+        "their fields as keys).",
+    )
+    grpc_port: Optional[int] = Field(
+        None, ge=0, le=65535, description="Also serve the Open Inference Protocol over gRPC (KServe v2 "
+        "GRPCInferenceService) on this port, on --host (0 = any free port; needs the grpc extra).",
+    )
 
     # backbone
     backbone: str = Field(

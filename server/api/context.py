@@ -7,6 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from fastapi import Request
 
+from server.api import access
 from server.api.auth import Auth, Principal
 from server.api.decode import Decoder
 from server.config import Settings
@@ -20,12 +21,14 @@ class Api:
     def __init__(self, settings: Settings, engine: Engine) -> None:
         self.settings, self.engine = settings, engine
         self.auth = Auth(settings)
-        self.decoder = Decoder(engine.input_config, settings.max_image_pixels)
+        self.decoder = Decoder(engine.input_config, settings.max_image_pixels, settings.max_instances)
         self.decode_pool = ThreadPoolExecutor(settings.decode_workers, thread_name_prefix="fwserve-decode")
 
     def who(self, request: Request) -> Principal:
         """The request's tenant (401/403), within its rate limit (429); then readiness (503)."""
         p = self.auth.authenticate(request.headers)
+        sid = request.path_params.get("session_id")  # session routes; bodies name theirs in the route
+        access.record(request).update(key_id=p.key_id, session_key=p.key(sid) if isinstance(sid, str) else None)
         self.engine.check_ready()
         return p
 

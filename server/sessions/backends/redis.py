@@ -55,6 +55,15 @@ redis.call('HSET', KEYS[1], 'ver', tonumber(ARGV[2]) + #ARGV - 2)
 return 1
 """
 
+# the snapshot's safetensors header only (8-byte length + JSON), read inside Redis
+_HEAD = """
+local s = redis.call('HGET', KEYS[1], 'snap')
+if not s then return false end
+local b1, b2, b3, b4 = string.byte(s, 1, 4)
+local n = b1 + b2 * 256 + b3 * 65536 + b4 * 16777216
+return string.sub(s, 1, 8 + n)
+"""
+
 _DELETE = """
 if redis.call('DEL', KEYS[1]) == 1 then
   redis.call('DEL', KEYS[2])
@@ -89,6 +98,7 @@ class RedisBackend(Backend):
         self._put = self.r.register_script(_PUT)
         self._append = self.r.register_script(_APPEND)
         self._delete = self.r.register_script(_DELETE)
+        self._head = self.r.register_script(_HEAD)
 
     def durability_warning(self) -> Optional[str]:
         """A warning when the server's AOF settings do not make acknowledged writes durable."""
@@ -170,6 +180,23 @@ class RedisBackend(Backend):
         if tenant is not None:
             return int(self._call(self.r.scard, f"{self.ns}:t:{tenant_name(tenant)}"))
         return int(self._call(self.r.get, f"{self.ns}:n") or 0)
+
+    def keys(self, tenant):
+        members = self._call(self.r.smembers, f"{self.ns}:t:{tenant_name(tenant)}")
+        return [k.decode() for k in members]
+
+    def snapshot_meta(self, keys):
+        keys = list(keys)
+        if not keys:
+            return {}
+
+        def run():
+            p = self.r.pipeline(transaction=False)
+            for k in keys:
+                self._head(keys=self._k(k)[:1], client=p)
+            return p.execute()
+
+        return {k: (None if h is None else bytes(h)) for k, h in zip(keys, self._call(run))}
 
     def close(self):
         try:
