@@ -64,9 +64,12 @@ def encode_cursor(session_id: str) -> str:
 
 def decode_cursor(cursor: str) -> str:
     try:
-        return base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        after = base64.b64decode(cursor + "=" * (-len(cursor) % 4), altchars=b"-_", validate=True).decode()
     except (binascii.Error, ValueError):
-        raise invalid("invalid_cursor", "cursor is not one this server gave out (next_cursor)") from None
+        after = ""
+    if not after:
+        raise invalid("invalid_cursor", "cursor is not one this server gave out (next_cursor)")
+    return after
 
 
 def add_routes(app: FastAPI, api: Api) -> None:

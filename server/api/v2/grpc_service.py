@@ -105,8 +105,11 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
         return await self._call("ServerReady", context, run)
 
     async def ModelReady(self, request, context):
-        async def run(meta, rec):
-            self._model(request.name, request.version)
+        async def run(meta, rec):  # an unknown model or version is not ready (as the HTTP client reads a 404)
+            try:
+                self._model(request.name, request.version)
+            except ApiError:
+                return service_pb2.ModelReadyResponse(ready=False)
             return service_pb2.ModelReadyResponse(ready=self.engine.ready)
         return await self._call("ModelReady", context, run)
 
