@@ -36,6 +36,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence, Union
+from urllib.parse import urlencode
 
 import httpx
 import numpy as np
@@ -310,8 +311,8 @@ class _Api:
     def list_sessions(self, limit: int = 100, cursor: Optional[str] = None, rule: Optional[str] = None,
                       tier: Optional[str] = None):
         """-> SessionList {sessions, next_cursor}: one page of the caller's sessions, in id order."""
-        q = "&".join(f"{k}={v}" for k, v in (("limit", limit), ("cursor", cursor), ("rule", rule), ("tier", tier))
-                     if v is not None)
+        q = urlencode({k: v for k, v in (("limit", limit), ("cursor", cursor), ("rule", rule), ("tier", tier))
+                       if v is not None})
         return self._do(_Call("GET", f"/v1/sessions?{q}", _model(SessionList)))
 
     def reset_session(self, session_id: str):

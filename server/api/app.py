@@ -2,8 +2,8 @@
 
 Thin by design: routes validate (schemas), authenticate (auth), decode instances into tensors
 (decode, in a thread pool), hand plain jobs to the engine and turn its results and errors into
-responses (errors). Routes live in v1.py and v2.py. No model code runs here and no session
-state is touched here.
+responses (errors). Routes live in v1.py and v2/ (the Open Inference Protocol, HTTP and gRPC).
+No model code runs here and no session state is touched here.
 
 Status codes: 400 malformed JSON; 401/403 auth; 404 unknown session/model/route; 409 session id
 taken or session limit; 413 body over --max-body-bytes; 415 wrong content type; 422 invalid
