@@ -14,8 +14,8 @@
 #   TORCH_INDEX_URL   index for the torch wheel; default: the PyTorch CPU index for cpu, pip's
 #                     configured index (PyPI: CUDA build on Linux) for cuda; "-" = pip's configured
 #                     index for either flavour (e.g. a local wheel through PIP_FIND_LINKS)
-#   FWSERVE_EXTRAS    extras of the project to install (default: redis, the client of the shared
-#                     session store; "" for none)
+#   FWSERVE_EXTRAS    extras of the project to install (default: redis,grpc: the client of the
+#                     shared session store, and the gRPC server of --grpc-port; "" for none)
 #   REQUIRE_BUNDLED_WEIGHTS  1 = fail unless the bundled backbone weights were installed
 set -eu
 
@@ -30,7 +30,7 @@ case "$FLAVOR" in
   *)    echo "install.sh: FWSERVE_FLAVOR must be cpu or cuda, got '$FLAVOR'" >&2; exit 2 ;;
 esac
 TORCH_INDEX_URL=${TORCH_INDEX_URL:-$default_index}
-EXTRAS=${FWSERVE_EXTRAS-redis}
+EXTRAS=${FWSERVE_EXTRAS-redis,grpc}
 
 set -x
 if [ "$TORCH_INDEX_URL" = "-" ]; then

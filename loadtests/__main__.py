@@ -45,8 +45,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--burst-size", type=int, default=32, help="requests per burst (burst scenario, open loop)")
     p.add_argument("--sessions", type=int, default=None,
                    help="sessions to create (predict: 0 = base head); default per scenario: predict 16, adapt 16, "
-                        "prequential 64, churn 256, burst 16")
+                        "prequential 64, churn 256, burst 16, oip 64, oip-binary 64")
     p.add_argument("--rule", default="prototype", help="adaptation rule of the sessions")
+    p.add_argument("--model", default="fwserve-mnist-vit", help="oip scenarios: the model name (the server's "
+                   "--backbone)")
     p.add_argument("--instances", type=int, default=1, help="images per request")
     p.add_argument("--top-k", type=int, default=1)
     p.add_argument("--encoding", choices=("array", "png"), default="array",
@@ -92,7 +94,7 @@ def build(args) -> tuple[generator.RunConfig, scenarios.Scenario]:
     pool = scenarios.ImagePool(synthetic=args.synthetic, unique=not args.repeat_images, encoding=args.encoding,
                                seed=args.seed)
     opts = scenarios.Options(sessions=args.sessions, rule=args.rule, instances=args.instances, top_k=args.top_k,
-                             burst_size=args.burst_size, cleanup=not args.no_cleanup)
+                             burst_size=args.burst_size, cleanup=not args.no_cleanup, model=args.model)
     return cfg, scenarios.make(args.scenario, pool, opts, seed=args.seed)
 
 

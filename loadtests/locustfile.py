@@ -159,3 +159,30 @@ class BurstUser(_FwserveUser):
     @task
     def predict(self):
         self._predict(self._sid())
+
+
+class _OipUser(_FwserveUser):
+    """Prequential over the Open Inference Protocol: an infer, then an infer with the labels."""
+
+    abstract = True
+    binary = False
+
+    @task
+    def infer_then_adapt(self):
+        sid = self._sid()
+        picks = [_pool.pick(next(_counter), novel=True)]
+        path = f"/v2/models/{self.p.opts.model}/infer"
+        content, headers = scenarios.oip_request([img for img, _ in picks], sid, binary=self.binary)
+        self.client.post(path, data=content, headers=headers, name="/v2/models/{name}/infer")
+        content, headers = scenarios.oip_request([img for img, _ in picks], sid, [lab for _, lab in picks],
+                                                 self.binary)
+        self.client.post(path, data=content, headers=headers, name="/v2/models/{name}/infer (adapt)")
+
+
+class OipUser(_OipUser):
+    scenario = "oip"
+
+
+class OipBinaryUser(_OipUser):
+    scenario = "oip-binary"
+    binary = True

@@ -10,6 +10,9 @@ Payload building is plain Python (no HTTP), shared with the Locust file.
     churn        predict/adapt on sessions picked at random from more sessions than the server's
                  device slots (run the server with --max-device-sessions below --sessions)
     burst        predict, with requests arriving in bursts (open loop) or lock-step waves (closed)
+    oip          prequential over the Open Inference Protocol: an infer on the session, then an
+                 infer with a ``label`` tensor on the same images (an adapt), JSON tensors
+    oip-binary   the same with the binary tensor extension both ways (UINT8 pixels, BYTES labels)
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import json
+import struct
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -135,6 +140,7 @@ class Options:
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
     setup_concurrency: int = 16
     cleanup: bool = True
+    model: str = "fwserve-mnist-vit"  # the OIP scenarios' model name (the server's --backbone)
 
 
 class Scenario:
@@ -214,6 +220,15 @@ class Scenario:
             except ValueError:
                 return Call(name, 0, t0, t1, "BadJSON"), None
         return Call(name, r.status_code, t0, t1), data
+
+    async def post_raw(self, http, name: str, path: str, content: bytes,
+                       headers: dict) -> tuple[Call, Optional[object]]:
+        t0 = time.monotonic()
+        try:
+            r = await http.post(path, content=content, headers=headers)
+        except Exception as e:  # transport errors, timeouts
+            return Call(name, 0, t0, time.monotonic(), type(e).__name__), None
+        return Call(name, r.status_code, t0, time.monotonic()), r
 
     async def step(self, http, i: int) -> list[Call]:  # pragma: no cover - overridden
         raise NotImplementedError
@@ -302,7 +317,86 @@ class Burst(Predict):
     arrival = "burst"
 
 
-SCENARIOS: dict[str, type[Scenario]] = {c.name: c for c in (Predict, Adapt, Prequential, Churn, Burst)}
+def oip_request(pixels: list[np.ndarray], session_id: str, labels: Optional[list[str]] = None,
+                binary: bool = False) -> tuple[bytes, dict]:
+    """An OIP infer body (UINT8 pixels [B, H, W], optional BYTES labels) and its headers."""
+    batch = np.stack(pixels).astype(np.uint8)
+    tensors = [("image", "UINT8", list(batch.shape), batch.reshape(-1).tolist(), batch.tobytes())]
+    if labels is not None:
+        raw = b"".join(struct.pack("<I", len(x)) + x for x in (lab.encode() for lab in labels))
+        tensors.append(("label", "BYTES", [len(labels)], list(labels), raw))
+    params = {"session_id": session_id, **({"binary_data_output": True} if binary else {})}
+    inputs, blobs = [], []
+    for name, dt, shape, data, raw in tensors:
+        if binary:
+            inputs.append({"name": name, "datatype": dt, "shape": shape, "parameters": {"binary_data_size": len(raw)}})
+            blobs.append(raw)
+        else:
+            inputs.append({"name": name, "datatype": dt, "shape": shape, "data": data})
+    head = json.dumps({"inputs": inputs, "parameters": params}).encode()
+    if not binary:
+        return head, {"content-type": "application/json"}
+    return head + b"".join(blobs), {"content-type": "application/octet-stream",
+                                    "Inference-Header-Content-Length": str(len(head))}
+
+
+def oip_outputs(r) -> tuple[dict, dict[str, list]]:
+    """(parameters, output name -> values) of an OIP infer response, JSON or binary."""
+    n = r.headers.get("inference-header-content-length")
+    body = r.content
+    head = json.loads(body if n is None else body[:int(n)])
+    at, out = int(n or 0), {}
+    for o in head.get("outputs", []):
+        size = (o.get("parameters") or {}).get("binary_data_size")
+        if size is None:
+            out[o["name"]] = o["data"]
+            continue
+        raw, at = body[at:at + size], at + size
+        out[o["name"]] = (list(np.frombuffer(raw, dtype=np.bool_)) if o["datatype"] == "BOOL"
+                          else raw if o["datatype"] == "BYTES" else list(np.frombuffer(raw, dtype="<f4")))
+    return head.get("parameters", {}), out
+
+
+class Oip(Scenario):
+    """Prequential over the Open Inference Protocol (what a tritonclient user sends)."""
+
+    name = "oip"
+    default_sessions = 64
+    binary = False
+
+    async def step(self, http, i):
+        sid = self.session_for(i)
+        picks = [self.pool.pick(i * self.opts.instances + k, novel=True) for k in range(self.opts.instances)]
+        path = f"/v2/models/{self.opts.model}/infer"
+        content, headers = oip_request([img for img, _ in picks], sid, binary=self.binary)
+        c1, r1 = await self.post_raw(http, "infer", path, content, headers)
+        if not c1.ok:
+            return [c1]
+        content, headers = oip_request([img for img, _ in picks], sid, [lab for _, lab in picks], self.binary)
+        c2, r2 = await self.post_raw(http, "infer_adapt", path, content, headers)
+        if c2.ok:
+            try:
+                _, outs = oip_outputs(r2)
+                correct = outs["correct"]
+            except (ValueError, KeyError):
+                return [c1, Call(c2.name, 0, c2.start, c2.end, "BadOIPResponse")]
+            self.count("correct", sum(bool(v) for v in correct))
+            self.count("total", len(correct))
+        return [c1, c2]
+
+    def extras(self):
+        if not self.stats.get("total"):
+            return {}
+        return {"prequential_accuracy": round(self.stats["correct"] / self.stats["total"], 4)}
+
+
+class OipBinary(Oip):
+    name = "oip-binary"
+    binary = True
+
+
+SCENARIOS: dict[str, type[Scenario]] = {c.name: c for c in (Predict, Adapt, Prequential, Churn, Burst, Oip,
+                                                              OipBinary)}
 
 
 def make(name: str, pool: ImagePool, opts: Optional[Options] = None, seed: int = 0) -> Scenario:
@@ -311,6 +405,6 @@ def make(name: str, pool: ImagePool, opts: Optional[Options] = None, seed: int =
     except KeyError:
         raise ValueError(f"unknown scenario {name!r}; one of {', '.join(SCENARIOS)}") from None
     sc = cls(pool, opts, seed)
-    if name in ("adapt", "prequential", "churn") and sc.n_sessions < 1:
+    if name in ("adapt", "prequential", "churn", "oip", "oip-binary") and sc.n_sessions < 1:
         raise ValueError(f"scenario {name} needs --sessions >= 1")
     return sc

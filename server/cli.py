@@ -61,23 +61,21 @@ def serve(argv: Sequence[str]) -> int:
     if err:
         print(f"fwserve serve: {err}", file=sys.stderr)
         return 2
-    import logging
-
     import uvicorn
 
+    from server import logs
     from server.api import create_app
 
-    level = "DEBUG" if settings.log_level == "trace" else settings.log_level.upper()
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s:     %(name)s: %(message)s")
-    logging.getLogger("fwserve").setLevel(level)
+    logs.configure(settings.log_level, settings.log_format)
     from server.api.auth import auth_warning
 
     warning = auth_warning(settings)
     if warning:
         print(warning, file=sys.stderr, flush=True)
 
+    # log_config=None: uvicorn's loggers write through the handler logs.configure set up
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
-                timeout_graceful_shutdown=settings.shutdown_grace_s)
+                log_config=None, access_log=False, timeout_graceful_shutdown=settings.shutdown_grace())
     return 0
 
 
@@ -105,7 +103,21 @@ def preflight(settings: Settings) -> Optional[str]:
         Auth(settings)
     except ValueError as e:
         return str(e)
+    if settings.grpc_port is not None:
+        missing = [m for m in ("grpc", "tritonclient.grpc") if _find(m) is None]
+        if missing:
+            return (f"--grpc-port needs the gRPC extra ({', '.join(missing)} not installed): "
+                    "pip install 'fwserve[grpc]'")
     return None
+
+
+def _find(module: str):
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module)
+    except ImportError:  # a parent package is missing
+        return None
 
 
 def hash_key(argv: Sequence[str]) -> int:

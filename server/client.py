@@ -9,25 +9,51 @@
 
 An instance is a numpy array (pixel values 0..255, ``[H, W]`` or ``[H, W, C]``), encoded image
 bytes (PNG/JPEG), a PIL image, or a ready dict (``{"image": b64}`` / ``{"array": [...]}``).
-Errors raise ``FwserveError`` with the server's status, code and message. With ``retries=N``
-a request answered 503 (queue full, not ready) is retried up to N times after its Retry-After.
+Errors raise ``FwserveError`` with the server's status, code and message (from /v1's envelope
+or /v2's plain message and its X-Fwserve-Error-Code header).
+
+What the client does for you:
+- session-scoped calls carry ``X-Session-ID`` (what session-affine routing hashes on);
+- every adapt carries an ``Idempotency-Key`` (a fresh one per call, the same on its retries), so
+  a retried adapt is applied once;
+- with ``retries=N``, a request answered 429 or 503 is retried up to N times after the server's
+  Retry-After (plus jitter, so many clients do not come back in step); a connection failure is
+  retried too for reads and for adapts (their key makes that safe);
+- ``infer`` speaks the Open Inference Protocol with the binary tensor extension both ways
+  (``binary=False``: JSON tensors); with ``labels`` it adapts the session over the protocol.
+How instances travel on /v1 is ``v1_encoding`` (``V1_ENCODINGS``; ``"json"`` now): a binary /v1
+input path registers its encoder there and callers switch it on with ``v1_encoding=...``.
 """
 
 from __future__ import annotations
 
 import base64
 import io
+import json
+import random
+import struct
 import time
-from dataclasses import dataclass
+import uuid
+from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence, Union
+from urllib.parse import urlencode
 
 import httpx
+import numpy as np
 
 from server.api.schemas import (
     AdaptResponse, InferResponse, ModelMetadata, PredictResponse, ServerMetadata, SessionCreated, SessionInfo,
+    SessionList,
 )
 
 Label = Union[int, str]
+
+
+SESSION_HEADER = "X-Session-ID"
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+HEADER_LENGTH = "Inference-Header-Content-Length"
+RETRY_STATUSES = (429, 503)
+MAX_RETRY_WAIT_S = 60.0
 
 
 class FwserveError(Exception):
@@ -72,24 +98,119 @@ class _Call:
     parse: Callable[[httpx.Response], Any]
     json: Any = None
     content: Optional[bytes] = None
-    headers: Optional[dict] = None
+    headers: dict = field(default_factory=dict)
     ok: tuple[int, ...] = ()  # extra statuses that are not errors
+    session_id: Optional[str] = None  # sent as X-Session-ID
+
+    def __post_init__(self) -> None:
+        if self.session_id is not None:
+            self.headers[SESSION_HEADER] = self.session_id
+
+    @property
+    def retry_transport(self) -> bool:
+        """May a connection failure be retried (nothing, or nothing twice, is applied by it)?"""
+        return self.method == "GET" or IDEMPOTENCY_HEADER in self.headers
 
 
 def _model(cls):
     return lambda r: cls.model_validate(r.json())
 
 
+def _retry_after(r: httpx.Response) -> Optional[float]:
+    ra = r.headers.get("retry-after", "")
+    return float(ra) if ra.replace(".", "", 1).isdigit() else None
+
+
 def _raise_for(r: httpx.Response, ok: tuple[int, ...]) -> None:
     if r.status_code < 400 or r.status_code in ok:
         return
+    code, msg = r.headers.get("x-fwserve-error-code", "http_error"), r.text[:500]
     try:
         err = r.json()["error"]
-        code, msg = err["code"], err["message"]
+        if isinstance(err, dict):  # /v1: {"error": {"code", "message"}}
+            code, msg = err["code"], err["message"]
+        elif isinstance(err, str):  # /v2: the protocol's {"error": "<message>"}
+            msg = err
     except Exception:
-        code, msg = "http_error", r.text[:500]
-    ra = r.headers.get("retry-after")
-    raise FwserveError(r.status_code, code, msg, float(ra) if ra and ra.replace(".", "", 1).isdigit() else None)
+        pass
+    raise FwserveError(r.status_code, code, msg, _retry_after(r))
+
+
+def _retry_delay(retry_after: Optional[float], attempt: int) -> float:
+    """Seconds before retry number attempt + 1: the server's Retry-After (else exponential
+    back-off from 0.1 s), plus up to a quarter more (and 0.1 s) of jitter."""
+    base = retry_after if retry_after is not None else 0.1 * 2 ** attempt
+    base = min(base, MAX_RETRY_WAIT_S)
+    return base + random.uniform(0, 0.1 + 0.25 * base)
+
+
+# ---- how instances travel on /v1 ------------------------------------------------------------
+
+
+def _json_instances(path: str, body: dict) -> dict:
+    """The /v1 JSON bodies as they are (instances as {"image": b64} / {"array": [...]})."""
+    return {"json": body}
+
+
+# encoding name -> (path, JSON body) -> keyword arguments of the request (json= or content= + headers=)
+V1_ENCODINGS: dict[str, Callable[[str, dict], dict]] = {"json": _json_instances}
+
+
+# ---- the Open Inference Protocol (/v2) -----------------------------------------------------
+
+_NP_TYPES = {"UINT8": "<u1", "INT64": "<i8", "FP32": "<f4", "FP64": "<f8", "BOOL": "?", "UINT16": "<u2",
+             "INT32": "<i4", "FP16": "<f2"}
+
+
+def _bytes_tensor(values: Sequence[bytes]) -> bytes:
+    return b"".join(struct.pack("<I", len(v)) + v for v in values)
+
+
+def _bytes_values(raw: bytes) -> list[str]:
+    out, at = [], 0
+    while at < len(raw):
+        (n,) = struct.unpack_from("<I", raw, at)
+        out.append(raw[at + 4:at + 4 + n].decode("utf-8", "replace"))
+        at += 4 + n
+    return out
+
+
+def _tensor(name: str, values, datatype: Optional[str], binary: bool) -> tuple[dict, Optional[bytes]]:
+    """An input tensor's JSON entry, and its raw data when binary."""
+    if isinstance(values, (list, tuple)) and values and isinstance(values[0], (bytes, bytearray, str)):
+        elems = [v.encode() if isinstance(v, str) else bytes(v) for v in values]
+        entry = {"name": name, "shape": [len(elems)], "datatype": "BYTES"}
+        if binary:
+            raw = _bytes_tensor(elems)
+            return {**entry, "parameters": {"binary_data_size": len(raw)}}, raw
+        data = [v if isinstance(v, str) else base64.b64encode(bytes(v)).decode() for v in values] \
+            if name != "label" else [e.decode() for e in elems]
+        return {**entry, "data": data}, None
+    arr = np.asarray(values)
+    datatype = datatype or ("INT64" if arr.dtype.kind in "iu" else "FP32")
+    entry = {"name": name, "shape": list(arr.shape), "datatype": datatype}
+    if binary:
+        raw = np.ascontiguousarray(arr, dtype=_NP_TYPES[datatype]).tobytes()
+        return {**entry, "parameters": {"binary_data_size": len(raw)}}, raw
+    return {**entry, "data": arr.reshape(-1).tolist()}, None
+
+
+def _infer_response(r: httpx.Response):
+    """An infer response (JSON, or the binary extension) -> InferResponse with every output's data."""
+    n = r.headers.get(HEADER_LENGTH.lower())
+    if n is None:
+        return InferResponse.model_validate(r.json())
+    body = r.content
+    head, at = json.loads(body[:int(n)]), int(n)
+    for out in head.get("outputs", []):
+        size = (out.get("parameters") or {}).pop("binary_data_size", None)
+        if size is None:
+            continue
+        raw = body[at:at + size]
+        at += size
+        out["data"] = (_bytes_values(raw) if out["datatype"] == "BYTES"
+                       else np.frombuffer(raw, dtype=_NP_TYPES[out["datatype"]]).tolist())
+    return InferResponse.model_validate(head)
 
 
 class _Calls:
@@ -102,46 +223,80 @@ class _Calls:
             body["classes"] = list(classes)
         if session_id is not None:
             body["id"] = session_id
-        return _Call("POST", "/v1/sessions", _model(SessionCreated), json=body)
+        return _Call("POST", "/v1/sessions", _model(SessionCreated), json=body, session_id=session_id)
 
     @staticmethod
-    def predict(instances, session_id, top_k) -> _Call:
+    def predict(encode, instances, session_id, top_k) -> _Call:
         body = {"instances": _labelled(instances, None), "top_k": top_k}
         if session_id is not None:
             body["session_id"] = session_id
-        return _Call("POST", "/v1/predict", _model(PredictResponse), json=body)
+        return _Call("POST", "/v1/predict", _model(PredictResponse), session_id=session_id,
+                     **_merge(encode("/v1/predict", body)))
 
     @staticmethod
-    def predict_episodic(instances, support, labels, rule, hyperparameters, classes, steps, top_k) -> _Call:
+    def predict_episodic(encode, instances, support, labels, rule, hyperparameters, classes, steps, top_k) -> _Call:
         body = {"instances": _labelled(instances, None), "support": _labelled(support, labels), "rule": rule,
                 "hyperparameters": dict(hyperparameters or {}), "steps": steps, "top_k": top_k}
         if classes is not None:
             body["classes"] = list(classes)
-        return _Call("POST", "/v1/predict", _model(PredictResponse), json=body)
+        return _Call("POST", "/v1/predict", _model(PredictResponse), **_merge(encode("/v1/predict", body)))
 
     @staticmethod
-    def adapt(session_id, instances, labels) -> _Call:
+    def adapt(encode, session_id, instances, labels, idempotency_key) -> _Call:
         body = {"session_id": session_id, "instances": _labelled(instances, labels)}
-        return _Call("POST", "/v1/adapt", _model(AdaptResponse), json=body)
+        kw = _merge(encode("/v1/adapt", body))
+        kw["headers"][IDEMPOTENCY_HEADER] = idempotency_key or uuid.uuid4().hex
+        return _Call("POST", "/v1/adapt", _model(AdaptResponse), session_id=session_id, **kw)
 
     @staticmethod
-    def infer(model, batch, session_id, top_k, datatype) -> _Call:
-        import numpy as np
-
-        arr = np.asarray(batch)
-        params: dict[str, Any] = {"top_k": top_k}
+    def infer(model, batch, session_id, top_k, datatype, labels, binary, idempotency_key) -> _Call:
+        params: dict[str, Any] = {}
+        if top_k != 1:
+            params["top_k"] = top_k
         if session_id is not None:
             params["session_id"] = session_id
-        body = {"inputs": [{"name": "image", "shape": list(arr.shape), "datatype": datatype,
-                            "data": arr.reshape(-1).tolist()}], "parameters": params}
-        return _Call("POST", f"/v2/models/{model}/infer", _model(InferResponse), json=body)
+        if binary:
+            params["binary_data_output"] = True
+        entries, blobs = [], []
+        for name, values, dt in (("image", batch, datatype), ("label", labels, None)):
+            if values is None:
+                continue
+            if name == "label":
+                values = list(values)
+                if all(isinstance(v, int) for v in values):
+                    values = np.asarray(values, dtype="int64")
+            entry, raw = _tensor(name, values, dt, binary)
+            entries.append(entry)
+            if raw is not None:
+                blobs.append(raw)
+        head = json.dumps({"inputs": entries, **({"parameters": params} if params else {})}).encode()
+        headers: dict[str, str] = {}
+        if labels is not None:
+            headers[IDEMPOTENCY_HEADER] = idempotency_key or uuid.uuid4().hex
+        if blobs:
+            headers.update({HEADER_LENGTH: str(len(head)), "content-type": "application/octet-stream"})
+        else:
+            headers["content-type"] = "application/json"
+        return _Call("POST", f"/v2/models/{model}/infer", _infer_response, content=head + b"".join(blobs),
+                     headers=headers, session_id=session_id)
+
+
+def _merge(kw: dict) -> dict:
+    """An encoder's request arguments, with a headers dict to add to."""
+    return {**kw, "headers": dict(kw.get("headers") or {})}
 
 
 class _Api:
     """Method signatures shared by both clients; ``_do`` runs a call (sync or async)."""
 
+    v1_encoding = "json"
+
     def _do(self, call: _Call):  # pragma: no cover - overridden
         raise NotImplementedError
+
+    @property
+    def _encode(self):
+        return V1_ENCODINGS[self.v1_encoding]
 
     def create_session(self, rule: str, classes: Optional[Sequence[str]] = None,
                        hyperparameters: Optional[dict] = None, session_id: Optional[str] = None,
@@ -151,27 +306,36 @@ class _Api:
 
     def get_session(self, session_id: str):
         """-> SessionInfo"""
-        return self._do(_Call("GET", f"/v1/sessions/{session_id}", _model(SessionInfo)))
+        return self._do(_Call("GET", f"/v1/sessions/{session_id}", _model(SessionInfo), session_id=session_id))
+
+    def list_sessions(self, limit: int = 100, cursor: Optional[str] = None, rule: Optional[str] = None,
+                      tier: Optional[str] = None):
+        """-> SessionList {sessions, next_cursor}: one page of the caller's sessions, in id order."""
+        q = urlencode({k: v for k, v in (("limit", limit), ("cursor", cursor), ("rule", rule), ("tier", tier))
+                       if v is not None})
+        return self._do(_Call("GET", f"/v1/sessions?{q}", _model(SessionList)))
 
     def reset_session(self, session_id: str):
         """-> SessionCreated {id, version: 0}"""
-        return self._do(_Call("POST", f"/v1/sessions/{session_id}/reset", _model(SessionCreated)))
+        return self._do(_Call("POST", f"/v1/sessions/{session_id}/reset", _model(SessionCreated),
+                              session_id=session_id))
 
     def delete_session(self, session_id: str):
-        return self._do(_Call("DELETE", f"/v1/sessions/{session_id}", lambda r: None))
+        return self._do(_Call("DELETE", f"/v1/sessions/{session_id}", lambda r: None, session_id=session_id))
 
     def export_session(self, session_id: str):
         """-> bytes (safetensors with metadata)"""
-        return self._do(_Call("GET", f"/v1/sessions/{session_id}/export", lambda r: r.content))
+        return self._do(_Call("GET", f"/v1/sessions/{session_id}/export", lambda r: r.content,
+                              session_id=session_id))
 
     def import_session(self, session_id: str, data: bytes):
         """-> SessionInfo (creates or replaces the session)"""
         return self._do(_Call("PUT", f"/v1/sessions/{session_id}/import", _model(SessionInfo), content=data,
-                              headers={"content-type": "application/octet-stream"}))
+                              headers={"content-type": "application/octet-stream"}, session_id=session_id))
 
     def predict(self, instances: Sequence[Any], session_id: Optional[str] = None, top_k: int = 1):
         """-> PredictResponse; without a session the base head answers."""
-        return self._do(_Calls.predict(instances, session_id, top_k))
+        return self._do(_Calls.predict(self._encode, instances, session_id, top_k))
 
     def predict_episodic(self, instances: Sequence[Any], support: Sequence[Any],
                          labels: Optional[Sequence[Label]] = None, rule: str = "prototype",
@@ -179,12 +343,14 @@ class _Api:
                          steps: int = 1, top_k: int = 1):
         """-> PredictResponse from a throw-away head adapted on `support` (labels given separately
         or inside dict instances)."""
-        return self._do(_Calls.predict_episodic(instances, support, labels, rule, hyperparameters, classes,
-                                                steps, top_k))
+        return self._do(_Calls.predict_episodic(self._encode, instances, support, labels, rule, hyperparameters,
+                                                classes, steps, top_k))
 
-    def adapt(self, session_id: str, instances: Sequence[Any], labels: Optional[Sequence[Label]] = None):
-        """-> AdaptResponse (new version, pre-update predictions)."""
-        return self._do(_Calls.adapt(session_id, instances, labels))
+    def adapt(self, session_id: str, instances: Sequence[Any], labels: Optional[Sequence[Label]] = None,
+              idempotency_key: Optional[str] = None):
+        """-> AdaptResponse (new version, pre-update predictions). Sent with an Idempotency-Key
+        (`idempotency_key`, else a fresh one), the same on every retry of this call."""
+        return self._do(_Calls.adapt(self._encode, session_id, instances, labels, idempotency_key))
 
     def live(self) -> Any:
         return self._do(_Call("GET", "/v2/health/live", lambda r: r.status_code == 200, ok=(503,)))
@@ -202,38 +368,63 @@ class _Api:
     def model_ready(self, model: str):
         return self._do(_Call("GET", f"/v2/models/{model}/ready", lambda r: r.status_code == 200, ok=(503,)))
 
+    def model_config(self, model: str) -> Any:
+        """-> the model configuration (a dict in model_config.proto's field names)"""
+        return self._do(_Call("GET", f"/v2/models/{model}/config", lambda r: r.json()))
+
     def infer(self, model: str, batch: Any, session_id: Optional[str] = None, top_k: int = 1,
-              datatype: str = "FP32"):
-        """OIP v2 infer on a batch array [B, H, W] or [B, H, W, C] -> InferResponse."""
-        return self._do(_Calls.infer(model, batch, session_id, top_k, datatype))
+              datatype: str = "FP32", labels: Optional[Sequence[Label]] = None, binary: bool = True,
+              idempotency_key: Optional[str] = None):
+        """Open Inference Protocol infer -> InferResponse (every output's data filled in).
+        `batch`: pixel values [B, H, W] / [B, H, W, C] (sent as `datatype`), or a list of encoded
+        images (BYTES). With `labels` (names or indices, one per image) the session adapts:
+        the outputs are its pre-update predictions, parameters.session_version its new version.
+        `binary`: the binary tensor extension both ways (False: JSON tensors)."""
+        return self._do(_Calls.infer(model, batch, session_id, top_k, datatype, labels, binary, idempotency_key))
 
     def metrics(self):
         """-> the Prometheus text exposition"""
         return self._do(_Call("GET", "/metrics", lambda r: r.text))
 
 
-def _retry_delay(r: httpx.Response, call: _Call, attempt: int, retries: int) -> Optional[float]:
-    """Seconds to wait before retrying a 503, or None to stop."""
-    if r.status_code != 503 or 503 in call.ok or attempt >= retries:
+def _check_encoding(name: str) -> str:
+    if name not in V1_ENCODINGS:
+        raise ValueError(f"unknown v1_encoding {name!r}; one of {', '.join(V1_ENCODINGS)}")
+    return name
+
+
+def _next_delay(call: _Call, attempt: int, retries: int, r: Optional[httpx.Response]) -> Optional[float]:
+    """Seconds to wait before retrying (r None: the connection failed), or None to stop."""
+    if attempt >= retries:
         return None
-    ra = r.headers.get("retry-after", "")
-    return float(ra) if ra.replace(".", "", 1).isdigit() else 0.1 * 2 ** attempt
+    if r is None:
+        return _retry_delay(None, attempt) if call.retry_transport else None
+    if r.status_code not in RETRY_STATUSES or r.status_code in call.ok:
+        return None
+    return _retry_delay(_retry_after(r), attempt)
 
 
 class Client(_Api):
     def __init__(self, base_url: str = "http://127.0.0.1:8000", timeout: float = 60.0, retries: int = 0,
-                 **httpx_kwargs) -> None:
+                 v1_encoding: str = "json", **httpx_kwargs) -> None:
         self.http = httpx.Client(base_url=base_url, timeout=timeout, **httpx_kwargs)
         self.retries = retries
+        self.v1_encoding = _check_encoding(v1_encoding)
 
     def _do(self, call: _Call):
         attempt = 0
         while True:
-            r = self.http.request(call.method, call.path, json=call.json, content=call.content,
-                                  headers=call.headers)
-            delay = _retry_delay(r, call, attempt, self.retries)
-            if delay is None:
-                break
+            try:
+                r = self.http.request(call.method, call.path, json=call.json, content=call.content,
+                                      headers=call.headers)
+            except httpx.TransportError:
+                delay = _next_delay(call, attempt, self.retries, None)
+                if delay is None:
+                    raise
+            else:
+                delay = _next_delay(call, attempt, self.retries, r)
+                if delay is None:
+                    break
             time.sleep(delay)
             attempt += 1
         _raise_for(r, call.ok)
@@ -263,20 +454,27 @@ class Client(_Api):
 
 class AsyncClient(_Api):
     def __init__(self, base_url: str = "http://127.0.0.1:8000", timeout: float = 60.0, retries: int = 0,
-                 **httpx_kwargs) -> None:
+                 v1_encoding: str = "json", **httpx_kwargs) -> None:
         self.http = httpx.AsyncClient(base_url=base_url, timeout=timeout, **httpx_kwargs)
         self.retries = retries
+        self.v1_encoding = _check_encoding(v1_encoding)
 
     async def _do(self, call: _Call):
         import asyncio
 
         attempt = 0
         while True:
-            r = await self.http.request(call.method, call.path, json=call.json, content=call.content,
-                                        headers=call.headers)
-            delay = _retry_delay(r, call, attempt, self.retries)
-            if delay is None:
-                break
+            try:
+                r = await self.http.request(call.method, call.path, json=call.json, content=call.content,
+                                            headers=call.headers)
+            except httpx.TransportError:
+                delay = _next_delay(call, attempt, self.retries, None)
+                if delay is None:
+                    raise
+            else:
+                delay = _next_delay(call, attempt, self.retries, r)
+                if delay is None:
+                    break
             await asyncio.sleep(delay)
             attempt += 1
         _raise_for(r, call.ok)

@@ -21,7 +21,16 @@ class Settings(BaseSettings):
     # network
     host: str = Field("127.0.0.1", description="Interface to bind.")
     port: int = Field(8000, ge=0, le=65535, description="TCP port to bind (0 = any free port).")
-    log_level: str = Field("info", description="uvicorn log level (critical, error, warning, info, debug).")
+    log_level: str = Field("info", description="Log level of the server's and uvicorn's logs (critical, error, "
+                           "warning, info, debug).")
+    log_format: Literal["text", "json"] = Field(
+        "text", description="Log lines as text, or one JSON object per line (access lines and engine events carry "
+        "their fields as keys).",
+    )
+    grpc_port: Optional[int] = Field(
+        None, ge=0, le=65535, description="Also serve the Open Inference Protocol over gRPC (KServe v2 "
+        "GRPCInferenceService) on this port, on --host (0 = any free port; needs the grpc extra).",
+    )
 
     # backbone
     backbone: str = Field(
@@ -60,10 +69,11 @@ class Settings(BaseSettings):
         "its batch starts is dropped (an adapt is then not applied) and answered 504."
     )
     retry_after_s: int = Field(1, ge=0, description="Retry-After seconds sent with 503 responses.")
-    shutdown_grace_s: float = Field(
-        60.0, gt=0, description="On SIGTERM: seconds to finish in-flight requests (the queue drains meanwhile) "
-        "before the server stops; must exceed --request-timeout-s, so every queued adapt is answered. A pod's "
-        "terminationGracePeriodSeconds should be its preStop sleep plus this plus a few seconds.",
+    shutdown_grace_s: Optional[float] = Field(
+        None, gt=0, description="On SIGTERM: seconds to finish in-flight requests (the queue drains meanwhile) "
+        "before the server stops; must exceed --request-timeout-s, so every queued adapt is answered (default: "
+        "the request timeout + 30 s). A pod's terminationGracePeriodSeconds should be its preStop sleep plus "
+        "this plus a few seconds.",
     )
 
     # sessions
@@ -192,7 +202,7 @@ class Settings(BaseSettings):
         if self.durability == "snapshot" and (self.store or "").startswith(("redis://", "rediss://", "unix://")):
             raise ValueError("durability=snapshot keeps each replica's sessions to itself between writes, so a "
                              "shared (redis) store would fork them: use durability=wal with a shared store")
-        if self.shutdown_grace_s <= self.request_timeout_s:
+        if self.shutdown_grace_s is not None and self.shutdown_grace_s <= self.request_timeout_s:
             raise ValueError(f"shutdown_grace_s ({self.shutdown_grace_s:g}) must exceed request_timeout_s "
                              f"({self.request_timeout_s:g}): a queued adapt is answered within the timeout")
         return self
@@ -211,6 +221,9 @@ class Settings(BaseSettings):
     @property
     def rule_module_list(self) -> list[str]:
         return [m.strip() for m in self.rule_modules.split(",") if m.strip()]
+
+    def shutdown_grace(self) -> float:
+        return self.shutdown_grace_s if self.shutdown_grace_s is not None else self.request_timeout_s + 30.0
 
     def store_url(self) -> str:
         """The store as given, or the snapshot directory."""

@@ -2,8 +2,8 @@
 
 Thin by design: routes validate (schemas), authenticate (auth), decode instances into tensors
 (decode, in a thread pool), hand plain jobs to the engine and turn its results and errors into
-responses (errors). Routes live in v1.py and v2.py. No model code runs here and no session
-state is touched here.
+responses (errors). Routes live in v1.py and v2/ (the Open Inference Protocol, HTTP and gRPC).
+No model code runs here and no session state is touched here.
 
 Status codes: 400 malformed JSON; 401/403 auth; 404 unknown session/model/route; 409 session id
 taken or session limit; 413 body over --max-body-bytes; 415 wrong content type; 422 invalid
@@ -18,7 +18,7 @@ import logging
 from contextlib import asynccontextmanager
 from typing import Optional
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
@@ -27,10 +27,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from server import __version__
 from server.api import v1, v2
 from server.api.context import Api
-from server.api.errors import STATUS_CODES, ApiError, error_body, from_domain
+from server.api.errors import CODE_HEADER, STATUS_CODES, ApiError, error_body, from_domain
 from server.api.middleware import Guard
 from server.config import Settings
 from server.engine import Engine
+from server.engine.metrics import CONTENT_TYPE
 from server.errors import DomainError
 
 
@@ -65,9 +66,18 @@ def create_app(settings: Optional[Settings] = None, backbone=None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         engine.start()
-        yield
-        engine.stop()
-        api.close()
+        grpc_server = None
+        if settings.grpc_port is not None:
+            from server.api.v2.grpc_service import start
+
+            grpc_server, app.state.grpc_port = await start(api, settings.host, settings.grpc_port)
+        try:
+            yield
+        finally:
+            if grpc_server is not None:
+                await grpc_server.stop(5)
+            engine.stop()
+            api.close()
 
     app = FastAPI(title="fwserve", version=__version__, lifespan=lifespan, responses=ERROR_RESPONSES,
                   description="Online-adaptation inference server: a frozen ViT backbone and "
@@ -79,30 +89,41 @@ def create_app(settings: Optional[Settings] = None, backbone=None) -> FastAPI:
     _handlers(app)
     v1.add_routes(app, api)
     v2.add_routes(app, api)
+
+    @app.get("/metrics", tags=["ops"], response_class=Response)
+    async def metrics():
+        return Response(engine.metrics.scrape(), media_type=CONTENT_TYPE)
+
     return app
+
+
+def _error(request: Request, status: int, code: str, message: str, headers=None) -> JSONResponse:
+    """An error response in the body shape of the request's route (errors.error_body)."""
+    return JSONResponse(error_body(code, message, request.url.path), status_code=status,
+                        headers={**(headers or {}), CODE_HEADER: code})
 
 
 def _handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def api_error(request: Request, e: ApiError):
-        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+        return _error(request, e.status, e.code, e.message, e.headers)
 
     @app.exception_handler(DomainError)
     async def domain_error(request: Request, e: DomainError):
         err = from_domain(e)
-        return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+        return _error(request, err.status, err.code, err.message, err.headers)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, e: RequestValidationError):
         errs = e.errors()
         if any(err.get("type") == "json_invalid" for err in errs):
-            return JSONResponse(error_body("invalid_json", "request body is not valid JSON"), status_code=400)
+            return _error(request, 400, "invalid_json", "request body is not valid JSON")
         parts = []
         for err in errs[:5]:
             loc = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
             parts.append(f"{loc or 'body'}: {err.get('msg', 'invalid')}")
         more = f" (and {len(errs) - 5} more)" if len(errs) > 5 else ""
-        return JSONResponse(error_body("invalid_request", "; ".join(parts) + more), status_code=422)
+        return _error(request, 422, "invalid_request", "; ".join(parts) + more)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, e: StarletteHTTPException):
@@ -110,11 +131,10 @@ def _handlers(app: FastAPI) -> None:
         msg = e.detail if isinstance(e.detail, str) else str(e.detail)
         if e.status_code == 404 and msg == "Not Found":
             msg = f"no route {request.method} {request.url.path}"
-        return JSONResponse(error_body(code, msg), status_code=e.status_code, headers=getattr(e, "headers", None))
+        return _error(request, e.status_code, code, msg, getattr(e, "headers", None))
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, e: Exception):
         # the details go to the log, never to the client (they may name internals or secrets)
         log.error("%s %s failed", request.method, request.url.path, exc_info=(type(e), e, e.__traceback__))
-        return JSONResponse(error_body("internal", "internal server error; the request was not applied"),
-                            status_code=500)
+        return _error(request, 500, "internal", "internal server error; the request was not applied")

@@ -4,8 +4,11 @@ Keys are configured hashed (the server never holds a key itself), one tenant per
 ``--api-keys`` / ``FWSERVE_API_KEYS`` (lines or ``;``-separated entries) and ``--api-keys-file``::
 
     # tenant   sha256 of the key                        options
-    acme       sha256:9f86d081884c7d659a2feaa0c55ad015...  sessions=1000 rps=50
+    acme       sha256:9f86d081884c7d659a2feaa0c55ad015...  sessions=1000 rps=50 id=acme-2024
     ops        sha256:60303ae22b998861bce3b28f33eec1be...  admin
+
+Every key has a stable, non-secret id (``Principal.key_id``, in the access log): ``id=NAME`` on
+its line, else the first 12 hex digits of its sha256. Ids are unique across keys.
 
 ``fwserve hash-key`` prints the ``sha256:...`` of a key read from stdin. A request carries its
 key as ``Authorization: Bearer KEY`` or ``X-API-Key: KEY``; no or an unknown key is 401.
@@ -40,6 +43,7 @@ from server.keys import TENANT_PATTERN, make_key
 
 TENANT_HEADER = "x-fwserve-tenant"
 _HASH = re.compile(r"^sha256:([0-9a-f]{64})$")
+KEY_ID_PATTERN = r"^[A-Za-z0-9_.:-]{1,64}$"
 LOOPBACK = {"127.0.0.1", "localhost", "::1", "ip6-localhost"}
 
 
@@ -54,15 +58,23 @@ class Tenant:
     admin: bool = False
     max_sessions: Optional[int] = None
     rps: Optional[float] = None
+    id: str = ""  # the key's id: its id= option, else key_id_of(key_sha256)
+
+
+def key_id_of(key_sha256: str) -> str:
+    """The default id of a key: the first 12 hex digits of its sha256 (not enough to find the key)."""
+    return key_sha256[:12]
 
 
 @dataclass(frozen=True)
 class Principal:
-    """Who a request acts as: its tenant (None: auth off), and whether the key is an admin's."""
+    """Who a request acts as: its tenant (None: auth off), whether the key is an admin's, and the
+    key's id (None: auth off)."""
 
     tenant: Optional[str]
     admin: bool = False
     max_sessions: int = 0  # 0: no per-tenant quota
+    key_id: Optional[str] = None
 
     def key(self, session_id: Optional[str]) -> Optional[str]:
         return None if session_id is None else make_key(self.tenant, session_id)
@@ -76,7 +88,8 @@ def parse_keys(text: str, source: str = "api keys") -> list[Tenant]:
             continue
         parts = line.split()
         if len(parts) < 2:
-            raise ValueError(f"{source}, entry {n}: expected 'TENANT sha256:HEX [admin] [sessions=N] [rps=R]'")
+            raise ValueError(f"{source}, entry {n}: expected 'TENANT sha256:HEX [admin] [sessions=N] [rps=R] "
+                             "[id=NAME]'")
         name, digest, opts = parts[0], parts[1], parts[2:]
         if not re.match(TENANT_PATTERN, name):
             raise ValueError(f"{source}, entry {n}: tenant name {name!r} must match {TENANT_PATTERN}")
@@ -84,7 +97,7 @@ def parse_keys(text: str, source: str = "api keys") -> list[Tenant]:
         if not m:
             raise ValueError(f"{source}, entry {n}: the key must be given hashed as sha256:<64 hex digits> "
                              "(fwserve hash-key prints it)")
-        admin, sessions, rps = False, None, None
+        admin, sessions, rps, key_id = False, None, None, key_id_of(m.group(1))
         for o in opts:
             k, _, v = o.partition("=")
             try:
@@ -96,11 +109,14 @@ def parse_keys(text: str, source: str = "api keys") -> list[Tenant]:
                 elif k == "rps":
                     rps = float(v)
                     assert math.isfinite(rps) and rps >= 0
+                elif k == "id":
+                    assert re.match(KEY_ID_PATTERN, v)
+                    key_id = v
                 else:
                     raise ValueError
             except (ValueError, AssertionError):
                 raise ValueError(f"{source}, entry {n}: unknown or invalid option {o!r}") from None
-        out.append(Tenant(name, m.group(1), admin, sessions, rps))
+        out.append(Tenant(name, m.group(1), admin, sessions, rps, key_id))
     return out
 
 
@@ -134,9 +150,14 @@ class Auth:
             tenants += parse_keys(text, str(path))
         self.by_hash: dict[str, Tenant] = {}
         self.by_name: dict[str, Tenant] = {}
+        ids: dict[str, Tenant] = {}
         for t in tenants:
             if t.key_sha256 in self.by_hash:
                 raise ValueError(f"api keys: the same key is given for {self.by_hash[t.key_sha256].name!r} and {t.name!r}")
+            if t.id in ids:
+                raise ValueError(f"api keys: key id {t.id!r} is given to two keys (of {ids[t.id].name!r} and "
+                                 f"{t.name!r}); key ids must be unique")
+            ids[t.id] = t
             self.by_hash[t.key_sha256] = t
             self.by_name.setdefault(t.name, t)
         self.enabled = bool(tenants)
@@ -177,7 +198,7 @@ class Auth:
                 if not re.match(TENANT_PATTERN, other):
                     raise forbidden(f"{TENANT_HEADER} must match {TENANT_PATTERN}")
                 tenant = other
-            p = Principal(tenant, admin=t.admin, max_sessions=self.quota(tenant))
+            p = Principal(tenant, admin=t.admin, max_sessions=self.quota(tenant), key_id=t.id)
         self._limit(p.tenant if not self.enabled else t.name)  # the caller's rate, even acting for another
         return p
 

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
 
 from fastapi import Request
 
+from server.api import access
 from server.api.auth import Auth, Principal
 from server.api.decode import Decoder
 from server.config import Settings
@@ -16,11 +19,18 @@ from server.engine import Engine
 from server.errors import invalid, overloaded, timed_out
 
 
+def fingerprint(content) -> str:
+    """A request's identity for Idempotency-Key checks: its parsed content, canonically encoded
+    (JSON key order, spacing and the wire encoding do not count)."""
+    return hashlib.sha256(json.dumps(content, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
 class Api:
     def __init__(self, settings: Settings, engine: Engine) -> None:
         self.settings, self.engine = settings, engine
         self.auth = Auth(settings)
-        self.decoder = Decoder(engine.input_config, settings.max_image_pixels, settings.max_request_pixels)
+        self.decoder = Decoder(engine.input_config, settings.max_image_pixels, settings.max_instances,
+                               settings.max_request_pixels)
         self.decode_pool = ThreadPoolExecutor(settings.decode_workers, thread_name_prefix="fwserve-decode")
         self._decoding = 0  # requests waiting for or in the decode pool (event-loop side only)
 
@@ -28,6 +38,8 @@ class Api:
         """The request's principal, authenticated by the guard before the body was read; then
         readiness (503)."""
         p = request.state.principal
+        sid = request.path_params.get("session_id")  # session routes; bodies name theirs in the route
+        access.record(request).update(key_id=p.key_id, session_key=p.key(sid) if isinstance(sid, str) else None)
         self.engine.check_ready()
         return p
 

@@ -11,6 +11,15 @@ Accepted instances:
 Each instance becomes an ``Input``: the content hash of what the client sent (the feature
 cache's key: the decoded image bytes, or the array's float32 bytes and shape) and the
 preprocessed pixels ``[C, H, W]``.
+
+Tensors (``Decoder.tensor``: a datatype, a shape and the data, as the Open Inference Protocol
+carries them; every binary input path uses it): a batch ``[B, S, S]`` / ``[B, S, S, C]`` of pixel
+values of a numeric datatype, or ``[B]`` BYTES of encoded images. The data is either raw bytes
+(binary: numbers little-endian in row-major order; BYTES elements each a 4-byte little-endian
+length and then its bytes) or a list (JSON: numbers, nested or flat; BYTES elements as base64
+strings). A BYTES element is the PNG/JPEG itself, or its base64 text. Both forms give exactly
+the inputs the ``instances`` path gives for the same pixels or image bytes: the same content
+hash, the same preprocessed pixels.
 """
 
 from __future__ import annotations
@@ -19,7 +28,10 @@ import base64
 import binascii
 import hashlib
 import io
+import math
+import struct
 import warnings
+from typing import Optional, Union
 
 import numpy as np
 from PIL import Image
@@ -30,6 +42,12 @@ from server.engine.messages import Input
 from server.errors import invalid
 
 FORMATS = ("PNG", "JPEG")
+IMAGE_MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff")
+# OIP datatypes a pixel tensor may have -> numpy dtypes of their binary form (little-endian)
+PIXEL_DTYPES = {"UINT8": "<u1", "UINT16": "<u2", "UINT32": "<u4", "UINT64": "<u8", "INT8": "<i1", "INT16": "<i2",
+                "INT32": "<i4", "INT64": "<i8", "FP16": "<f2", "FP32": "<f4", "FP64": "<f8"}
+LABEL_DTYPES = {"INT64": "<i8", "INT32": "<i4"}  # class indices; BYTES: class names (UTF-8)
+TensorData = Union[bytes, bytearray, memoryview, list]
 
 
 def image_key(data: bytes) -> str:
@@ -56,9 +74,132 @@ class PixelBudget:
         self.left -= n
 
 
+def bytes_elements(raw, where: str) -> list[bytes]:
+    """A BYTES tensor in binary form -> its elements (each: uint32 little-endian length, bytes)."""
+    raw = memoryview(raw)
+    out, at = [], 0
+    while at < len(raw):
+        if at + 4 > len(raw):
+            raise invalid("invalid_inputs", f"{where}: BYTES data ends inside an element's 4-byte length")
+        (n,) = struct.unpack_from("<I", raw, at)
+        at += 4
+        if at + n > len(raw):
+            raise invalid("invalid_inputs", f"{where}: a BYTES element of {n} bytes runs past the data")
+        out.append(bytes(raw[at:at + n]))
+        at += n
+    return out
+
+
+def _is_raw(data) -> bool:
+    return isinstance(data, (bytes, bytearray, memoryview))
+
+
 class Decoder:
-    def __init__(self, cfg: ViTConfig, max_image_pixels: int, max_request_pixels: int = 1 << 62) -> None:
-        self.cfg, self.max_image_pixels, self.max_request_pixels = cfg, max_image_pixels, max_request_pixels
+    def __init__(self, cfg: ViTConfig, max_image_pixels: int, max_instances: Optional[int] = None,
+                 max_request_pixels: int = 1 << 62) -> None:
+        self.cfg, self.max_image_pixels, self.max_instances = cfg, max_image_pixels, max_instances
+        self.max_request_pixels = max_request_pixels
+
+    # ---- tensors (Open Inference Protocol; binary input paths) --------------------------------
+
+    def tensor(self, datatype: str, shape, data: TensorData, where: str = "inputs[0]",
+               budget: Optional["PixelBudget"] = None) -> list[Input]:
+        """One image tensor -> one Input per batch row (see the module docstring), or InvalidInput."""
+        budget = budget or self.budget()
+        shape = self._batch_shape(shape, where)
+        B = shape[0]
+        if datatype == "BYTES":
+            if shape not in ([B], [B, 1]):
+                raise invalid("invalid_inputs", f"{where}: a BYTES image tensor has shape [B] (or [B, 1]), got {shape}")
+            elems = bytes_elements(data, where) if _is_raw(data) else _flat(data)
+            if len(elems) != B:
+                raise invalid("invalid_inputs", f"{where}: shape {shape} needs {B} BYTES elements, got {len(elems)}")
+            return [self.image_element(e, f"{where}[{i}]", budget) for i, e in enumerate(elems)]
+        dtype = PIXEL_DTYPES.get(datatype)
+        if dtype is None:
+            raise invalid("invalid_inputs", f"{where}: unsupported datatype {datatype!r}; pixel tensors are "
+                          f"{', '.join(PIXEL_DTYPES)}, encoded images BYTES")
+        s = self.cfg.img_size
+        if len(shape) not in (3, 4) or shape[1:3] != [s, s] or (len(shape) == 4 and shape[3] not in (1, 3, 4)):
+            raise invalid("invalid_inputs", f"{where}: shape {shape}; expected [B, {s}, {s}] or [B, {s}, {s}, C] "
+                          "with C in 1, 3, 4")
+        n = math.prod(shape)
+        if _is_raw(data):
+            want = n * np.dtype(dtype).itemsize
+            if len(data) != want:
+                raise invalid("invalid_inputs", f"{where}: {datatype} {shape} needs {want} bytes of data, got "
+                              f"{len(data)}")
+            arr = np.frombuffer(data, dtype=dtype).reshape(shape)
+        else:
+            try:
+                arr = np.asarray(data, dtype=np.float64).reshape(-1)
+            except (ValueError, TypeError):
+                raise invalid("invalid_inputs", f"{where}: data must be a (nested) list of numbers") from None
+            if arr.size != n:
+                raise invalid("invalid_inputs", f"{where}: data has {arr.size} values, shape {shape} needs {n}")
+            arr = arr.reshape(shape)
+        return [self.array(check_array(arr[i], self.cfg, f"{where}[{i}]", "")) for i in range(B)]
+
+    def labels(self, datatype: str, shape, data: TensorData, batch: int, where: str = "label") -> list:
+        """A label tensor ([B] or [B, 1]: BYTES class names, or INT64/INT32 class indices) -> labels."""
+        shape = self._batch_shape(shape, where)
+        if shape not in ([batch], [batch, 1]):
+            raise invalid("invalid_inputs", f"{where}: shape {shape}; one label per image: [{batch}]")
+        if datatype == "BYTES":
+            elems = bytes_elements(data, where) if _is_raw(data) else _flat(data)
+            out = []
+            for e in elems:
+                if isinstance(e, (bytes, bytearray)):
+                    try:
+                        e = bytes(e).decode("utf-8")
+                    except UnicodeDecodeError:
+                        raise invalid("invalid_inputs", f"{where}: class names must be UTF-8") from None
+                if not isinstance(e, str):
+                    raise invalid("invalid_inputs", f"{where}: BYTES labels are class names (strings)")
+                out.append(e)
+        elif datatype in LABEL_DTYPES:
+            if _is_raw(data):
+                if len(data) != batch * np.dtype(LABEL_DTYPES[datatype]).itemsize:
+                    raise invalid("invalid_inputs", f"{where}: {datatype} [{batch}] needs "
+                                  f"{batch * np.dtype(LABEL_DTYPES[datatype]).itemsize} bytes of data")
+                out = [int(v) for v in np.frombuffer(data, dtype=LABEL_DTYPES[datatype])]
+            else:
+                out = _flat(data)
+                if not all(isinstance(v, int) and not isinstance(v, bool) for v in out):
+                    raise invalid("invalid_inputs", f"{where}: {datatype} labels are class indices (integers)")
+        else:
+            raise invalid("invalid_inputs", f"{where}: labels are BYTES (class names) or INT64 (class indices), "
+                          f"got {datatype!r}")
+        if len(out) != batch:
+            raise invalid("invalid_inputs", f"{where}: {len(out)} labels for {batch} images")
+        return out
+
+    def image_element(self, element, where: str, budget: Optional["PixelBudget"] = None) -> Input:
+        """One BYTES element: the encoded image itself (bytes), or its base64 text."""
+        budget = budget or self.budget()
+        if isinstance(element, (bytes, bytearray)):
+            raw = bytes(element)
+            if raw.startswith(IMAGE_MAGIC):
+                return Input(image_key(raw), preprocess(self._image(raw, where, budget), self.cfg))
+            try:
+                element = raw.decode("ascii")
+            except UnicodeDecodeError:
+                raise invalid("invalid_image", f"{where}.image could not be decoded as PNG or JPEG") from None
+        if not isinstance(element, str):
+            raise invalid("invalid_inputs", f"{where}: a BYTES element must be an encoded image or base64 text")
+        return self.image_b64(element, where, budget)
+
+    def _batch_shape(self, shape, where: str) -> list[int]:
+        if not isinstance(shape, (list, tuple)) or not shape or \
+                any(not isinstance(n, int) or isinstance(n, bool) or n < 0 for n in shape):
+            raise invalid("invalid_inputs", f"{where}: shape must be a non-empty list of non-negative integers")
+        shape = [int(n) for n in shape]
+        limit = self.max_instances
+        if shape[0] < 1 or (limit is not None and shape[0] > limit):
+            raise invalid("too_many_instances", f"{where}: batch of {shape[0]}; 1..{limit or 'any'} per request")
+        return shape
+
+    # ---- instances (JSON /v1) -------------------------------------------------------------------
 
     def budget(self) -> PixelBudget:
         return PixelBudget(self.max_request_pixels)
@@ -113,18 +254,35 @@ def _b64(text: str, where: str) -> bytes:
     return raw
 
 
-def check_array(value, cfg: ViTConfig, where: str) -> np.ndarray:
+def _flat(data) -> list:
+    """JSON tensor data, nested or flat, in row-major order."""
+    if not isinstance(data, list):
+        raise invalid("invalid_inputs", "tensor data must be a list")
+    out, stack = [], [iter(data)]
+    while stack:
+        for v in stack[-1]:
+            if isinstance(v, list):
+                stack.append(iter(v))
+                break
+            out.append(v)
+        else:
+            stack.pop()
+    return out
+
+
+def check_array(value, cfg: ViTConfig, where: str, field: str = ".array") -> np.ndarray:
     """A nested list (or array) -> float32 array [H, W] or [H, W, C], or InvalidInput saying what is wrong."""
+    what = where + field
     try:
         arr = np.asarray(value, dtype=np.float64)
     except (ValueError, TypeError):
-        raise invalid("invalid_array", f"{where}.array must be a rectangular nested list of numbers") from None
+        raise invalid("invalid_array", f"{what} must be a rectangular nested list of numbers") from None
     s = cfg.img_size
     want = f"[{s}, {s}] or [{s}, {s}, C] with C in 1, 3, 4"
     if arr.ndim not in (2, 3) or arr.shape[:2] != (s, s) or (arr.ndim == 3 and arr.shape[2] not in (1, 3, 4)):
-        raise invalid("invalid_array", f"{where}.array has shape {list(arr.shape)}; expected {want}")
+        raise invalid("invalid_array", f"{what} has shape {list(arr.shape)}; expected {want}")
     if not np.isfinite(arr).all():
-        raise invalid("invalid_array", f"{where}.array contains NaN or Inf")
+        raise invalid("invalid_array", f"{what} contains NaN or Inf")
     if arr.min() < 0 or arr.max() > 255:
-        raise invalid("invalid_array", f"{where}.array values must lie in 0..255")
+        raise invalid("invalid_array", f"{what} values must lie in 0..255")
     return arr.astype(np.float32)

@@ -1,8 +1,13 @@
 """The one table from errors to HTTP: status codes, headers and the JSON error envelope.
 
 Domain errors (server/errors.py) are raised below the API without any status; ``ApiError``
-is for what only HTTP knows (authentication, body limits, content types, routing). Every error
-response is ``{"error": {"code": <str>, "message": <str>}}``.
+is for what only HTTP knows (authentication, body limits, content types, routing).
+
+Error bodies, chosen by route prefix: ``/v2`` (the Open Inference Protocol) answers
+``{"error": "<message>"}``, as the protocol's clients parse it; every other route answers
+``{"error": {"code": <str>, "message": <str>}}``. Both carry the code in the
+``X-Fwserve-Error-Code`` header too. gRPC (server/api/v2/grpc_service.py) maps the same statuses
+to gRPC status codes through ``GRPC_STATUS``.
 """
 
 from __future__ import annotations
@@ -31,11 +36,25 @@ class ApiError(Exception):
         super().__init__(message)
         self.status, self.code, self.message, self.headers = status, code, message, headers or {}
 
-    def body(self) -> dict:
-        return error_body(self.code, self.message)
+    def body(self, path: str = "") -> dict:
+        return error_body(self.code, self.message, path)
+
+    def response_headers(self) -> dict[str, str]:
+        return {**self.headers, CODE_HEADER: self.code}
 
 
-def error_body(code: str, message: str) -> dict:
+V2_PREFIX = "/v2"
+CODE_HEADER = "X-Fwserve-Error-Code"
+
+
+def is_v2(path: str) -> bool:
+    return path == V2_PREFIX or path.startswith(V2_PREFIX + "/")
+
+
+def error_body(code: str, message: str, path: str = "") -> dict:
+    """The error body of a route: the protocol's plain message on /v2, the code+message envelope elsewhere."""
+    if is_v2(path):
+        return {"error": message}
     return {"error": {"code": code, "message": message}}
 
 
@@ -72,6 +91,10 @@ def model_not_found(name: str, served: str) -> ApiError:
     return ApiError(404, "model_not_found", f"unknown model {name!r}; this server serves {served!r}")
 
 
+def version_not_found(name: str, version: str) -> ApiError:
+    return ApiError(404, "model_version_not_found", f"model {name!r} has no version {version!r}; it serves version 1")
+
+
 def too_many_requests(code: str, message: str, retry_after_s: float) -> ApiError:
     return ApiError(429, code, message, headers=retry_after_header(max(1.0, retry_after_s)))
 
@@ -100,4 +123,22 @@ STATUS_CODES = {
     500: "internal",
     503: "unavailable",
     504: "timeout",
+}
+
+
+# HTTP status -> gRPC status code name (grpc.StatusCode[...]) for the same error over gRPC
+GRPC_STATUS = {
+    400: "INVALID_ARGUMENT",
+    401: "UNAUTHENTICATED",
+    403: "PERMISSION_DENIED",
+    404: "NOT_FOUND",
+    405: "UNIMPLEMENTED",
+    409: "FAILED_PRECONDITION",
+    413: "RESOURCE_EXHAUSTED",
+    415: "INVALID_ARGUMENT",
+    422: "INVALID_ARGUMENT",
+    429: "RESOURCE_EXHAUSTED",
+    500: "INTERNAL",
+    503: "UNAVAILABLE",
+    504: "DEADLINE_EXCEEDED",
 }

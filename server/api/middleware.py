@@ -1,7 +1,15 @@
-"""ASGI middleware: before any route runs, in this order — authentication and the tenant's rate
-limit (headers only: an unknown client never makes the server read its body), the body-size
-limit, the content type; and the request duration metric by route template. The principal and
-the request's arrival time travel to the routes in ``scope["state"]``."""
+"""ASGI middleware, before any route runs, in this order: the request id; authentication and the
+tenant's rate limit (headers only: an unknown client never makes the server read its body); the
+body-size limit; the content type. After the response: the request duration metric by route
+template and the access log line. The principal and the request's arrival time travel to the
+routes in ``scope["state"]``.
+
+Content types: ``PUT .../import`` takes ``application/octet-stream`` (a session export);
+``POST /v2/.../infer`` takes JSON, the binary tensor extension (``application/octet-stream``
+with ``Inference-Header-Content-Length``) or no content type at all (read as JSON, as the
+protocol's clients send it); every other body is JSON. Compressed bodies (``Content-Encoding``)
+are refused with 415.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +20,8 @@ from typing import Optional
 from fastapi.responses import JSONResponse
 from starlette.routing import Match
 
-from server.api.errors import ApiError, payload_too_large, unsupported_media_type
+from server.api.access import REQUEST_ID_HEADER, SCOPE_KEY, AccessRecord, request_id
+from server.api.errors import ApiError, is_v2, payload_too_large, unsupported_media_type
 
 
 def needs_auth(path: str) -> bool:
@@ -30,27 +39,31 @@ class Guard:
         start = time.perf_counter()
         state = scope.setdefault("state", {})
         state["arrival"] = time.monotonic()
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        rec = scope[SCOPE_KEY] = AccessRecord(request_id(headers.get(REQUEST_ID_HEADER.lower())))
+        rid = rec.request_id.encode("latin-1")
         status = [500]
 
         async def send_(msg):
             if msg["type"] == "http.response.start":
                 status[0] = msg["status"]
+                msg = {**msg, "headers": [*msg.get("headers", ()), (b"x-request-id", rid)]}
             await send(msg)
 
         try:
             err = None
             if needs_auth(scope["path"]):
-                headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
                 try:
-                    state["principal"] = self.auth.authenticate(headers)
+                    state["principal"] = p = self.auth.authenticate(headers)
+                    rec.update(key_id=p.key_id)
                 except ApiError as e:
                     err = e
             body = b""
             if err is None:
-                body, err = await self._read(scope, receive)
+                body, err = await self._read(scope, receive, headers)
             if err is not None:
                 scope["route"] = _match(scope)
-                resp = JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+                resp = JSONResponse(err.body(scope["path"]), status_code=err.status, headers=err.response_headers())
                 return await resp(scope, receive, send_)
             replayed = [False]
 
@@ -64,12 +77,12 @@ class Guard:
         finally:
             route = scope.get("route")
             path = getattr(route, "path", None) or "unmatched"
-            self.request_duration.labels(route=path, method=scope["method"], status=str(status[0])).observe(
-                time.perf_counter() - start)
+            elapsed = time.perf_counter() - start
+            self.request_duration.labels(route=path, method=scope["method"], status=str(status[0])).observe(elapsed)
+            rec.emit(scope["method"], path, status[0], elapsed)
 
-    async def _read(self, scope, receive) -> tuple[bytes, Optional[ApiError]]:
+    async def _read(self, scope, receive, headers: dict[str, str]) -> tuple[bytes, Optional[ApiError]]:
         limit = self.max_body_bytes
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         length = headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > limit:
             return b"", payload_too_large(limit)
@@ -87,6 +100,10 @@ class Guard:
                 break
         body = b"".join(chunks)
         if body and scope["method"] in ("POST", "PUT", "PATCH"):
+            encoding = headers.get("content-encoding", "identity").strip().lower()
+            if encoding not in ("", "identity"):
+                return body, unsupported_media_type(f"Content-Encoding {encoding!r} is not supported; send the body "
+                                                    "uncompressed")
             err = _content_type_error(scope["path"], headers.get("content-type"))
             if err is not None:
                 return body, err
@@ -106,11 +123,17 @@ def _content_type_error(path: str, content_type: Optional[str]) -> Optional[ApiE
     m = Message()
     m["content-type"] = content_type or ""
     ctype = m.get_content_type() if content_type else ""
+    is_json = ctype == "application/json" or ctype.endswith("+json")
     if path.endswith("/import"):
         if ctype != "application/octet-stream":
             return unsupported_media_type(
                 f"content type must be application/octet-stream (a session export), got {content_type!r}")
         return None
-    if ctype != "application/json" and not ctype.endswith("+json"):
+    if is_v2(path) and path.endswith("/infer"):
+        if not ctype or is_json or ctype == "application/octet-stream":
+            return None
+        return unsupported_media_type("content type must be application/json, application/octet-stream (binary "
+                                      f"tensor extension) or none, got {content_type!r}")
+    if not is_json:
         return unsupported_media_type(f"content type must be application/json, got {content_type!r}")
     return None

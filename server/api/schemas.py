@@ -86,6 +86,21 @@ class SessionInfo(BaseModel):
     updated_at: datetime
 
 
+class SessionSummary(BaseModel):
+    id: str
+    rule: str
+    classes: list[str]
+    init: str
+    version: int
+    tier: Literal["device", "host", "disk"]
+    created_at: datetime
+
+
+class SessionList(BaseModel):
+    sessions: list[SessionSummary]
+    next_cursor: Optional[str] = Field(None, description="pass as cursor for the next page; null: no more")
+
+
 # --- predict / adapt -----------------------------------------------------------------------
 
 
@@ -161,7 +176,8 @@ class InferTensor(BaseModel):
     name: str
     shape: list[int]
     datatype: str
-    data: Any
+    data: Any = Field(None, description="row-major values; absent when the tensor travels as binary data "
+                      "(parameters.binary_data_size)")
     parameters: Optional[dict[str, Any]] = None
 
 
@@ -179,6 +195,12 @@ class InferResponse(BaseModel):
     id: Optional[str] = None
     parameters: dict[str, Any] = Field(default_factory=dict)
     outputs: list[InferTensor]
+
+
+class V2Error(BaseModel):
+    """The protocol's error body (every /v2 route)."""
+
+    error: str
 
 
 class ServerMetadata(BaseModel):

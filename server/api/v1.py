@@ -1,6 +1,8 @@
 """The /v1 routes: sessions, predict, adapt, admin.
 
     POST   /v1/sessions                 {rule, classes?, hyperparameters?, id?, init?} -> 201 {id, version}
+    GET    /v1/sessions                 the caller's sessions in id order: ?limit=1..1000 (100), ?cursor=
+                                        (next_cursor of the page before), ?rule=, ?tier=device|host|disk
     GET    /v1/sessions/{id}            rule, hyper-parameters, classes, version, examples_seen,
                                         prequential {correct, total, accuracy}, tier, created/updated
     POST   /v1/sessions/{id}/reset      head, state, version and statistics back to the start
@@ -27,31 +29,45 @@ request (any 4xx) changes nothing; an adapt request is all-or-nothing.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import dataclasses
-import hashlib
-import json
-from typing import Optional
+from typing import Literal, Optional
 
-from fastapi import Depends, FastAPI, Header, Path, Request, Response
+from fastapi import Depends, FastAPI, Header, Path, Query, Request, Response
 
-from server.api.context import Api
+from server.api import access
+from server.api.context import Api, fingerprint
 from server.api.auth import Principal
 from server.api.errors import forbidden
 from server.api.schemas import (
     AdaptRequest, AdaptResponse, PredictRequest, PredictResponse, SessionCreate, SessionCreated, SessionInfo,
+    SessionList,
 )
 from server.engine import AdaptJob, EpisodicJob, PredictJob
+from server.errors import invalid
 from server.keys import SESSION_ID_PATTERN
 
 SessionId = Path(..., pattern=SESSION_ID_PATTERN, max_length=128)
 IdemKey = Header(None, alias="Idempotency-Key", min_length=1, max_length=255, pattern=r"^[\x21-\x7e]+$",
                  description="a retry with the same key returns the first response and applies nothing again")
 REPLAYED = "Idempotent-Replayed"
+MAX_PAGE = 1000
 
 
-def fingerprint(content) -> str:
-    """A request's identity for Idempotency-Key checks: its parsed content, canonically encoded."""
-    return hashlib.sha256(json.dumps(content, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+def encode_cursor(session_id: str) -> str:
+    """A page's cursor: opaque to clients (the last id of the page, base64url)."""
+    return base64.urlsafe_b64encode(session_id.encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> str:
+    try:
+        after = base64.b64decode(cursor + "=" * (-len(cursor) % 4), altchars=b"-_", validate=True).decode()
+    except (binascii.Error, ValueError):
+        after = ""
+    if not after:
+        raise invalid("invalid_cursor", "cursor is not one this server gave out (next_cursor)")
+    return after
 
 
 def add_routes(app: FastAPI, api: Api) -> None:
@@ -72,6 +88,17 @@ def add_routes(app: FastAPI, api: Api) -> None:
             response.headers[REPLAYED] = "true"
             return {"id": info.id, "version": 0}
         return {"id": info.id, "version": info.version}
+
+    @app.get("/v1/sessions", response_model=SessionList, tags=["sessions"])
+    async def list_sessions(p: Principal = Depends(who), limit: int = Query(100, ge=1, le=MAX_PAGE),
+                            cursor: Optional[str] = Query(None, max_length=256),
+                            rule: Optional[str] = Query(None, max_length=64),
+                            tier: Optional[Literal["device", "host", "disk"]] = None):
+        """The caller's sessions (its tenant's only), in id order, one page at a time."""
+        after = decode_cursor(cursor) if cursor is not None else None
+        page, more = await engine.list_sessions(p.tenant, after, limit, rule, tier)
+        return {"sessions": [dataclasses.asdict(i) for i in page],
+                "next_cursor": encode_cursor(page[-1].id) if more and page else None}
 
     @app.get("/v1/sessions/{session_id}", response_model=SessionInfo, tags=["sessions"])
     async def get_session(session_id: str = SessionId, p: Principal = Depends(who)):
@@ -122,6 +149,8 @@ def add_routes(app: FastAPI, api: Api) -> None:
         deadline = api.deadline(request)
         budget = api.decoder.budget()
         inputs = await api.decode(api.decoder.instances, body.instances, "instances", budget, deadline=deadline)
+        rec = access.record(request)
+        rec.update(session_key=p.key(body.session_id), rows=len(inputs))
         if body.support is None:
             job = PredictJob(inputs, session=p.key(body.session_id), top_k=body.top_k, tenant=p.tenant,
                              deadline=deadline)
@@ -129,7 +158,9 @@ def add_routes(app: FastAPI, api: Api) -> None:
             support = await api.decode(api.decoder.instances, body.support, "support", budget, deadline=deadline)
             job = EpisodicJob(inputs, support, [s.label for s in body.support], body.rule, body.hyperparameters,
                               body.classes, body.steps, body.top_k, tenant=p.tenant, deadline=deadline)
-        return dataclasses.asdict(await engine.predict(job))
+        res = await engine.predict(job)
+        rec.update(queue_seconds=res.queue_seconds)
+        return dataclasses.asdict(res)
 
     @app.post("/v1/adapt", response_model=AdaptResponse, tags=["inference"])
     async def adapt(body: AdaptRequest, request: Request, response: Response, p: Principal = Depends(who),
@@ -141,8 +172,11 @@ def add_routes(app: FastAPI, api: Api) -> None:
         if idempotency_key is not None:  # the request as parsed content: JSON key order and spacing do not count
             idem = (idempotency_key, fingerprint({"session_id": body.session_id,
                                                   "instances": [[x.key, i.label] for x, i in zip(inputs, body.instances)]}))
+        rec = access.record(request)
+        rec.update(session_key=p.key(body.session_id), rows=len(inputs))
         res = await engine.adapt(AdaptJob(p.key(body.session_id), inputs, [i.label for i in body.instances], idem,
                                           tenant=p.tenant, deadline=deadline))
+        rec.update(queue_seconds=res.queue_seconds)
         if res.replayed:
             response.headers[REPLAYED] = "true"
         return dataclasses.asdict(res)

@@ -9,6 +9,10 @@ and metrics wired together behind a small interface of plain messages (server/en
 Loading (backbone, slot tensors, warm-up) runs in a background thread so liveness answers at
 once and readiness turns true when everything is loaded and warmed up. The engine raises domain
 errors (server/errors.py) and knows nothing of HTTP.
+
+Engine events are structured log records on the ``fwserve.engine`` logger, their fields in the
+record's extras (``event``: backbone_loading, store_opened, warmup, ready, load_failed,
+checkpoint, checkpoint_failed; session_evicted / session_restored at DEBUG).
 """
 
 from __future__ import annotations
@@ -31,9 +35,35 @@ from server.engine.messages import AdaptJob, AdaptResult, EpisodicJob, Input, Jo
 from server.engine.metrics import Metrics
 from server.errors import Unavailable, invalid, not_ready, timed_out
 from server.rules import RULES, get_rule
-from server.sessions import SessionInfo, SessionStore
+from server.sessions import SessionInfo, SessionStore, StoreEvents
 
-log = logging.getLogger("fwserve")
+log = logging.getLogger("fwserve.engine")
+
+
+class _Events(StoreEvents):
+    """What the store reports: into the metrics, and as a structured record per move."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def tier_counts(self, counts: dict[str, int]) -> None:
+        self.metrics.tier_counts(counts)
+
+    def moved(self, kind: str, tier: str) -> None:
+        self.metrics.moved(kind, tier)
+        if kind == "evict":
+            log.debug("session evicted to %s", tier, extra={"event": "session_evicted", "to_tier": tier})
+        else:
+            log.debug("session restored from %s", tier, extra={"event": "session_restored", "from_tier": tier})
+
+    def idempotency_evicted(self, n: int) -> None:
+        self.metrics.idempotency_evicted(n)
+        log.warning("%d Idempotency-Key answers dropped before their time (--idempotency-max-bytes)", n,
+                    extra={"event": "idempotency_evicted", "answers": n})
+
+    def expired(self, n: int) -> None:
+        self.metrics.expired(n)
+        log.info("expired %d idle sessions", n, extra={"event": "sessions_expired", "sessions": n})
 
 
 class Engine:
@@ -82,27 +112,34 @@ class Engine:
 
     def _load(self) -> None:
         s = self.settings
+        t0 = time.perf_counter()
         try:
             if s.torch_threads:
                 torch.set_num_threads(s.torch_threads)
             if self.backbone is None:
                 from models import load_backbone
 
-                log.info("loading backbone %s on %s", s.backbone, s.resolved_device())
+                log.info("loading backbone %s on %s", s.backbone, s.resolved_device(),
+                         extra={"event": "backbone_loading", "backbone": s.backbone, "device": s.resolved_device()})
                 self.backbone = load_backbone(s.backbone, weights=s.weights, device=s.resolved_device(),
                                               random_init=s.random_init)
             bb = self.backbone
             device = str(bb.device)
             self.store = SessionStore(s, bb.embed_dim, bb.head.weight, bb.head.bias, bb.class_names, device,
-                                      s.backbone, self.metrics, fingerprint=bb.fingerprint)
+                                      s.backbone, _Events(self.metrics), fingerprint=bb.fingerprint)
             warn = self.store.backend.durability_warning()
             if s.durability == "wal" and warn:
-                log.warning("%s", warn)
-            log.info("sessions: durability %s, store %s", s.durability, self.store.backend.url)
+                log.warning("%s", warn, extra={"event": "durability_warning"})
+            log.info("sessions: durability %s, store %s", s.durability, self.store.backend.url,
+                     extra={"event": "store_opened", "durability": s.durability, "store": self.store.backend.url})
             executor = Executor(bb, self.store, self.cache, self.metrics, s)
             self.batcher = Batcher(executor.run, self.metrics, s, max_sessions=self.store.S)
             if s.warmup:
+                t1 = time.perf_counter()
                 self._warmup(executor)  # on this thread, before the worker starts
+                log.info("warm-up done in %.2f s", time.perf_counter() - t1,
+                         extra={"event": "warmup", "seconds": round(time.perf_counter() - t1, 3),
+                                "rules": len(RULES)})
             self.batcher.start()
             if self.store.persistent or s.session_ttl_s:
                 self._checkpointer = threading.Thread(target=self._maintenance_loop, name="fwserve-maintenance",
@@ -111,10 +148,12 @@ class Engine:
             self.metrics.set_build_info(s.backbone, device, bb.fingerprint[:16])
             self.metrics.ready.set(1)
             self.ready = True
-            log.info("ready: backbone %s (d=%d) on %s", s.backbone, bb.embed_dim, device)
+            log.info("ready: backbone %s (d=%d) on %s", s.backbone, bb.embed_dim, device,
+                     extra={"event": "ready", "backbone": s.backbone, "embed_dim": bb.embed_dim, "device": device,
+                            "load_seconds": round(time.perf_counter() - t0, 3)})
         except Exception as e:  # reported by readiness
             self.load_error = f"{type(e).__name__}: {e}"
-            log.exception("loading failed")
+            log.exception("loading failed", extra={"event": "load_failed", "error": self.load_error})
 
     def _warmup(self, executor: Executor) -> None:
         """One base-head batch and one episodic batch per rule: compiles/warms every code path."""
@@ -139,14 +178,17 @@ class Engine:
         while not self._stopping.wait(s.snapshot_interval_s):
             try:
                 if self.store.persistent:
+                    t0 = time.perf_counter()
                     n = self.store.checkpoint()
                     if n:
-                        log.debug("checkpoint: %d sessions written", n)
+                        log.info("checkpoint: %d sessions written", n,
+                                 extra={"event": "checkpoint", "sessions": n,
+                                        "seconds": round(time.perf_counter() - t0, 3)})
                 if s.session_ttl_s and time.monotonic() - last_sweep >= sweep_every:
                     last_sweep = time.monotonic()
                     self.store.expire(s.session_ttl_s)
             except Exception:  # keep trying; every failure is logged
-                log.exception("maintenance failed")
+                log.exception("maintenance failed", extra={"event": "maintenance_failed"})
 
     def stop(self) -> None:
         """Shutdown: stop taking jobs, drain the queue, write the sessions (snapshot/wal), close."""
@@ -237,6 +279,11 @@ class Engine:
 
     async def import_session(self, key: str, data: bytes, quota: int = 0) -> tuple[SessionInfo, bool]:
         return await self._call(self.store.import_, key, data, quota)
+
+    async def list_sessions(self, tenant: Optional[str], after: Optional[str] = None, limit: int = 100,
+                            rule: Optional[str] = None, tier: Optional[str] = None) -> tuple[list[SessionInfo], bool]:
+        """A tenant's sessions in id order after the id `after` -> (at most `limit`, more follow?)."""
+        return await self._call(self.store.list_sessions, tenant, after, limit, rule, tier)
 
     async def tenant_counts(self, tenants: list[str]) -> dict[str, int]:
         return await self._call(lambda: {t: self.store.tenant_count(t) for t in tenants})

@@ -85,6 +85,7 @@ class Executor:
             res = results[id(item)]
             if not res.latency_seconds:
                 res.latency_seconds = now - item.enqueued
+            res.queue_seconds = start - item.enqueued
             item.future.set_result(res)
 
     # ---- features ---------------------------------------------------------------------------

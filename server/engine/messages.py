@@ -87,6 +87,7 @@ class PredictResult:
     predictions: list[Prediction]
     applied: Optional[int] = None  # adapt_on_predict sessions: instances the session then adapted on
     latency_seconds: float = 0.0
+    queue_seconds: float = 0.0  # time the job waited in the queue before its micro-batch started
 
 
 @dataclass
@@ -97,12 +98,14 @@ class AdaptResult:
     predictions: list[Prediction]  # made before the update (prequential)
     update_seconds: float
     latency_seconds: float = 0.0
-    replayed: bool = False  # an Idempotency-Key retry answered from the first response
+    replayed: bool = False
+    queue_seconds: float = 0.0  # time the job waited in the queue before its micro-batch started  # an Idempotency-Key retry answered from the first response
 
     def to_record(self) -> dict:
         """As kept for Idempotency-Key retries (plain JSON data)."""
         out = asdict(self)
         out.pop("replayed")
+        out.pop("queue_seconds")  # this answer's, not the retry's
         return out
 
     @classmethod

@@ -38,6 +38,7 @@ from server.errors import (
 )
 from server.keys import make_key, split_key
 from server.rules import RULES, get_rule
+from server.sessions import listing
 from server.sessions.backends import Backend, Head, StoreError, new_incarnation, open_backend
 from server.sessions.idempotency import Idem, IdempotencyRecords
 from server.sessions.session import Held, Session, SessionInfo, check_classes
@@ -232,6 +233,13 @@ class SessionStore(StoreIO, Upkeep):
             return self._store_call(self.backend.count, tenant)
         with self.lock:
             return sum(1 for h in self.held.values() if h.session.tenant == tenant)
+
+    def list_sessions(self, tenant: Optional[str], after: Optional[str] = None, limit: int = 100,
+                      rule: Optional[str] = None, tier: Optional[str] = None) -> tuple[list[SessionInfo], bool]:
+        """One tenant's sessions in id order after the id `after`, at most `limit`, filtered by
+        rule and tier -> (the page, whether more follow). See server/sessions/listing.py."""
+        with self.lock:
+            return listing.list_sessions(self, tenant, after, limit, rule, tier)
 
     def counts(self) -> dict[str, int]:
         with self.lock:

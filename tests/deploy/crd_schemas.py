@@ -5,7 +5,9 @@ CRDs, the fields of each custom resource down to the parts fwserve uses: every o
 the upstream field names at its level (additionalProperties: false catches a misspelt or
 misplaced field), with the upstream required fields, enums and patterns of the fields we set.
 Upstream: prometheus-operator monitoring.coreos.com/v1 ServiceMonitor, Gateway API v1
-(standard channel) Gateway and HTTPRoute, Istio networking.istio.io/v1 DestinationRule.
+(standard channel) Gateway and HTTPRoute, Istio networking.istio.io/v1 DestinationRule; and
+for deploy/kserve (KSERVE_SCHEMAS) KServe serving.kserve.io/v1alpha1 ServingRuntime and v1beta1
+InferenceService (their containers are checked as Kubernetes containers in test_kserve.py).
 """
 
 from __future__ import annotations
@@ -146,4 +148,64 @@ SCHEMAS = {
     ("gateway.networking.k8s.io/v1", "HTTPRoute"): HTTP_ROUTE,
     ("gateway.networking.k8s.io/v1", "Gateway"): GATEWAY,
     ("networking.istio.io/v1", "DestinationRule"): DESTINATION_RULE,
+}
+
+
+# ---- KServe (deploy/kserve) ------------------------------------------------------------------
+
+_PROTOCOLS = {"enum": ["v1", "v2", "grpc-v1", "grpc-v2"]}
+_MODEL_FORMAT = _closed({"name": {"type": "string", "minLength": 1}, "version": _STR}, ("name",))
+_CONTAINER_FIELDS = ("args", "command", "env", "envFrom", "image", "imagePullPolicy", "lifecycle", "livenessProbe",
+                     "ports", "readinessProbe", "resizePolicy", "resources", "restartPolicy", "securityContext",
+                     "startupProbe", "stdin", "stdinOnce", "terminationMessagePath", "terminationMessagePolicy",
+                     "tty", "volumeDevices", "volumeMounts", "workingDir")
+
+SERVING_RUNTIME = _resource("serving.kserve.io/v1alpha1", "ServingRuntime", _closed({
+    "supportedModelFormats": {"type": "array", "minItems": 1, "items": _closed({
+        "name": {"type": "string", "minLength": 1}, "version": _STR, "autoSelect": {"type": "boolean"},
+        "priority": {"type": "integer", "minimum": 1}}, ("name",))},
+    "protocolVersions": {"type": "array", "items": _PROTOCOLS},
+    "multiModel": {"type": "boolean"},
+    "disabled": {"type": "boolean"},
+    "containers": {"type": "array", "minItems": 1, "items": {"type": "object", "required": ["name"]}},
+    "volumes": {"type": "array"},
+    "replicas": {"type": "integer", "minimum": 0},
+    "grpcEndpoint": _STR, "grpcDataEndpoint": _STR, "httpDataEndpoint": _STR,
+    "nodeSelector": {"type": "object", "additionalProperties": _STR},
+    "labels": {"type": "object", "additionalProperties": _STR},
+    "annotations": {"type": "object", "additionalProperties": _STR},
+    **_loose("affinity", "tolerations", "imagePullSecrets", "builtInAdapter", "storageHelper", "workerSpec",
+             "hostIPC", "schedulerName"),
+}, ("containers",)))
+
+INFERENCE_SERVICE = _resource("serving.kserve.io/v1beta1", "InferenceService", _closed({
+    "predictor": _closed({
+        "model": _closed({
+            "modelFormat": _MODEL_FORMAT, "runtime": _STR, "runtimeVersion": _STR, "protocolVersion": _PROTOCOLS,
+            "storageUri": _STR, "storage": _OBJ, "name": _STR, **_loose(*_CONTAINER_FIELDS),
+        }, ("modelFormat",)),
+        "minReplicas": {"type": "integer", "minimum": 0},
+        "maxReplicas": {"type": "integer", "minimum": 0},
+        "automountServiceAccountToken": {"type": "boolean"},
+        "enableServiceLinks": {"type": "boolean"},
+        "securityContext": _OBJ,
+        "timeout": {"type": "integer", "minimum": 0},
+        "containerConcurrency": {"type": "integer", "minimum": 0},
+        "scaleMetric": {"enum": ["cpu", "memory", "concurrency", "rps"]},
+        "scaleTarget": {"type": "integer", "minimum": 0},
+        "serviceAccountName": _STR,
+        "labels": {"type": "object", "additionalProperties": _STR},
+        "annotations": {"type": "object", "additionalProperties": _STR},
+        **_loose("affinity", "tolerations", "nodeSelector", "volumes", "containers", "initContainers",
+                 "imagePullSecrets", "logger", "batcher", "canaryTrafficPercent", "deploymentStrategy",
+                 "autoScaling", "scaleMetricType", "priorityClassName", "terminationGracePeriodSeconds",
+                 "topologySpreadConstraints", "resources", "sklearn", "xgboost", "tensorflow", "pytorch", "triton",
+                 "onnx", "pmml", "lightgbm", "paddle", "huggingface"),
+    }),
+    **_loose("explainer", "transformer"),
+}, ("predictor",)))
+
+KSERVE_SCHEMAS = {
+    ("serving.kserve.io/v1alpha1", "ServingRuntime"): SERVING_RUNTIME,
+    ("serving.kserve.io/v1beta1", "InferenceService"): INFERENCE_SERVICE,
 }

@@ -189,8 +189,8 @@ def test_server_pod(overlay, monkeypatch):
     # + a batch) fits in the pod's grace period
     pre_stop = c["lifecycle"]["preStop"]["exec"]["command"]
     assert pre_stop[0] == "sleep"
-    assert s.shutdown_grace_s >= s.request_timeout_s + 10
-    assert pod["terminationGracePeriodSeconds"] > int(pre_stop[1]) + s.shutdown_grace_s
+    assert s.shutdown_grace() >= s.request_timeout_s + 10
+    assert pod["terminationGracePeriodSeconds"] > int(pre_stop[1]) + s.shutdown_grace()
 
     # writable paths on a read-only root: /tmp and the snapshot directory are volumes
     mounts = {m["mountPath"] for m in c["volumeMounts"]}

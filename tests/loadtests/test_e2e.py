@@ -26,6 +26,8 @@ def server():
     ("prequential", ["--rate", "5", "--sessions", "6"]),
     ("churn", ["--concurrency", "4", "--sessions", "24"]),
     ("burst", ["--rate", "8", "--burst-size", "4", "--sessions", "2"]),
+    ("oip", ["--concurrency", "2", "--sessions", "3", "--instances", "2"]),
+    ("oip-binary", ["--rate", "5", "--sessions", "3"]),
 ])
 def test_scenario_against_the_server(server, tmp_path, scenario, extra):
     out = tmp_path / "o.json"
@@ -38,9 +40,9 @@ def test_scenario_against_the_server(server, tmp_path, scenario, extra):
     assert srv is not None and srv["batches"] > 0
     # features come from the backbone or, for images an earlier scenario already sent, the cache
     assert srv["backbone_forwards"] > 0 or srv["cache_hits"] > 0, srv
-    if scenario in ("adapt", "prequential", "churn"):
+    if scenario in ("adapt", "prequential", "churn", "oip", "oip-binary"):
         assert srv["head_update_mean_ms"], srv
-    if scenario == "prequential":
+    if scenario in ("prequential", "oip", "oip-binary"):
         assert srv["cache_hits"] > 0  # the adapt reuses the features of its predict
         assert "prequential_accuracy" in lv["extras"]
     if scenario == "churn":

@@ -26,6 +26,7 @@ ALLOWED = {
     "server.errors": set(),
     "server.keys": set(),
     "server.config": set(),
+    "server.logs": set(),
     "server.client": {"server.api.schemas"},
     "kernels": {"kernels.*"},
     "models": {"models.*"},

@@ -106,6 +106,15 @@ class Backend:
         the keys in `keep`, with their logs and Idempotency-Key claims. -> the keys deleted."""
         raise NotImplementedError
 
+    def keys(self, tenant: Optional[str]) -> list[str]:
+        """The keys of one tenant's stored sessions (None: the sessions made with auth off)."""
+        raise NotImplementedError
+
+    def snapshot_meta(self, keys: Iterable[str]) -> dict[str, Optional[bytes]]:
+        """Per key, the head of its snapshot blob (its safetensors header, enough for
+        codec.read_meta; no tensor is read), or None for a key not stored."""
+        raise NotImplementedError
+
     def durability_warning(self) -> Optional[str]:
         """A warning when the medium's own settings do not make acknowledged writes durable."""
         return None

@@ -47,6 +47,19 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _read_head(path: Path) -> Optional[bytes]:
+    """The first bytes of a snapshot file up to the end of its safetensors header (None: no file)."""
+    try:
+        with open(path, "rb") as f:
+            lead = f.read(8)
+            n = int.from_bytes(lead, "little") if len(lead) == 8 else 0
+            return lead + f.read(min(n, 100_000_000))
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise StoreError(f"reading {path}: {e}") from e
+
+
 def frame(payload: bytes) -> bytes:
     return _FRAME.pack(len(payload), zlib.crc32(payload)) + payload
 
@@ -377,6 +390,24 @@ class DirectoryBackend(Backend):
             elif r.get("expires", 0) > now:
                 table[key] = r
             self._claim_lines += 1
+
+    def keys(self, tenant):
+        out = []
+        for path in self.root.glob(f"{tenant_name(tenant)}.*.safetensors"):
+            head = _read_head(path)
+            if head is None or not _NAME.match(path.name):
+                continue
+            try:
+                key = codec.read_meta(head).get("key")
+            except codec.CodecError:
+                log.warning("store %s: %s is not a session snapshot; not listed", self.root, path.name)
+                continue
+            if isinstance(key, str) and split_key(key)[0] == tenant:
+                out.append(key)
+        return out
+
+    def snapshot_meta(self, keys):
+        return {k: _read_head(self._snap(k)) for k in keys}
 
     def close(self):
         if self._lock_fd is not None:

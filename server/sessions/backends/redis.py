@@ -25,7 +25,7 @@ import time
 from typing import Optional
 from urllib.parse import urlsplit, urlunsplit
 
-from server.keys import split_key, tenant_name
+from server.keys import make_key, split_key, tenant_name
 from server.sessions import codec
 from server.sessions.backends.base import Backend, Head, Stored, StoreError
 
@@ -75,6 +75,15 @@ return 1
 _TOUCH = """
 if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('HSET', KEYS[1], 't', ARGV[1]) end
 return 0
+"""
+
+# the snapshot's safetensors header only (8-byte length + JSON), read inside Redis
+_HEAD = """
+local s = redis.call('HGET', KEYS[1], 'snap')
+if not s then return false end
+local b1, b2, b3, b4 = string.byte(s, 1, 4)
+local n = b1 + b2 * 256 + b3 * 65536 + b4 * 16777216
+return string.sub(s, 1, 8 + n)
 """
 
 _DELETE = """
@@ -128,6 +137,7 @@ class RedisBackend(Backend):
         self._append = self.r.register_script(_APPEND)
         self._delete = self.r.register_script(_DELETE)
         self._touch = self.r.register_script(_TOUCH)
+        self._head = self.r.register_script(_HEAD)
         self._migrate_legacy()
 
     def durability_warning(self) -> Optional[str]:
@@ -318,6 +328,23 @@ class RedisBackend(Backend):
         keys = [self._claim_key(tenant, k) for k in keys]
         if keys:
             self._call(self.r.delete, *keys)
+
+    def keys(self, tenant):
+        ids = self._call(self.r.smembers, f"{self.ns}:{{{tenant_name(tenant)}}}:t")
+        return sorted(make_key(tenant, i.decode()) for i in ids)
+
+    def snapshot_meta(self, keys):
+        keys = list(keys)
+        if not keys:
+            return {}
+
+        def run():
+            p = self.r.pipeline(transaction=False)
+            for k in keys:
+                self._head(keys=self._k(k)[:1], client=p)
+            return p.execute()
+
+        return {k: (None if h is None else bytes(h)) for k, h in zip(keys, self._call(run))}
 
     def close(self):
         try:

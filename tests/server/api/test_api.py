@@ -146,7 +146,9 @@ def test_v2_endpoints(server):
         meta = c.get(f"/v2/models/{BACKBONE}").json()
         assert meta["name"] == BACKBONE and meta["inputs"][0]["shape"] == [-1, 28, 28]
         assert c.get(f"/v2/models/{BACKBONE}/ready").status_code == 200
-        assert c.get("/v2/models/other").json()["error"]["code"] == "model_not_found"
+        other = c.get("/v2/models/other")  # the protocol's error body; the code in a header
+        assert other.status_code == 404 and isinstance(other.json()["error"], str) and set(other.json()) == {"error"}
+        assert other.headers["x-fwserve-error-code"] == "model_not_found"
         assert c.get("/v2/models/other/ready").status_code == 404
         body = {"id": "r1", "inputs": [{"name": "image", "shape": [2, 28, 28], "datatype": "UINT8",
                                         "data": xs.reshape(-1).astype(int).tolist()}]}

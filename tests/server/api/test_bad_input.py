@@ -191,7 +191,8 @@ def test_not_ready_until_loaded(backbone, tmp_path):
                     time.sleep(0.05)
             assert live.status_code == 200
             r = c.get("/v2/health/ready")
-            assert r.status_code == 503 and r.json()["error"]["code"] == "not_ready"
+            assert r.status_code == 503 and r.headers["x-fwserve-error-code"] == "not_ready"
+            assert isinstance(r.json()["error"], str)  # the protocol's error body
             r = c.post("/v1/predict", json={"instances": [GOOD]})
             assert r.status_code == 503 and "retry-after" in r.headers
             gate.set()
