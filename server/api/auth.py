@@ -10,6 +10,10 @@ Keys are configured hashed (the server never holds a key itself), one tenant per
 Every key has a stable, non-secret id (``Principal.key_id``, in the access log): ``id=NAME`` on
 its line, else the first 12 hex digits of its sha256. Ids are unique across keys.
 
+Rotation: a tenant may hold several keys at once (one line each, the same tenant name): both
+reach the same sessions, quotas and rate limit. Add the new key's line, move clients over, then
+remove the old line and restart (or roll) the server.
+
 ``fwserve hash-key`` prints the ``sha256:...`` of a key read from stdin. A request carries its
 key as ``Authorization: Bearer KEY`` or ``X-API-Key: KEY``; no or an unknown key is 401.
 
@@ -29,6 +33,7 @@ their bare id). ``serve`` warns loudly when auth is off and it binds beyond loca
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import re
@@ -159,7 +164,14 @@ class Auth:
                                  f"{t.name!r}); key ids must be unique")
             ids[t.id] = t
             self.by_hash[t.key_sha256] = t
-            self.by_name.setdefault(t.name, t)
+            first = self.by_name.setdefault(t.name, t)
+            for attr in ("max_sessions", "rps"):  # a tenant's quotas, from whichever of its lines gives them
+                mine, theirs = getattr(first, attr), getattr(t, attr)
+                if mine is not None and theirs is not None and mine != theirs:
+                    raise ValueError(f"api keys: the keys of tenant {t.name!r} give it different {attr}; give "
+                                     "quotas on one of its lines (or the same on each)")
+                if mine is None and theirs is not None:
+                    first = self.by_name[t.name] = dataclasses.replace(first, **{attr: theirs})
         self.enabled = bool(tenants)
         self.default_sessions = settings.tenant_max_sessions
         self.default_rps = settings.tenant_rps

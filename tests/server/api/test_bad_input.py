@@ -26,8 +26,32 @@ def _png_bytes() -> bytes:
     return buf.getvalue()
 
 
+def _export(**meta) -> bytes:
+    """A session export as another client might forge it (d = the bundled backbone's 128)."""
+    import torch
+
+    from server.sessions import codec
+
+    base = {"format": codec.EXPORT_FORMAT, "backbone": "fwserve-mnist-vit", "embed_dim": 128, "rule": "sgd",
+            "hyperparameters": {}, "classes": ["a"], "init": "zeros"}
+    return codec.encode({"W": torch.zeros(1, 128), "b": torch.zeros(1)}, {**base, **meta})
+
+
 BAD = {
     # name: (route, body or raw (content, content-type), status, code)
+    "session_id_with_slash": ("/v1/adapt", {"session_id": "b" * 300 + "/x", "instances": [{**GOOD, "label": "a"}]},
+                              422, "invalid_request"),
+    "predict_session_id_dotdot": ("/v1/predict", {"session_id": "../etc", "instances": [GOOD]}, 422,
+                                  "invalid_request"),
+    "import_version_beyond_2_53": ("/v1/sessions/target/import", (_export(version=10**19), "application/octet-stream"),
+                                   422, "invalid_snapshot"),
+    "import_created_in_the_future": ("/v1/sessions/target/import",
+                                     (_export(created_at=1e300), "application/octet-stream"), 422, "invalid_snapshot"),
+    "import_for_other_weights": ("/v1/sessions/target/import",
+                                 (_export(weights="0" * 64), "application/octet-stream"), 422, "weights_mismatch"),
+    "sgd_decay_that_diverges": ("/v1/sessions", {"rule": "sgd", "classes": ["a", "b"], "id": "target",
+                                                 "hyperparameters": {"lr": 5.0, "weight_decay": 1.0}}, 422,
+                                "invalid_hyperparameter"),
     "malformed_base64": ("/v1/adapt", {"instances": [{"image": "not base64!!", "label": "a"}]}, 422, "invalid_base64"),
     "undecodable_image": ("/v1/adapt", {"instances": [{"image": base64.b64encode(b"GIF89a....").decode(),
                                                        "label": "a"}]}, 422, "invalid_image"),

@@ -153,3 +153,37 @@ def test_loud_warning_without_auth_beyond_localhost():
     assert auth_warning(Settings(host="0.0.0.0", api_keys=f"a {hash_key('k')}")) is None
     w = auth_warning(Settings(host="0.0.0.0"))
     assert w and "AUTH IS OFF" in w and "0.0.0.0" in w
+
+
+def test_a_tenant_may_hold_two_keys_while_rotating(backbone, tmp_path):
+    old, new = "acme-old-key", "acme-new-key"
+    lines = f"acme {hash_key(old)} sessions=5 id=acme-2025\nacme {hash_key(new)} id=acme-2026"
+    with live_server(backbone, tmp_path / "a", api_keys=lines) as srv, srv.client() as c:
+        r = c.post("/v1/sessions", json={"rule": "sgd", "classes": ["a"], "id": "shared"},
+                   headers={"Authorization": f"Bearer {old}"})
+        assert r.status_code == 201
+        # the new key reaches the same sessions, under the same quota (given on the other line)
+        assert c.get("/v1/sessions/shared", headers={"Authorization": f"Bearer {new}"}).status_code == 200
+        assert srv.app.state.api.auth.quota("acme") == 5
+    # the old key's line removed: the old key is refused
+    with live_server(backbone, tmp_path / "b", api_keys=lines.splitlines()[1]) as srv, srv.client() as c:
+        assert c.get("/v1/sessions", headers={"Authorization": f"Bearer {old}"}).status_code == 401
+    with pytest.raises(ValueError, match="different max_sessions"):
+        Auth(Settings(api_keys=f"acme {hash_key(old)} sessions=5\nacme {hash_key(new)} sessions=6"))
+
+
+def test_the_feature_cache_is_kept_apart_per_tenant(authed):
+    """Tenant B sending the image tenant A sent is a cache miss: the cache never tells one tenant,
+    by an answer or by its timing, what another one sent."""
+    img = {"instances": [arr(digits(1, seed=71)[0])]}
+    with authed.client() as c:
+        def misses():
+            return authed.metric("fwserve_feature_cache_misses_total")
+
+        m0 = misses()
+        assert c.post("/v1/predict", json=img, headers=h("acme")).status_code == 200
+        assert misses() == m0 + 1
+        assert c.post("/v1/predict", json=img, headers=h("acme")).status_code == 200
+        assert misses() == m0 + 1  # the same tenant: a hit
+        assert c.post("/v1/predict", json=img, headers=h("beta")).status_code == 200
+        assert misses() == m0 + 2

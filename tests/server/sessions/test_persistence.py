@@ -242,3 +242,43 @@ def test_replicas_never_serve_or_extend_a_stale_copy(backbone, tmp_path, redis_u
         with pytest.raises(FwserveError) as e:
             ca.predict(xs[:1], session_id=sid)  # deleted on B: gone on A too
         assert e.value.status == 404
+
+
+@needs_redis
+def test_reset_and_import_never_revive_a_session_another_replica_deleted(backbone, tmp_path, redis_url):
+    with live_server(backbone, tmp_path / "a", durability="wal", store=redis_url) as a, \
+            live_server(backbone, tmp_path / "b", durability="wal", store=redis_url) as b, \
+            Client(a.url) as ca, Client(b.url) as cb:
+        sid = ca.create_session("sgd", classes=CLASSES, session_id="doomed").id
+        exported = ca.export_session(sid)
+        assert cb.get_session(sid).version == 0  # B holds a copy too
+        ca.delete_session(sid)
+        with pytest.raises(FwserveError) as e:
+            cb.reset_session(sid)  # B's copy is stale: its reset must not write the session back
+        assert e.value.status == 404
+        with pytest.raises(FwserveError) as e:
+            ca.get_session(sid)
+        assert e.value.status == 404
+        cb.import_session(sid, exported)  # an import creates it again, as asked
+        assert ca.get_session(sid).version == 0
+
+
+def test_secrets_in_the_store_url_never_reach_logs_or_responses(backbone, tmp_path, caplog):
+    import logging
+    import socket
+
+    with socket.socket() as s:  # nothing listens there: the store cannot be reached
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"redis://:hunter2secret@127.0.0.1:{port}/0"
+    from server.api import create_app
+    from server.config import Settings
+
+    caplog.set_level(logging.DEBUG)
+    app = create_app(Settings(snapshot_dir=tmp_path / "s", durability="wal", store=url), backbone=backbone)
+    engine = app.state.engine
+    engine.start()
+    assert not engine.wait_loaded(60)
+    assert "hunter2secret" not in (engine.load_error or "") and "***" in engine.load_error
+    assert "hunter2secret" not in caplog.text
+    engine.stop()
