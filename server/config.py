@@ -170,6 +170,10 @@ class Settings(BaseSettings):
         4096, ge=0, description="Entries in the feature LRU cache keyed by image content hash (0 disables it)."
     )
     decode_workers: int = Field(4, ge=1, description="Threads decoding and preprocessing images off the event loop.")
+    decode_inline_bytes: int = Field(
+        32 * 1024, ge=0, description="Request bodies up to this size are decoded on the event loop itself (a hop "
+        "to the decode threads costs more than decoding a few small images); larger ones go to the threads.",
+    )
     store_workers: int = Field(
         8, ge=1, description="Threads for session management calls (create, export, ...): a stalled store holds "
         "these, never the threads that serve other requests.",

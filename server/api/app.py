@@ -25,7 +25,7 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server import __version__
-from server.api import v1, v2
+from server.api import bodies, v1, v2
 from server.api.context import Api
 from server.api.errors import CODE_HEADER, STATUS_CODES, ApiError, error_body, from_domain
 from server.api.middleware import Guard
@@ -89,6 +89,7 @@ def create_app(settings: Optional[Settings] = None, backbone=None) -> FastAPI:
     _handlers(app)
     v1.add_routes(app, api)
     v2.add_routes(app, api)
+    bodies.add_schemas(app)
 
     @app.get("/metrics", tags=["ops"], response_class=Response)
     async def metrics():

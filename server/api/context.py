@@ -47,9 +47,16 @@ class Api:
         """When the request's time is up (monotonic): --request-timeout-s after it arrived."""
         return request.state.arrival + self.settings.request_timeout_s
 
-    async def decode(self, fn, *args, deadline: Optional[float] = None):
-        """Run a decode in the pool. The pool's queue is bounded (503 beyond it) and a request
-        whose time ran out while it waited is answered 504 before anything is queued."""
+    def inline(self, raw: bytes) -> bool:
+        """Decode this body on the event loop? Small ones: a hop to the pool costs more than they do."""
+        return len(raw) <= self.settings.decode_inline_bytes
+
+    async def decode(self, fn, *args, deadline: Optional[float] = None, inline: bool = False):
+        """Run a decode, in the pool (or right here when `inline`). The pool's queue is bounded (503
+        beyond it) and a request whose time ran out while it waited is answered 504 before
+        anything is queued."""
+        if inline:
+            return fn(*args)
         if self._decoding >= self.settings.max_decode_queue:
             raise overloaded(self.settings.retry_after_s, "the decode queue is full; retry later")
         self._decoding += 1

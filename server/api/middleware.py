@@ -134,6 +134,14 @@ def _content_type_error(path: str, content_type: Optional[str]) -> Optional[ApiE
             return None
         return unsupported_media_type("content type must be application/json, application/octet-stream (binary "
                                       f"tensor extension) or none, got {content_type!r}")
+    if path in BINARY_ROUTES:
+        if is_json or ctype == "application/octet-stream":
+            return None
+        return unsupported_media_type("content type must be application/json or application/octet-stream (raw "
+                                      f"tensor bytes with X-Shape), got {content_type!r}")
     if not is_json:
         return unsupported_media_type(f"content type must be application/json, got {content_type!r}")
     return None
+
+
+BINARY_ROUTES = ("/v1/predict", "/v1/adapt")  # take raw tensor bytes too (server/api/v1.py)

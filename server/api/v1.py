@@ -37,6 +37,8 @@ from typing import Literal, Optional
 from fastapi import Depends, FastAPI, Header, Path, Query, Request, Response
 
 from server.api import access
+from server.api.binary import parse_headers
+from server.api.bodies import adapt_response, json_response, parse, predict_response, request_body
 from server.api.context import Api, fingerprint
 from server.api.auth import Principal
 from server.api.errors import forbidden
@@ -58,6 +60,10 @@ MAX_PAGE = 1000
 def encode_cursor(session_id: str) -> str:
     """A page's cursor: opaque to clients (the last id of the page, base64url)."""
     return base64.urlsafe_b64encode(session_id.encode()).decode().rstrip("=")
+
+
+def is_binary(request: Request) -> bool:
+    return request.headers.get("content-type", "").split(";")[0].strip().lower() == "application/octet-stream"
 
 
 def decode_cursor(cursor: str) -> str:
@@ -141,42 +147,65 @@ def add_routes(app: FastAPI, api: Api) -> None:
 
     # ---- predict / adapt --------------------------------------------------------------------
 
-    @app.post("/v1/predict", response_model=PredictResponse, tags=["inference"])
-    async def predict(body: PredictRequest, request: Request, p: Principal = Depends(who)):
-        api.check_count(len(body.instances), "instances")
-        api.check_count(len(body.support or ()), "support examples")
-        api.check_top_k(body.top_k)
-        deadline = api.deadline(request)
-        budget = api.decoder.budget()
-        inputs = await api.decode(api.decoder.instances, body.instances, "instances", budget, deadline=deadline)
-        rec = access.record(request)
-        rec.update(session_key=p.key(body.session_id), rows=len(inputs))
-        if body.support is None:
-            job = PredictJob(inputs, session=p.key(body.session_id), top_k=body.top_k, tenant=p.tenant,
-                             deadline=deadline)
+    @app.post("/v1/predict", response_model=PredictResponse, tags=["inference"],
+              openapi_extra=request_body(PredictRequest, binary=True))
+    async def predict(request: Request, p: Principal = Depends(who)):
+        """Predict with a session's head (or the base head, or an episodic head adapted on `support`).
+        The body is JSON (PredictRequest) or raw tensor bytes (server/api/binary.py)."""
+        raw = await request.body()
+        deadline, budget, rec = api.deadline(request), api.decoder.budget(), access.record(request)
+        inline = api.inline(raw)
+        if is_binary(request):
+            b = parse_headers(request.headers, adapt=False)
+            api.check_top_k(b.top_k)
+            inputs = await api.decode(api.decoder.tensor, b.datatype, b.shape, raw, "body", budget,
+                                      deadline=deadline, inline=inline)
+            job = PredictJob(inputs, session=p.key(b.session_id), top_k=b.top_k, tenant=p.tenant, deadline=deadline)
+            session_id = b.session_id
         else:
-            support = await api.decode(api.decoder.instances, body.support, "support", budget, deadline=deadline)
-            job = EpisodicJob(inputs, support, [s.label for s in body.support], body.rule, body.hyperparameters,
-                              body.classes, body.steps, body.top_k, tenant=p.tenant, deadline=deadline)
+            body = parse(PredictRequest, raw)
+            api.check_count(len(body.instances), "instances")
+            api.check_count(len(body.support or ()), "support examples")
+            api.check_top_k(body.top_k)
+            inputs = await api.decode(api.decoder.instances, body.instances, "instances", budget, deadline=deadline,
+                                      inline=inline)
+            session_id = body.session_id
+            if body.support is None:
+                job = PredictJob(inputs, session=p.key(body.session_id), top_k=body.top_k, tenant=p.tenant,
+                                 deadline=deadline)
+            else:
+                support = await api.decode(api.decoder.instances, body.support, "support", budget, deadline=deadline,
+                                           inline=inline)
+                job = EpisodicJob(inputs, support, [s.label for s in body.support], body.rule, body.hyperparameters,
+                                  body.classes, body.steps, body.top_k, tenant=p.tenant, deadline=deadline)
+        rec.update(session_key=p.key(session_id), rows=len(inputs))
         res = await engine.predict(job)
         rec.update(queue_seconds=res.queue_seconds)
-        return dataclasses.asdict(res)
+        return json_response(predict_response(res))
 
-    @app.post("/v1/adapt", response_model=AdaptResponse, tags=["inference"])
-    async def adapt(body: AdaptRequest, request: Request, response: Response, p: Principal = Depends(who),
-                    idempotency_key: Optional[str] = IdemKey):
-        api.check_count(len(body.instances), "instances")
-        deadline = api.deadline(request)
-        inputs = await api.decode(api.decoder.instances, body.instances, deadline=deadline)
+    @app.post("/v1/adapt", response_model=AdaptResponse, tags=["inference"],
+              openapi_extra=request_body(AdaptRequest, binary=True))
+    async def adapt(request: Request, p: Principal = Depends(who), idempotency_key: Optional[str] = IdemKey):
+        """Adapt a session on labelled (or, for label-free rules, unlabelled) instances; answers the
+        predictions made before the update. JSON (AdaptRequest) or raw tensor bytes."""
+        raw = await request.body()
+        deadline, rec = api.deadline(request), access.record(request)
+        inline = api.inline(raw)
+        if is_binary(request):
+            b = parse_headers(request.headers, adapt=True)
+            inputs = await api.decode(api.decoder.tensor, b.datatype, b.shape, raw, "body", api.decoder.budget(),
+                                      deadline=deadline, inline=inline)
+            session_id, labels = b.session_id, b.labels
+        else:
+            body = parse(AdaptRequest, raw)
+            api.check_count(len(body.instances), "instances")
+            inputs = await api.decode(api.decoder.instances, body.instances, deadline=deadline, inline=inline)
+            session_id, labels = body.session_id, [i.label for i in body.instances]
         idem = None
-        if idempotency_key is not None:  # the request as parsed content: JSON key order and spacing do not count
-            idem = (idempotency_key, fingerprint({"session_id": body.session_id,
-                                                  "instances": [[x.key, i.label] for x, i in zip(inputs, body.instances)]}))
-        rec = access.record(request)
-        rec.update(session_key=p.key(body.session_id), rows=len(inputs))
-        res = await engine.adapt(AdaptJob(p.key(body.session_id), inputs, [i.label for i in body.instances], idem,
-                                          tenant=p.tenant, deadline=deadline))
+        if idempotency_key is not None:  # the request as content: JSON or binary, key order and spacing do not count
+            idem = (idempotency_key, fingerprint({"session_id": session_id,
+                                                  "instances": [[x.key, y] for x, y in zip(inputs, labels)]}))
+        rec.update(session_key=p.key(session_id), rows=len(inputs))
+        res = await engine.adapt(AdaptJob(p.key(session_id), inputs, labels, idem, tenant=p.tenant, deadline=deadline))
         rec.update(queue_seconds=res.queue_seconds)
-        if res.replayed:
-            response.headers[REPLAYED] = "true"
-        return dataclasses.asdict(res)
+        return json_response(adapt_response(res), headers={REPLAYED: "true"} if res.replayed else None)

@@ -10,8 +10,9 @@ tenant with fewer queued jobs than the longest line still gets in: the newest jo
 longest line is turned away instead (503, never started, never applied). One tenant's burst
 therefore cannot starve the others.
 
-Futures are ``concurrent.futures.Future``: the worker claims a job with
-``set_running_or_notify_cancel``, so a job cancelled by its timeout is never applied.
+Each job's answer is a ``Reply`` (server/engine/reply.py): the worker claims a job with
+``set_running_or_notify_cancel``, so a job cancelled by its timeout is never applied, and after
+every batch the answers reach their event loops with one wake-up per loop.
 """
 
 from __future__ import annotations
@@ -20,11 +21,11 @@ import logging
 import threading
 import time
 from collections import OrderedDict, deque
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 from server.engine.messages import AdaptJob, EpisodicJob, Job
+from server.engine.reply import Reply, deliver
 from server.errors import DomainError, overloaded, shutting_down
 
 log = logging.getLogger("fwserve.batcher")
@@ -35,7 +36,7 @@ class Pending:
     """A job in the queue, with what the engine resolved for it before queueing."""
 
     job: Job
-    future: Future = field(default_factory=Future)
+    future: Reply = field(default_factory=Reply)
     enqueued: float = field(default_factory=time.perf_counter)
     episodic: Optional[object] = None  # EpisodicJob: the resolved head spec (executor.EpisodicSpec)
 
@@ -72,7 +73,7 @@ class Batcher:
         """Jobs waiting in the queue."""
         return self._size
 
-    def submit(self, item: Pending) -> Future:
+    def submit(self, item: Pending) -> Reply:
         tenant = item.job.tenant
         with self._cond:
             if self._stop:
@@ -99,6 +100,7 @@ class Batcher:
         if shed.future.set_running_or_notify_cancel():
             shed.future.set_exception(overloaded(self.retry_after, "the queue is full and other tenants are "
                                                  "waiting; retry later"))
+            deliver([shed.future])
 
     def _pop(self, tenant, newest: bool = False) -> Pending:
         line = self._lines[tenant]
@@ -124,6 +126,7 @@ class Batcher:
                 item = self._pop(next(iter(self._lines)))
                 if item.future.set_running_or_notify_cancel():
                     item.future.set_exception(shutting_down())
+                    deliver([item.future])
 
     def _run(self) -> None:
         while True:
@@ -141,6 +144,7 @@ class Batcher:
                 for item in items:
                     if not item.future.done():
                         item.future.set_exception(e)
+            deliver(item.future for item in items)
 
     def next_batch(self) -> Optional[list[Pending]]:
         """The next micro-batch (waiting for jobs); None once stopped and drained. The worker's step."""

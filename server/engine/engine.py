@@ -235,8 +235,8 @@ class Engine:
         if left <= 0:
             self.metrics.rejected.labels(reason="timeout").inc()
             raise timed_out(timeout)
+        afut = item.future.attach(asyncio.get_running_loop())
         fut = self.batcher.submit(item)
-        afut = asyncio.wrap_future(fut)
         try:
             return await asyncio.wait_for(asyncio.shield(afut), left)
         except asyncio.TimeoutError:

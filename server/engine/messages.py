@@ -98,8 +98,8 @@ class AdaptResult:
     predictions: list[Prediction]  # made before the update (prequential)
     update_seconds: float
     latency_seconds: float = 0.0
-    replayed: bool = False
-    queue_seconds: float = 0.0  # time the job waited in the queue before its micro-batch started  # an Idempotency-Key retry answered from the first response
+    replayed: bool = False  # an Idempotency-Key retry answered from the first response
+    queue_seconds: float = 0.0  # time the job waited in the queue before its micro-batch started
 
     def to_record(self) -> dict:
         """As kept for Idempotency-Key retries (plain JSON data)."""
