@@ -21,8 +21,9 @@ What the client does for you:
   retried too for reads and for adapts (their key makes that safe);
 - ``infer`` speaks the Open Inference Protocol with the binary tensor extension both ways
   (``binary=False``: JSON tensors); with ``labels`` it adapts the session over the protocol.
-How instances travel on /v1 is ``v1_encoding`` (``V1_ENCODINGS``; ``"json"`` now): a binary /v1
-input path registers its encoder there and callers switch it on with ``v1_encoding=...``.
+How instances travel on /v1 is ``v1_encoding`` (``V1_ENCODINGS``): ``"json"`` (the default), or
+``"binary"``, the raw tensor bytes of the /v1 binary input path (arrays as UINT8/FP32 pixels,
+encoded images as BYTES) — the lean request path, with the same answers.
 """
 
 from __future__ import annotations
@@ -152,8 +153,38 @@ def _json_instances(path: str, body: dict) -> dict:
     return {"json": body}
 
 
+def _binary_instances(path: str, body: dict) -> dict:
+    """The /v1 binary input path (raw tensor bytes, server/api/binary.py): arrays of one shape as
+    UINT8 (integral 0..255) or FP32 pixels, encoded images as BYTES elements. Anything else
+    (an episodic support set, a mix) travels as JSON."""
+    insts = body["instances"]
+    if "support" in body or not insts:
+        return {"json": body}
+    headers = {"content-type": "application/octet-stream"}
+    if body.get("session_id") is not None:
+        headers["x-session-id"] = body["session_id"]
+    if body.get("top_k", 1) != 1:
+        headers["x-top-k"] = str(body["top_k"])
+    if path == "/v1/adapt":
+        headers["x-labels"] = json.dumps([i.get("label") for i in insts])
+    if all("array" in i for i in insts):
+        try:
+            arr = np.asarray([i["array"] for i in insts], dtype=np.float32)
+        except ValueError:  # ragged
+            return {"json": body}
+        whole = bool(np.all(arr == np.rint(arr)) and arr.min() >= 0 and arr.max() <= 255)
+        arr = arr.astype(np.uint8) if whole else arr
+        headers.update({"x-shape": ",".join(str(n) for n in arr.shape), "x-datatype": "UINT8" if whole else "FP32"})
+        return {"content": arr.tobytes(), "headers": headers}
+    if all("image" in i for i in insts):
+        blobs = [base64.b64decode(i["image"]) for i in insts]
+        headers.update({"x-shape": str(len(blobs)), "x-datatype": "BYTES"})
+        return {"content": b"".join(struct.pack("<I", len(b)) + b for b in blobs), "headers": headers}
+    return {"json": body}
+
+
 # encoding name -> (path, JSON body) -> keyword arguments of the request (json= or content= + headers=)
-V1_ENCODINGS: dict[str, Callable[[str, dict], dict]] = {"json": _json_instances}
+V1_ENCODINGS: dict[str, Callable[[str, dict], dict]] = {"json": _json_instances, "binary": _binary_instances}
 
 
 # ---- the Open Inference Protocol (/v2) -----------------------------------------------------

@@ -106,3 +106,16 @@ def test_malformed_binary_bodies_are_refused_and_change_nothing(server, case):
         assert 400 <= r.status_code < 500, (case, r.status_code, r.text)
         assert r.json()["error"]["code"] and r.json()["error"]["message"]
         assert c.get(f"/v1/sessions/{sid}/export").content == before
+
+
+def test_the_client_speaks_the_binary_path(server):
+    from server.client import Client
+
+    with Client(server.url, v1_encoding="binary") as cb, Client(server.url) as cj:
+        for c, sid in ((cj, "cl-json"), (cb, "cl-bin")):
+            c.create_session("prototype", classes=["a", "b"], session_id=sid)
+            r = c.adapt(sid, XS, LABELS)
+            assert r.version == 1
+        pj, pb = cj.predict(XS, session_id="cl-json", top_k=2), cb.predict(XS, session_id="cl-bin", top_k=2)
+        assert pj.predictions == pb.predictions and pb.version == 1
+        assert cb.predict([png(x) for x in XS], session_id="cl-bin", top_k=2).predictions == pb.predictions
