@@ -74,6 +74,10 @@ def serve(argv: Sequence[str]) -> int:
         print(warning, file=sys.stderr, flush=True)
 
     # log_config=None: uvicorn's loggers write through the handler logs.configure set up
+    if settings.api_workers > 1:  # HTTP worker processes in front of this process's engine
+        from server import workers
+
+        return workers.serve(settings)
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
                 log_config=None, access_log=False, timeout_graceful_shutdown=settings.shutdown_grace())
     return 0

@@ -170,6 +170,11 @@ class Settings(BaseSettings):
         4096, ge=0, description="Entries in the feature LRU cache keyed by image content hash (0 disables it)."
     )
     decode_workers: int = Field(4, ge=1, description="Threads decoding and preprocessing images off the event loop.")
+    api_workers: int = Field(
+        1, ge=1, le=64, description="HTTP worker processes in front of one engine process (1: one process does "
+        "both). More workers parse, authenticate and decode requests in parallel while one engine batches them "
+        "all: about one per core the engine does not need.",
+    )
     decode_inline_bytes: int = Field(
         32 * 1024, ge=0, description="Request bodies up to this size are decoded on the event loop itself (a hop "
         "to the decode threads costs more than decoding a few small images); larger ones go to the threads.",

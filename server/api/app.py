@@ -60,8 +60,20 @@ def create_app(settings: Optional[Settings] = None, backbone=None) -> FastAPI:
     """An app with its own engine and metrics registry. `backbone` (a models.Backbone) skips
     loading, e.g. to share one backbone between apps in tests."""
     settings = settings or Settings()
-    engine = Engine(settings, backbone)
+    return _build(settings, Engine(settings, backbone))
+
+
+def create_worker_app(settings: Settings, address: str, buckets=None) -> FastAPI:
+    """The app of an API worker process: the engine is in another process (server/workers.py),
+    reached at `address`; `buckets` (auth.SharedBuckets): the tenants' rate limits, shared."""
+    from server.engine.remote import RemoteEngine
+
+    return _build(settings, RemoteEngine(settings, address), buckets)
+
+
+def _build(settings: Settings, engine, buckets=None) -> FastAPI:
     api = Api(settings, engine)
+    api.auth.shared = buckets
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -85,7 +97,7 @@ def create_app(settings: Optional[Settings] = None, backbone=None) -> FastAPI:
     app.state.engine = engine
     app.state.api = api
     app.add_middleware(Guard, max_body_bytes=settings.max_body_bytes,
-                       request_duration=engine.metrics.request_duration, auth=api.auth)
+                       request_duration=api.metrics.request_duration, auth=api.auth)
     _handlers(app)
     v1.add_routes(app, api)
     v2.add_routes(app, api)
@@ -93,7 +105,7 @@ def create_app(settings: Optional[Settings] = None, backbone=None) -> FastAPI:
 
     @app.get("/metrics", tags=["ops"], response_class=Response)
     async def metrics():
-        return Response(engine.metrics.scrape(), media_type=CONTENT_TYPE)
+        return Response(await api.scrape(), media_type=CONTENT_TYPE)
 
     return app
 

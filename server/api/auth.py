@@ -25,7 +25,8 @@ exist. An admin key works in its own namespace, may act in any tenant's namespac
 Quotas, per tenant (its line, else ``--tenant-max-sessions`` / ``--tenant-rps``): sessions
 (create/import beyond it: 429 ``session_quota``) and requests per second (a token bucket of
 ``--tenant-burst`` tokens; beyond it: 429 ``rate_limited`` with ``Retry-After``). The rate
-limit is per replica: N replicas behind a balancer admit up to N times the rate.
+limit is per replica (one across a replica's API worker processes: the buckets live in shared
+memory): N replicas behind a balancer admit up to N times the rate.
 
 With no keys configured auth is off: every request is the anonymous tenant (sessions keyed by
 their bare id). ``serve`` warns loudly when auth is off and it binds beyond localhost.
@@ -177,6 +178,7 @@ class Auth:
         self.default_rps = settings.tenant_rps
         self.burst = settings.tenant_burst
         self._buckets: dict[Optional[str], TokenBucket] = {}
+        self.shared: Optional[SharedBuckets] = None  # API worker processes: the buckets they share
         self._lock = threading.Lock()
 
     def tenants(self) -> list[str]:
@@ -218,14 +220,49 @@ class Auth:
         rate = self.rps(tenant)
         if rate <= 0:
             return
-        with self._lock:
-            b = self._buckets.get(tenant)
-            if b is None:
-                b = self._buckets[tenant] = TokenBucket(rate, self.burst or max(1.0, rate))
-            wait = b.take()
+        burst = self.burst or max(1.0, rate)
+        if self.shared is not None:
+            wait = self.shared.take(tenant, rate, burst)
+        else:
+            with self._lock:
+                b = self._buckets.get(tenant)
+                if b is None:
+                    b = self._buckets[tenant] = TokenBucket(rate, burst)
+                wait = b.take()
         if wait > 0:
             raise too_many_requests("rate_limited", f"tenant {tenant or 'anonymous'!s} is over {rate:g} requests "
                                     "per second", wait)
+
+
+class SharedBuckets:
+    """Every tenant's token bucket in shared memory, for API worker processes: a tenant's rate is
+    one across the workers, not one per worker. Made by the supervising process and handed to
+    the workers when they are started (its shared array and lock travel with it)."""
+
+    def __init__(self, ctx, settings) -> None:
+        self.names = [None, *Auth(settings).tenants()]
+        self.index = {n: i for i, n in enumerate(self.names)}
+        self.state = ctx.Array("d", [v for _ in self.names for v in (-1.0, 0.0)])  # tokens (-1: full), time
+
+    def take(self, tenant: Optional[str], rate: float, burst: float) -> float:
+        """0 when a request of `tenant` may go now, else the seconds until it may."""
+        i = 2 * self.index.get(tenant, 0)
+        with self.state.get_lock():
+            now = time.monotonic()
+            tokens = burst if self.state[i] < 0 else min(burst, self.state[i] + (now - self.state[i + 1]) * rate)
+            self.state[i + 1] = now
+            if tokens >= 1:
+                self.state[i] = tokens - 1
+                return 0.0
+            self.state[i] = tokens
+            return (1 - tokens) / rate
+
+    def __getstate__(self):
+        return {"names": self.names, "state": self.state}
+
+    def __setstate__(self, d) -> None:
+        self.names, self.state = d["names"], d["state"]
+        self.index = {n: i for i, n in enumerate(self.names)}
 
 
 def auth_warning(settings, auth: Optional[Auth] = None) -> Optional[str]:

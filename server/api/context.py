@@ -14,6 +14,7 @@ from fastapi import Request
 from server.api import access
 from server.api.auth import Auth, Principal
 from server.api.decode import Decoder
+from server.api.metrics import ApiMetrics, workers_scrape
 from server.config import Settings
 from server.engine import Engine
 from server.errors import invalid, overloaded, timed_out
@@ -32,6 +33,9 @@ class Api:
         self.decoder = Decoder(engine.input_config, settings.max_image_pixels, settings.max_instances,
                                settings.max_request_pixels)
         self.decode_pool = ThreadPoolExecutor(settings.decode_workers, thread_name_prefix="fwserve-decode")
+        # in one process the HTTP metrics join the engine's registry (one scrape); a worker keeps its own
+        local = getattr(engine.metrics, "registry", None) if not getattr(engine, "remote", False) else None
+        self.metrics = ApiMetrics(local)
         self._decoding = 0  # requests waiting for or in the decode pool (event-loop side only)
 
     async def who(self, request: Request) -> Principal:
@@ -75,6 +79,12 @@ class Api:
     def check_top_k(self, k: int) -> None:
         if k > self.settings.max_top_k:
             raise invalid("invalid_top_k", f"top_k={k}; at most {self.settings.max_top_k}")
+
+    async def scrape(self) -> bytes:
+        """/metrics: the engine's registry, with the HTTP metrics of every process serving HTTP."""
+        if getattr(self.engine, "remote", False):
+            return await self.engine.scrape() + workers_scrape()
+        return self.engine.metrics.scrape()
 
     def close(self) -> None:
         self.decode_pool.shutdown(wait=False, cancel_futures=True)

@@ -28,13 +28,6 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 class Metrics(StoreEvents):
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry(auto_describe=True)
-        self.request_duration = Histogram(
-            "fwserve_request_duration_seconds",
-            "HTTP request duration by route template, method and status code.",
-            ["route", "method", "status"],
-            buckets=_LATENCY,
-            registry=r,
-        )
         self.queue_wait = Histogram(
             "fwserve_queue_wait_seconds",
             "Time a request waited in the batch queue before its micro-batch started.",

@@ -75,10 +75,13 @@ def exported_metric_names() -> frozenset[str]:
     """Every sample name the server's registry exposes on /metrics (server/metrics.py), with the
     suffixes the text format adds (_total, _bucket, _count, _sum, _info, ...)."""
     sys.path.insert(0, str(REPO))
+    from server.api.metrics import ApiMetrics
     from server.engine.metrics import Metrics
 
     names = set()
-    for fam in Metrics().registry.collect():
+    registry = Metrics().registry
+    ApiMetrics(registry)
+    for fam in registry.collect():
         names.update(fam.name + s for s in _SUFFIXES[fam.type])
     assert names, "server.engine.metrics.Metrics registers no metrics"
     return frozenset(names)

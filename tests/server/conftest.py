@@ -76,8 +76,77 @@ def metric_value(text: str, name: str, labels: str = "") -> float:
     return total
 
 
+class ProcessServer:
+    """`fwserve serve` in its own process (for `--api-workers N`: HTTP worker processes in front of
+    one engine process), with the settings given as FWSERVE_* variables. What tests may use of it
+    is what goes over HTTP: url, client(), metric(); it has no in-process engine."""
+
+    engine = None
+
+    def __init__(self, tmp_path, **settings) -> None:
+        import os
+        import subprocess
+        import sys
+        from pathlib import Path
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("FWSERVE_")}
+        env.update({f"FWSERVE_{k.upper()}": _env_value(v) for k, v in
+                    {"port": self.port, "torch_threads": 1, "log_level": "warning", **settings}.items()})
+        env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2])
+        self.log = tmp_path / f"server-{self.port}.log"
+        self.proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve"], env=env,
+                                     stdout=open(self.log, "wb"), stderr=subprocess.STDOUT)
+
+    def start(self, timeout: float = 120.0) -> "ProcessServer":
+        deadline = time.monotonic() + timeout
+        with httpx.Client(base_url=self.url, timeout=5) as c:
+            while True:
+                try:
+                    if c.get("/v2/health/ready").status_code == 200:
+                        return self
+                except httpx.TransportError:
+                    pass
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    raise RuntimeError("server did not become ready:\n" + self.log.read_text()[-3000:])
+                time.sleep(0.1)
+
+    def stop(self) -> None:
+        import signal
+
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except Exception:
+                self.proc.kill()
+                self.proc.wait(10)
+
+    client = LiveServer.client
+    metric = LiveServer.metric
+
+
+def _env_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    return str(v)
+
+
 @contextmanager
-def live_server(backbone, tmp_path, **overrides):
+def live_server(backbone, tmp_path, api_workers: int = 1, **overrides):
+    """A real server on a free port: in this process (uvicorn in a thread, sharing `backbone`), or
+    with api_workers > 1 as `fwserve serve --api-workers N` in its own process tree."""
+    if api_workers > 1:
+        srv = ProcessServer(tmp_path, api_workers=api_workers, snapshot_dir=tmp_path / "snapshots",
+                            **{"max_wait_ms": 5.0, **overrides}).start()
+        try:
+            yield srv
+        finally:
+            srv.stop()
+        return
     settings = Settings(snapshot_dir=tmp_path / "snapshots", **{"max_wait_ms": 5.0, **overrides})
     app = create_app(settings, backbone=backbone)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)

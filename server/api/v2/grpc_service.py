@@ -86,7 +86,7 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
             await context.abort(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}")
         finally:
             elapsed = time.perf_counter() - start
-            self.engine.metrics.request_duration.labels(route=SERVICE + method, method="GRPC",
+            self.api.metrics.request_duration.labels(route=SERVICE + method, method="GRPC",
                                                         status=str(status)).observe(elapsed)
             rec.emit("GRPC", SERVICE + method, status, elapsed, protocol="grpc")
 

@@ -92,10 +92,19 @@ BAD = {
 }
 
 
+SMALL = dict(max_instances=8, max_body_bytes=200_000, max_queue_size=1, request_timeout_s=1.0, max_wait_ms=1.0)
+
+
+@pytest.fixture(scope="module", params=[1, 2], ids=["one-process", "api-workers-2"])
+def small_server(backbone, tmp_path_factory, request):
+    with live_server(backbone, tmp_path_factory.mktemp("bad"), api_workers=request.param, **SMALL) as srv:
+        yield srv
+
+
 @pytest.fixture(scope="module")
-def small_server(backbone, tmp_path_factory):
-    with live_server(backbone, tmp_path_factory.mktemp("bad"), max_instances=8, max_body_bytes=200_000,
-                     max_queue_size=1, request_timeout_s=1.0, max_wait_ms=1.0) as srv:
+def stallable_server(backbone, tmp_path_factory):
+    """In this process: a test holds the engine's store to stall the batch worker."""
+    with live_server(backbone, tmp_path_factory.mktemp("stall"), **SMALL) as srv:
         yield srv
 
 
@@ -131,9 +140,10 @@ def test_unknown_route_and_method(small_server):
         assert r.status_code == 405 and r.json()["error"]["code"] == "method_not_allowed"
 
 
-def test_queue_full_503_and_timeout_504(small_server):
+def test_queue_full_503_and_timeout_504(stallable_server):
     """With the worker stalled: one job in flight, one queued (max_queue_size=1), the next gets
     503 + Retry-After; a queued adapt that times out is answered 504 and never applied."""
+    small_server = stallable_server
     rt = small_server.engine
     x = X[0]
 

@@ -84,8 +84,12 @@ def test_adapt_retry_applies_once(server):
             assert r.status_code == 422, (bad_key, r.text)
 
 
-def test_concurrent_retries_apply_once(backbone, tmp_path):
-    with live_server(backbone, tmp_path, max_wait_ms=20.0) as srv:
+WORKERS = pytest.mark.parametrize("workers", [1, 2], ids=["one-process", "api-workers-2"])
+
+
+@WORKERS
+def test_concurrent_retries_apply_once(backbone, tmp_path, workers):
+    with live_server(backbone, tmp_path, api_workers=workers, max_wait_ms=20.0) as srv:
         async def main():
             async with httpx.AsyncClient(base_url=srv.url, timeout=30) as c:
                 sid = (await c.post("/v1/sessions", json={"rule": "delta", "classes": ["a", "b"]})).json()["id"]
@@ -100,18 +104,24 @@ def test_concurrent_retries_apply_once(backbone, tmp_path):
         asyncio.run(main())
 
 
-def test_keys_survive_a_crash_in_wal_mode_and_expire(backbone, tmp_path):
-    with live_server(backbone, tmp_path, durability="wal", idempotency_ttl_s=3.0) as srv, srv.client() as c:
+@WORKERS
+def test_keys_survive_a_crash_in_wal_mode_and_expire(backbone, tmp_path, workers):
+    ttl = 3.0 if workers == 1 else 60.0  # worker processes take seconds to start: the key must outlive that
+    with live_server(backbone, tmp_path, api_workers=workers, durability="wal", idempotency_ttl_s=ttl) as srv, \
+            srv.client() as c:
         sid = post(c, "/v1/sessions", {"rule": "sgd", "classes": ["a", "b"]}, "mk").json()["id"]
         first = post(c, "/v1/adapt", adapt_body(sid), "k1")
         assert first.json()["version"] == 1
         image = tmp_path / "image"
         shutil.copytree(tmp_path / "snapshots", image / "snapshots")  # what a kill -9 leaves
-    with live_server(backbone, image, durability="wal", idempotency_ttl_s=3.0) as srv, srv.client() as c:
+    with live_server(backbone, image, api_workers=workers, durability="wal", idempotency_ttl_s=ttl) as srv, \
+            srv.client() as c:
         again = post(c, "/v1/adapt", adapt_body(sid), "k1")
         assert again.json() == first.json() and again.headers["idempotent-replayed"] == "true"
         assert post(c, "/v1/sessions", {"rule": "sgd", "classes": ["a", "b"]}, "mk").json() == {"id": sid, "version": 0}
         assert c.get(f"/v1/sessions/{sid}").json()["version"] == 1
+        if workers > 1:
+            return  # expiry is the engine's, checked with one process
         time.sleep(3.2)
         late = post(c, "/v1/adapt", adapt_body(sid), "k1")  # expired: a new request
         assert late.json()["version"] == 2 and "idempotent-replayed" not in late.headers

@@ -24,9 +24,10 @@ def h(tenant: str, **extra) -> dict:
     return {"Authorization": f"Bearer {KEYS[tenant]}", **extra}
 
 
-@pytest.fixture(scope="module")
-def authed(backbone, tmp_path_factory):
-    with live_server(backbone, tmp_path_factory.mktemp("auth"), api_keys=LINES, tenant_burst=4) as srv:
+@pytest.fixture(scope="module", params=[1, 2], ids=["one-process", "api-workers-2"])
+def authed(backbone, tmp_path_factory, request):
+    with live_server(backbone, tmp_path_factory.mktemp("auth"), api_workers=request.param, api_keys=LINES,
+                     tenant_burst=4) as srv:
         yield srv
 
 

@@ -13,10 +13,11 @@ from tests.server.conftest import digits, live_server
 N = 64
 
 
-@pytest.fixture(scope="module")
-def busy_server(backbone, tmp_path_factory):
+@pytest.fixture(scope="module", params=[1, 2], ids=["one-process", "api-workers-2"])
+def busy_server(backbone, tmp_path_factory, request):
     # a longer batching window so concurrent requests reliably share micro-batches
-    with live_server(backbone, tmp_path_factory.mktemp("busy"), max_wait_ms=20.0, max_batch_size=32) as srv:
+    with live_server(backbone, tmp_path_factory.mktemp("busy"), api_workers=request.param, max_wait_ms=20.0,
+                     max_batch_size=32) as srv:
         yield srv
 
 

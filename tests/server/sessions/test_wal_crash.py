@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 from safetensors.torch import load as st_load
 
 from tests.server.conftest import arr, digits
@@ -136,8 +137,12 @@ def run_crash(tmp_path: Path, *args: str, acks: int = 15) -> None:
         assert srv2.stop() in (0, -signal.SIGTERM)
 
 
-def test_kill_9_mid_stream_directory_store(tmp_path):
-    run_crash(tmp_path, "--wal-compact-records", "8", "--snapshot-interval-s", "0.2")
+WORKERS = pytest.mark.parametrize("workers", [[], ["--api-workers", "2"]], ids=["one-process", "api-workers-2"])
+
+
+@WORKERS
+def test_kill_9_mid_stream_directory_store(tmp_path, workers):
+    run_crash(tmp_path, "--wal-compact-records", "8", "--snapshot-interval-s", "0.2", *workers)
 
 
 @needs_redis
@@ -145,8 +150,9 @@ def test_kill_9_mid_stream_redis_store(tmp_path, redis_url):
     run_crash(tmp_path, "--store", redis_url, acks=8)
 
 
-def test_sigterm_drains_and_flushes(tmp_path):
-    srv = Server(tmp_path)
+@WORKERS
+def test_sigterm_drains_and_flushes(tmp_path, workers):
+    srv = Server(tmp_path, *workers)
     acked: dict = {}
     stop = threading.Event()
     try:
@@ -166,9 +172,66 @@ def test_sigterm_drains_and_flushes(tmp_path):
         srv.stop(signal.SIGKILL)
     assert rc in (0, -signal.SIGTERM), srv.log()
     assert not list((tmp_path / "store").glob("*.wal")), "logs are compacted at shutdown"
-    srv2 = Server(tmp_path)
+    srv2 = Server(tmp_path, *workers)
     try:
         found = check_recovered(srv2.url, acked)
         assert found == {s: acked[s] for s in SESSIONS}  # drained: nothing in flight was dropped half-way
     finally:
         srv2.stop()
+
+
+def test_a_killed_api_worker_is_replaced_and_loses_nothing(tmp_path):
+    """SIGKILL one of two API worker processes mid-stream: it is replaced, and clients retrying
+    under their Idempotency-Keys end with every logical adapt applied exactly once."""
+    srv = Server(tmp_path, "--api-workers", "2")
+    try:
+        pids = _children(srv.proc.pid)
+        assert len(pids) == 2
+        with httpx.Client(base_url=srv.url, timeout=30) as c:
+            for sid, rule in SESSIONS.items():
+                assert c.post("/v1/sessions", json={"rule": rule, "classes": CLASSES, "id": sid}).status_code == 201
+            n, killed = 12, False
+            for i in range(n):
+                for sid in SESSIONS:
+                    for _ in range(100):  # retry through the kill with the same key
+                        try:
+                            r = c.post("/v1/adapt", json={"session_id": sid, **request(i)},
+                                       headers={"Idempotency-Key": f"{sid}-{i}"})
+                            if r.status_code == 200:
+                                break
+                        except httpx.TransportError:
+                            pass
+                        time.sleep(0.05)
+                    else:
+                        raise AssertionError(f"{sid} adapt {i} never acknowledged:\n{srv.log()}")
+                if i == n // 2 and not killed:
+                    os.kill(pids[0], signal.SIGKILL)
+                    killed = True
+            deadline = time.monotonic() + 60
+            while len([p for p in _children(srv.proc.pid) if p not in pids]) < 1:
+                assert time.monotonic() < deadline, "the killed worker was not replaced"
+                time.sleep(0.1)
+        found = check_recovered(srv.url, {sid: n for sid in SESSIONS})
+        assert found == {sid: n for sid in SESSIONS}  # none lost, none doubled
+        assert len(_children(srv.proc.pid)) == 2
+    finally:
+        srv.stop(signal.SIGTERM)
+
+
+def _children(pid: int) -> list[int]:
+    """The server's API worker processes (its other children: multiprocessing's resource tracker)."""
+    kids = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):  # children are listed under the thread that made them
+        try:
+            kids += [int(p) for p in (task / "children").read_text().split()]
+        except OSError:
+            pass
+    out = []
+    for k in kids:
+        try:
+            cmd = Path(f"/proc/{k}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"spawn_main" in cmd and b"resource_tracker" not in cmd:
+            out.append(k)
+    return out
