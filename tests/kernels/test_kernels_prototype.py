@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from kernels import head_forward, prototype_step, reference
-from tests.kernels.cases import CASES, IMPLS, SEQUENCE_RMSE, TOLERANCE, assert_matches, make_problem, relative_rmse
+from tests.kernels.cases import CASES, IMPLS, SEQUENCE_RMSE, assert_matches, tolerance, make_problem, relative_rmse
 
 
 def _run(p, impl, temperature, W=None):
@@ -26,7 +26,7 @@ def test_matches_reference(case, impl):
     sums, counts, W = _run(p, impl, temperature, W)
     sums_ref, counts_ref, W_ref = reference.prototype_step_ref(
         p.x, p.y, p.slots, p.state_rows, p.sums, p.counts, poisoned, p.n_classes, temperature)
-    tol = TOLERANCE[case["dtype"]]
+    tol = tolerance(case)
     assert_matches(sums, sums_ref, tol, "sums", p.seed)
     assert_matches(counts, counts_ref, 0.0, "counts", p.seed)
     assert_matches(W, W_ref, tol, "W", p.seed)
