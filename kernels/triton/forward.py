@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..dispatch import interpreter_enabled
 from .common import (NORM_EPS, block_size, checks_on, contiguous_rows, error_counter, index_vector, out_of_range,
                      num_programs, raise_if_flagged, slot_batch)
 
@@ -27,10 +28,17 @@ ROWS_PER_TILE = 16  # tl.dot needs every dimension >= 16
 NUM_WARPS = 4
 
 
+def bf16_dot(W: torch.Tensor) -> bool:
+    """bf16 heads take tensor-core products when compiled. The interpreter cannot multiply bf16
+    tiles (it keeps bf16 as 16-bit integers), so under it they are upcast and use the fp32 dot:
+    the interpreter tests check the math, the compiled kernel tests (gpu_check) this path."""
+    return W.dtype == torch.bfloat16 and not interpreter_enabled()
+
+
 def forward_config(num_classes: int, d: int) -> dict:
     """Block sizes of the forward: a function of (C, d) only (see the module docstring)."""
     block_c = block_size(num_classes, cap=64)
-    block_d = block_size(d, cap=max(32, 4096 // block_c), floor=32)
+    block_d = block_size(d, cap=min(128, max(32, 4096 // block_c)), floor=32)
     return dict(BLOCK_M=ROWS_PER_TILE, BLOCK_C=block_c, BLOCK_D=block_d, num_warps=NUM_WARPS)
 
 
@@ -39,7 +47,7 @@ def _head_forward_kernel(
     x_ptr, W_ptr, b_ptr, order_ptr, sorted_slots_ptr, seg_end_ptr, tiles_ptr, num_tiles_ptr,
     n_classes_ptr, normalize_ptr, out_ptr, err_ptr,
     num_slots, num_classes, d, num_programs,
-    NORM_EPS: tl.constexpr, HAS_NORMALIZE: tl.constexpr, CHECKS: tl.constexpr,
+    NORM_EPS: tl.constexpr, HAS_NORMALIZE: tl.constexpr, CHECKS: tl.constexpr, BF16_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     class_blocks = tl.cdiv(num_classes, BLOCK_C)
@@ -71,9 +79,17 @@ def _head_forward_kernel(
                              other=0.0).to(tl.float32)
                 # Masked classes are never loaded, so whatever they hold cannot leak into live logits.
                 w = tl.load(head + offs_c[:, None] * d + offs_d[None, :], mask=live[:, None] & in_d[None, :],
-                            other=0.0).to(tl.float32)
-                # ieee: TF32 would cost ~3 decimal digits for no gain (the op is memory-bound).
-                acc = tl.dot(xv, tl.trans(w), acc, input_precision="ieee")
+                            other=0.0)
+                if BF16_DOT:
+                    # bf16 heads: tensor-core products with fp32 accumulation; the features enter as
+                    # two bf16 terms (x = hi + lo to ~16 bits), so only the heads' own rounding shows.
+                    x_hi = xv.to(tl.bfloat16)
+                    x_lo = (xv - x_hi.to(tl.float32)).to(tl.bfloat16)
+                    acc = tl.dot(x_hi, tl.trans(w), acc)
+                    acc = tl.dot(x_lo, tl.trans(w), acc)
+                else:
+                    # ieee: TF32 would cost ~3 decimal digits for no gain (the op is memory-bound).
+                    acc = tl.dot(xv, tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
                 if HAS_NORMALIZE:
                     sum_sq += tl.sum(xv * xv, axis=1)
             if HAS_NORMALIZE:
@@ -105,7 +121,7 @@ def head_forward_triton(x, W, b, slots, n_classes, normalize=None, out=None, bat
         contiguous_rows(x), W, b, batch.order, batch.sorted_slots, batch.seg_end, tiles, num_tiles,
         index_vector(n_classes), normalize_arg, out, errors,
         S, C, d, programs,
-        NORM_EPS=NORM_EPS, HAS_NORMALIZE=has_normalize, CHECKS=checks, **cfg,
+        NORM_EPS=NORM_EPS, HAS_NORMALIZE=has_normalize, CHECKS=checks, BF16_DOT=bf16_dot(W), **cfg,
     )
     raise_if_flagged(errors, "head_forward", checks)
     return out
