@@ -149,7 +149,8 @@ class Metrics(StoreEvents):
         else:
             self.restores.labels(from_tier=tier).inc()
 
-    def set_build_info(self, backbone: str, device: str) -> None:
+    def set_build_info(self, backbone: str, device: str, kernels: str = "") -> None:
+        """kernels: the head ops' implementation on this device (kernels.dispatch.describe_implementations)."""
         import torch
 
         self.build_info.info(
@@ -159,6 +160,7 @@ class Metrics(StoreEvents):
                 "device": device,
                 "torch": torch.__version__,
                 "python": platform.python_version(),
+                "kernels": kernels,
             }
         )
 

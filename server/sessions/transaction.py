@@ -91,11 +91,14 @@ class Transaction:
         return kernels.head_forward(x, h.W, h.b, slots, h.n_classes, normalize=h.normalize, batch=batch)
 
     def apply(self, rule: Rule, x: torch.Tensor, y: torch.Tensor, slots: torch.Tensor,
-              state_rows: Optional[torch.Tensor], batch=None) -> int:
+              state_rows: Optional[torch.Tensor], batch=None, logits=None) -> int:
         """One grouped update over rows of sessions of `rule` (all found here); returns what the
-        rule reports (label-free rules: sessions reset by their collapse guard)."""
+        rule reports (label-free rules: sessions reset by their collapse guard). `logits`: this
+        call's rows' logits from txn.forward, handed to rules that reuse them."""
         if self._wal is not None:
             self._wal.log_steps(x, y, slots, {h.slot: k for k, h in self._held.items()})
+        if logits is not None and rule.reuses_logits:
+            return rule.update(self.heads, x, y, slots, state_rows, batch=batch, logits=logits)
         return rule.update(self.heads, x, y, slots, state_rows, batch=batch)
 
     def commit(self, key: str, n_examples: int, correct: int, labelled: Optional[int] = None) -> int:

@@ -31,7 +31,7 @@ ALLOWED = {
     "models": {"models.*"},
 }
 # thin shims that keep old commands working (`python -m kernels.bench`); the tools live in loadtests/
-SHIMS = {"kernels.bench", "kernels.gpu_check"}
+SHIMS = {"kernels.bench", "kernels.gpu_check", "kernels.aot_check"}
 BELOW_API = ("server.engine", "server.sessions", "server.rules", "kernels")
 WEB = ("fastapi", "starlette", "http", "uvicorn", "httpx")
 STATUSES = {400, 401, 403, 404, 405, 409, 413, 415, 422, 429, 500, 502, 503, 504}
