@@ -335,6 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arch", default=None, help="comma-separated compute capabilities (default 90,80)")
     parser.add_argument("--C", default=None, help="comma-separated class widths (default %s)" % ",".join(map(str, C_GRID)))
     parser.add_argument("--d", default=None, help="comma-separated feature widths (default %s)" % ",".join(map(str, D_GRID)))
+    parser.add_argument("--dtypes", default=None, help="comma-separated features/heads pairs, e.g. fp32/fp32,bf16/bf16")
     parser.add_argument("--strict", action="store_true", help="also fail on stack or spills at the default shapes")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
@@ -348,9 +349,10 @@ def main(argv: list[str] | None = None) -> int:
     C_values = tuple(int(v) for v in args.C.split(",")) if args.C else grid["C"]
     d_values = tuple(int(v) for v in args.d.split(",")) if args.d else grid["d"]
     archs = tuple(int(v) for v in args.arch.split(",")) if args.arch else grid["arch"]
+    dtypes = tuple(tuple(pair.split("/")) for pair in args.dtypes.split(",")) if args.dtypes else grid["dtypes"]
     started = time.perf_counter()
     print(HEADER, flush=True)
-    rows = run(C_values, d_values, grid["dtypes"], archs, log=lambda line: print(line, flush=True))
+    rows = run(C_values, d_values, dtypes, archs, log=lambda line: print(line, flush=True))
     result = summary(rows)
     result["seconds"] = round(time.perf_counter() - started, 1)
     import triton

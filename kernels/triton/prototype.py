@@ -23,7 +23,7 @@ NUM_WARPS = 4
 
 
 def prototype_config(d: int) -> dict:
-    return dict(BLOCK_D=block_size(d, cap=1024, floor=32), num_warps=NUM_WARPS)
+    return dict(BLOCK_D=block_size(d, cap=512, floor=32), num_warps=NUM_WARPS)
 
 
 @triton.jit
