@@ -60,7 +60,7 @@ def test_torch_path_ignores_supplied_logits():
     kernels.sgd_step(p.x, p.y, p.slots, W1, b1, p.n_classes, 0.3, impl="torch", logits=garbage)
     kernels.sgd_step(p.x, p.y, p.slots, W2, b2, p.n_classes, 0.3, impl="torch")
     assert torch.equal(W1.nan_to_num(7.0), W2.nan_to_num(7.0)) and torch.equal(b1.nan_to_num(7.0), b2.nan_to_num(7.0))
-    assert not dispatch.logits_reusable(torch.zeros(1))  # CPU tensors: the executor passes none
+    assert not dispatch.logits_reusable(torch.zeros(1, device="cpu"))  # CPU tensors: the executor passes none
 
 
 def test_logits_must_have_the_calls_shape():
@@ -294,5 +294,5 @@ def test_cuda_tensors_on_a_fallback_path_log_a_warning_once(monkeypatch, caplog)
     assert any("interpreter" in r.getMessage() for r in caplog.records)
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="fwserve.kernels"):
-        dispatch.resolve_impl("auto", torch.zeros(1), "head_forward")  # CPU tensors: the torch path is the plan
+        dispatch.resolve_impl("auto", torch.zeros(1, device="cpu"), "head_forward")  # CPU: the torch path is the plan
     assert not caplog.records
