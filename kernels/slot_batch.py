@@ -51,13 +51,18 @@ rows its entropy filter keeps; stand-in rows need not pass that filter as the li
 rows did, so that call's profile may differ in a replay: harmless while support_step stays
 independent of the profile, as observed above.
 
-The Triton path needs no stand-ins: every program reads the rows of one slot only (found
-through order / seg_start / seg_end, walked in arrival order from the slot's first row), that
-slot's head and state row, and no reduction or atomic spans two slots (the per-slot row counts
-sgd and entropy divide by are sums of 0s and 1s, exact in any order). Block sizes depend on
-C, d and K alone. A slot's values are therefore the same whatever else the call holds, so
-a replay of s alone (or with the stand-ins above) reproduces them, on the same GPU and Triton
-version (head_forward's autotuned launch configuration aside, which keeps no state).
+The Triton path needs no stand-ins: every work item reads the rows of one slot only (a tile of
+up to 16 of them for the forward, a (slot, class) group for prototype and support, the whole
+slot for the others; found through order / seg_start / seg_end and walked in arrival order),
+that slot's head and state row, and no reduction or atomic spans two slots (the per-slot row
+counts sgd and entropy divide by are sums of 0s and 1s, exact in any order). Block sizes and
+warps depend on C, d and K alone (no autotuning), and which program of the persistent grid
+takes an item does not change what it computes. A row's logits depend on its features, its
+slot's head and the widths only (the forward's dot accumulates every output element in a
+fixed order), so the logits the round's forward hands sgd / tent / t3a (`logits=`) are bit for
+bit those the ops compute themselves when a replay calls them without. A slot's values are
+therefore the same whatever else the call holds, so a replay of s alone (or with the stand-ins
+above) reproduces them, on the same GPU and Triton version.
 """
 
 from __future__ import annotations

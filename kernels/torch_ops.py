@@ -244,7 +244,6 @@ def support_step_torch(x, y, priority, slots, state_rows, supports, support_prio
     units = F.normalize(x.index_select(0, rows).float(), dim=1, eps=NORM_EPS)
     prio = priority.index_select(0, rows).float()
     E = torch.where(in_cap, support_priority[g_state, g_class], float("-inf"))  # [G, K]; beyond cap never chosen
-    feats = supports[g_state, g_class]  # [G, K, d] (a copy)
     counts_list = count.tolist()
     for p in range(max(counts_list)):
         groups = (count > p).nonzero().squeeze(1)
@@ -253,9 +252,9 @@ def support_step_torch(x, y, priority, slots, state_rows, supports, support_prio
         take = prio.index_select(0, j) < worst
         groups, where, j = groups[take], where[take], j[take]
         E[groups, where] = prio[j]
-        feats[groups, where] = units[j]
+        # Only the replaced entries are written (one unit row each; the groups' cells are distinct).
+        supports[g_state[groups], g_class[groups], where] = units[j]
     support_priority[g_state, g_class] = torch.where(in_cap, E, support_priority[g_state, g_class])
-    supports[g_state, g_class] = feats
 
     # Rewrite the live classes that received rows from their kept supports.
     live = g_class < n_classes.index_select(0, g_slot)

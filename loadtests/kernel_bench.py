@@ -262,6 +262,22 @@ def time_call(fn: Callable[[], object], device: str, min_seconds: float, max_cal
     return statistics.median(samples)
 
 
+def paired_ratios(op: str, setup: Setup, pairs: int, impl: str = "torch") -> list[float]:
+    """loop time / impl time for `pairs` back-to-back pairs of calls (loop, then impl): drift of a
+    shared machine hits both sides of a pair alike, so the ratios spread less than separate runs."""
+    loop_fn, fast_fn = loop_call(op, setup), kernel_call(op, impl, setup)
+    loop_fn(), fast_fn()
+    ratios = []
+    for _ in range(pairs):
+        t0 = time.perf_counter()
+        loop_fn()
+        t1 = time.perf_counter()
+        fast_fn()
+        t2 = time.perf_counter()
+        ratios.append((t1 - t0) / (t2 - t1))
+    return ratios
+
+
 def run(grid: dict, impls: tuple[str, ...], ops_: tuple[str, ...] = OPS, rows: int | None = None, device: str = "cpu",
         min_seconds: float = 0.2, max_rls_d: int | None = None,
         log: Callable[[str], None] | None = print) -> list[dict]:
@@ -321,6 +337,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--d", default=None, help="comma-separated feature widths (overrides the grid)")
     parser.add_argument("--C", default=None, help="comma-separated class counts (overrides the grid)")
     parser.add_argument("--repeat", type=int, default=1, help="run the grid this many times (medians and spread)")
+    parser.add_argument("--paired", type=int, default=0, metavar="N",
+                        help="instead: N alternating loop/torch call pairs per (op, shape); ratio quartiles")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (default 1: on a shared, small CPU, OpenMP barriers "
                              "waiting on a descheduled thread swamp the timings; 0 = torch's choice)")
@@ -334,6 +352,23 @@ def main(argv: list[str] | None = None) -> None:
         if getattr(args, key):
             grid[key] = tuple(int(v) for v in getattr(args, key).split(","))
     started = time.perf_counter()
+    if args.paired:
+        out = []
+        for d in grid["d"]:
+            for C in grid["C"]:
+                for sessions in grid["sessions"]:
+                    for op in args.ops.split(","):
+                        r = sorted(paired_ratios(op, Setup(sessions, d, C, ROWS, args.device), args.paired))
+                        q = [r[int(f * (len(r) - 1))] for f in (0.0, 0.25, 0.5, 0.75, 1.0)]
+                        out.append(dict(op=op, sessions=sessions, d=d, C=C, rows=ROWS, pairs=len(r), ratios=r,
+                                        quartiles=q))
+                        print(f"{op} S={sessions} d={d} C={C}: loop / torch over {len(r)} pairs: min {q[0]:.1f}x, "
+                              f"q1 {q[1]:.1f}x, median {q[2]:.1f}x, q3 {q[3]:.1f}x, max {q[4]:.1f}x")
+        print(f"{time.perf_counter() - started:.1f} s, {torch.get_num_threads()} threads")
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(out, f, indent=1)
+        return
     runs = [run(grid, impls, tuple(args.ops.split(",")), device=args.device,
                 min_seconds=0.05 if args.quick else 0.3, max_rls_d=QUICK_MAX_RLS_D if args.quick else None,
                 log=print if args.repeat == 1 else None) for _ in range(args.repeat)]

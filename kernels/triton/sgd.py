@@ -30,7 +30,10 @@ from .forward import head_forward_triton
 ROWS_PER_DOT = 16  # rows summed per tl.dot in stage 2 (tl.dot needs every dimension >= 16)
 SOFTMAX_BLOCK_CAP = 512  # classes per block of the online softmax
 NUM_WARPS = 4
+# 4096 gradients per program on 8 warps: no stack or spills on sm_80 or sm_90 for any dtype (smaller
+# tiles spill a few bytes on sm_80; loadtests/aot_check.py). ~175 registers: one such program per SM.
 APPLY_WARPS = 8
+APPLY_TILE = 4096
 
 
 def softmax_config(num_classes: int) -> dict:
@@ -38,10 +41,9 @@ def softmax_config(num_classes: int) -> dict:
 
 
 def apply_config(num_classes: int, d: int) -> dict:
-    """A [BLOCK_C, BLOCK_D] tile of 4096 fp32 gradients plus the weights: 8 warps keep it in
-    registers on sm_80 and sm_90 (with 4 the entropy variant spills; loadtests/aot_check.py)."""
+    """A [BLOCK_C, BLOCK_D] tile of APPLY_TILE fp32 gradients plus the weights per program."""
     block_c = block_size(num_classes, cap=64)
-    block_d = block_size(d, cap=max(16, 4096 // block_c))
+    block_d = block_size(d, cap=max(16, APPLY_TILE // block_c))
     return dict(BLOCK_R=ROWS_PER_DOT, BLOCK_C=block_c, BLOCK_D=block_d, num_warps=APPLY_WARPS)
 
 
