@@ -153,6 +153,16 @@ def intercept_launches(sink: list, op: str, backend):
         JITFunction.run = original
 
 
+def launchers_interpreted() -> bool:
+    """The Triton launchers were imported under the interpreter (in this process, earlier)."""
+    module = sys.modules.get("kernels.triton.forward")
+    if module is None:
+        return False
+    from triton.runtime.jit import JITFunction
+
+    return not isinstance(module._head_forward_kernel, JITFunction)
+
+
 def launch_every_op(C: int, d: int, x_dtype: str, head_dtype: str, sink: list, backend) -> None:
     """Call every Triton launcher once per code path it has, on small tensors of these widths."""
     import torch
@@ -187,9 +197,13 @@ def launch_every_op(C: int, d: int, x_dtype: str, head_dtype: str, sink: list, b
         "rls_step": lambda: rls.rls_step_triton(x, y, slots, rows, W, torch.empty(R, d, d), n,
                                                 batch=SlotBatch.from_list(slots.tolist())),
     }
+    before = len(sink)
     for op, call in calls.items():
         with intercept_launches(sink, op, backend):
             call()
+    if len(sink) == before:
+        raise RuntimeError("no kernel launch was intercepted: the launchers are not JIT functions "
+                           "(imported under TRITON_INTERPRET?)")
 
 
 # ---- compiling and reading the cubin ------------------------------------------------------------
@@ -338,8 +352,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtypes", default=None, help="comma-separated features/heads pairs, e.g. fp32/fp32,bf16/bf16")
     parser.add_argument("--strict", action="store_true", help="also fail on stack or spills at the default shapes")
     args = parser.parse_args(argv)
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-        # Under the interpreter @triton.jit gives interpreted functions, which cannot be compiled.
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") or launchers_interpreted():
+        # Under the interpreter @triton.jit gives interpreted functions, which cannot be compiled:
+        # run again in a process that imports the launchers without it.
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         return subprocess.run([sys.executable, "-m", "loadtests.aot_check", *(argv if argv is not None else sys.argv[1:])],
                               env=env).returncode
