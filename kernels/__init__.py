@@ -4,6 +4,7 @@
     from kernels import support_step, entropy_step   # label-free rules (T3A supports, TENT)
     from kernels import SlotBatch, replay_slots      # per-call row metadata; log replay layout
     from kernels import reference   # float64 definitions of every op
+    from kernels import dispatch    # implementation per device, debug index checks
 
 Every op takes an optional `batch=SlotBatch(slots)`, so ops called on the same rows group them
 by slot once. Triton kernels run for CUDA tensors, batched torch for CPU tensors (kernels.ops).
@@ -13,12 +14,12 @@ kernels/slot_batch.py, with replay_slots building a replay call's slot layout.
 
 Modules: ops.py (the public ops), slot_batch.py, torch_ops.py (the torch path), triton/ (the
 Triton launchers, imported only when used), dispatch.py, reference.py. The benchmark and the
-GPU acceptance check live in loadtests/ (kernel_bench.py, gpu_check.py).
+GPU acceptance check live in loadtests/ (kernel_bench.py, gpu_check.py, aot_check.py).
 """
 
-from . import reference
+from . import dispatch, reference
 from .ops import delta_step, entropy_step, head_forward, prototype_step, rls_step, sgd_step, support_step
 from .slot_batch import SlotBatch, replay_slots
 
 __all__ = ["head_forward", "sgd_step", "delta_step", "prototype_step", "rls_step", "support_step", "entropy_step",
-           "SlotBatch", "replay_slots", "reference"]
+           "SlotBatch", "replay_slots", "reference", "dispatch"]

@@ -18,6 +18,19 @@ batch: an optional kernels.SlotBatch built from this call's slots. Ops called on
 without it each op builds its own. Only its length and device are checked against slots.
 On the torch path the values an op writes for one slot also depend on the call's profile
 (its per-slot row counts); see kernels/slot_batch.py for that contract and replay_slots.
+
+Heads W (and b) may be float32 or bfloat16 (bf16 storage): every op computes in float32 and
+rounds once per stored value. State pools (P, sums, supports) are float32.
+
+logits (sgd_step, entropy_step): optional float32 [B, C], head_forward's output for exactly
+these rows and heads before the update (the round's forward that answered the predictions).
+The Triton path uses them instead of reading the heads a second time; the torch path always
+computes its own (its logits depend on the call's profile, which a replay reproduces for the
+update call, not for the forward), so passing them never changes torch-path values.
+kernels.dispatch.logits_reusable(x) says whether they would be used.
+
+Index checks: with kernels.dispatch.checks_enabled() (FWSERVE_KERNEL_CHECKS=1) every op
+validates slots, labels and state rows first and raises IndexError, changing nothing.
 """
 
 from __future__ import annotations
@@ -27,7 +40,8 @@ import importlib
 import torch
 
 from . import torch_ops
-from .dispatch import check_batch, check_state, per_slot, resolve_impl
+from .dispatch import (check_batch, check_bias, check_indices, check_logits, check_state, checks_enabled, per_slot,
+                       resolve_impl)
 from .slot_batch import SlotBatch
 
 __all__ = ["head_forward", "sgd_step", "delta_step", "prototype_step", "rls_step", "support_step", "entropy_step"]
@@ -56,20 +70,24 @@ def head_forward(x, W, b, slots, n_classes, normalize=None, impl="auto", *,
         u_i = x_i / max(||x_i||, 1e-12) if normalize[s_i] else x_i
 
     normalize: optional bool [S]; True for cosine heads (prototype sessions).
-    Any number of rows may share a slot. Returns float32 [B, C]. batch is used by the torch
-    path (the Triton forward scores every row on its own and needs no grouping).
+    Any number of rows may share a slot. Returns float32 [B, C]. The Triton forward reads each
+    head once per tile of up to 16 rows of that slot (SGMV); a row's logits never depend on
+    the other rows of the call (see kernels/triton/forward.py).
     """
     check_batch(x, slots, W)
     S, C, _ = W.shape
-    check_state("b", b, (S, C))
+    check_bias(b, (S, C))
     batch = _batch_for(slots, batch)
-    if resolve_impl(impl, x) == "triton":
-        return _triton("forward").head_forward_triton(x, W, b, slots, n_classes, normalize)
+    checks = checks_enabled()
+    if checks:
+        check_indices("head_forward", slots, S)
+    if resolve_impl(impl, x, "head_forward") == "triton":
+        return _triton("forward").head_forward_triton(x, W, b, slots, n_classes, normalize, batch=batch, checks=checks)
     return torch_ops.head_forward_torch(x, W, b, slots, n_classes, normalize, batch=batch)
 
 
 def sgd_step(x, y, slots, W, b, n_classes, lr, weight_decay=0.0, impl="auto", *,
-             batch: SlotBatch | None = None) -> None:
+             batch: SlotBatch | None = None, logits: torch.Tensor | None = None) -> None:
     """One SGD step on softmax cross-entropy, in place; the mean over each slot's rows.
 
     For every slot s with rows R_s (n_s = |R_s| > 0), all rows seeing the heads as they were
@@ -80,14 +98,20 @@ def sgd_step(x, y, slots, W, b, n_classes, lr, weight_decay=0.0, impl="auto", *,
         W_s <- W_s - lr_s * (G_W + weight_decay_s * W_s)
         b_s <- b_s - lr_s * G_b                            (the bias is not decayed)
     Masked classes get no gradient and no decay; slots without rows are untouched.
+    logits: see the module docstring (used by the Triton path only).
     """
     check_batch(x, slots, W, y)
     S, C, _ = W.shape
-    check_state("b", b, (S, C))
+    check_bias(b, (S, C))
+    check_logits(logits, x.shape[0], C)
     lr, weight_decay = per_slot(lr, S, W.device), per_slot(weight_decay, S, W.device)
     batch = _batch_for(slots, batch)
-    if resolve_impl(impl, x) == "triton":
-        _triton("sgd").sgd_step_triton(x, y, slots, W, b, n_classes, lr, weight_decay, batch=batch)
+    checks = checks_enabled()
+    if checks:
+        check_indices("sgd_step", slots, S, y=y, n_classes=n_classes)
+    if resolve_impl(impl, x, "sgd_step") == "triton":
+        _triton("sgd").sgd_step_triton(x, y, slots, W, b, n_classes, lr, weight_decay, batch=batch, logits=logits,
+                                       checks=checks)
     else:
         torch_ops.sgd_step_torch(x, y, slots, W, b, n_classes, lr, weight_decay, batch=batch)
 
@@ -104,8 +128,11 @@ def delta_step(x, y, slots, W, n_classes, beta, impl="auto", *, batch: SlotBatch
     check_batch(x, slots, W, y)
     beta = per_slot(beta, W.shape[0], W.device)
     batch = _batch_for(slots, batch)
-    if resolve_impl(impl, x) == "triton":
-        _triton("delta").delta_step_triton(x, y, slots, W, n_classes, beta, batch=batch)
+    checks = checks_enabled()
+    if checks:
+        check_indices("delta_step", slots, W.shape[0], y=y, n_classes=n_classes)
+    if resolve_impl(impl, x, "delta_step") == "triton":
+        _triton("delta").delta_step_triton(x, y, slots, W, n_classes, beta, batch=batch, checks=checks)
     else:
         torch_ops.delta_step_torch(x, y, slots, W, n_classes, beta, batch=batch)
 
@@ -116,9 +143,10 @@ def prototype_step(x, y, slots, state_rows, sums, counts, W, n_classes, temperat
 
     For every row i (slot s_i, state row r_i = state_rows[i]):
         sums[r_i, y_i] += x_i;  counts[r_i, y_i] += 1
-    then every slot s with rows in the batch (state row r) is rewritten, for every class c:
+    then, for every (slot s, class c) that received rows in the call (state row r), c live:
         W[s, c] = temperature_s * m_c / max(||m_c||, 1e-12),  m_c = sums[r, c] / counts[r, c]
-                  if c < n_classes[s] and counts[r, c] > 0, else 0
+    Classes without rows keep their weights (a head built by this op alone is 0 for classes
+    never seen), so a call costs O(rows x d) whatever the class count.
     sums [R, C, d], counts [R, C] float32. The bias is not touched (the server keeps it 0).
     head_forward(..., normalize=True for these slots) then gives temperature * cosine.
     """
@@ -128,9 +156,13 @@ def prototype_step(x, y, slots, state_rows, sums, counts, W, n_classes, temperat
     check_state("counts", counts, (sums.shape[0], C))
     temperature = per_slot(temperature, W.shape[0], W.device)
     batch = _batch_for(slots, batch)
-    if resolve_impl(impl, x) == "triton":
+    checks = checks_enabled()
+    if checks:
+        check_indices("prototype_step", slots, W.shape[0], y=y, n_classes=n_classes, state_rows=state_rows,
+                      num_state_rows=sums.shape[0])
+    if resolve_impl(impl, x, "prototype_step") == "triton":
         _triton("prototype").prototype_step_triton(
-            x, y, slots, state_rows, sums, counts, W, n_classes, temperature, batch=batch)
+            x, y, slots, state_rows, sums, counts, W, n_classes, temperature, batch=batch, checks=checks)
     else:
         torch_ops.prototype_step_torch(x, y, slots, state_rows, sums, counts, W, n_classes, temperature,
                                        batch=batch)
@@ -152,8 +184,12 @@ def rls_step(x, y, slots, state_rows, W, P, n_classes, impl="auto", *, batch: Sl
     d = W.shape[2]
     check_state("P", P, (P.shape[0], d, d))
     batch = _batch_for(slots, batch)
-    if resolve_impl(impl, x) == "triton":
-        _triton("rls").rls_step_triton(x, y, slots, state_rows, W, P, n_classes, batch=batch)
+    checks = checks_enabled()
+    if checks:
+        check_indices("rls_step", slots, W.shape[0], y=y, n_classes=n_classes, state_rows=state_rows,
+                      num_state_rows=P.shape[0])
+    if resolve_impl(impl, x, "rls_step") == "triton":
+        _triton("rls").rls_step_triton(x, y, slots, state_rows, W, P, n_classes, batch=batch, checks=checks)
     else:
         torch_ops.rls_step_torch(x, y, slots, state_rows, W, P, n_classes, batch=batch)
 
@@ -169,9 +205,10 @@ def support_step(x, y, priority, slots, state_rows, supports, support_priority, 
         j = first index of max(support_priority[r, c, :k_s])
         if priority_i < support_priority[r, c, j]:
             supports[r, c, j] = x_i / max(||x_i||, 1e-12);  support_priority[r, c, j] = priority_i
-    then every slot with rows is rewritten, for every live class c:
+    then, for every (slot s, class c) that received rows in the call, c live:
         W[s, c] = temperature_s * m / max(||m||, 1e-12),  m = sum of its kept supports (0 if none)
-    The bias and masked classes are not touched. Rows the caller filtered out carry slot -1.
+    Other classes, masked classes and the bias are not touched. Rows the caller filtered out
+    carry slot -1.
     head_forward(..., normalize=True) then gives temperature * cosine to the support means.
     """
     check_batch(x, slots, W, y)
@@ -183,16 +220,19 @@ def support_step(x, y, priority, slots, state_rows, supports, support_priority, 
         raise ValueError(f"priority must be [B]={x.shape[0]}, got {tuple(priority.shape)}")
     capacity, temperature = per_slot(capacity, S, W.device), per_slot(temperature, S, W.device)
     batch = _batch_for(slots, batch)
-    if resolve_impl(impl, x) == "triton":
+    checks = checks_enabled()
+    if checks:
+        check_indices("support_step", slots, S, y=y, n_classes=n_classes, state_rows=state_rows, num_state_rows=R)
+    if resolve_impl(impl, x, "support_step") == "triton":
         _triton("support").support_step_triton(x, y, priority, slots, state_rows, supports, support_priority, W,
-                                               n_classes, capacity, temperature, batch=batch)
+                                               n_classes, capacity, temperature, batch=batch, checks=checks)
     else:
         torch_ops.support_step_torch(x, y, priority, slots, state_rows, supports, support_priority, W,
                                      n_classes, capacity, temperature, batch=batch)
 
 
 def entropy_step(x, y, slots, W, b, n_classes, lr, min_confidence, impl="auto", *,
-                 batch: SlotBatch | None = None) -> None:
+                 batch: SlotBatch | None = None, logits: torch.Tensor | None = None) -> None:
     """One entropy-minimisation step on the head (TENT, head only), in place; mean per slot.
 
     y [B]: a label, or -1 for an unlabelled row. For every slot s, all rows seeing the heads as
@@ -202,14 +242,19 @@ def entropy_step(x, y, slots, W, b, n_classes, lr, min_confidence, impl="auto", 
         otherwise the row does not count
         W_s <- W_s - lr_s * sum_i g_i x_i^T / m_s,  b_s <- b_s - lr_s * sum_i g_i / m_s
     with m_s the slot's rows that count (a slot with none is untouched). Masked classes are
-    never updated.
+    never updated. logits: see the module docstring (used by the Triton path only).
     """
     check_batch(x, slots, W, y)
     S, C, _ = W.shape
-    check_state("b", b, (S, C))
+    check_bias(b, (S, C))
+    check_logits(logits, x.shape[0], C)
     lr, min_confidence = per_slot(lr, S, W.device), per_slot(min_confidence, S, W.device)
     batch = _batch_for(slots, batch)
-    if resolve_impl(impl, x) == "triton":
-        _triton("entropy").entropy_step_triton(x, y, slots, W, b, n_classes, lr, min_confidence, batch=batch)
+    checks = checks_enabled()
+    if checks:
+        check_indices("entropy_step", slots, S, y=y, n_classes=n_classes, unlabelled_ok=True)
+    if resolve_impl(impl, x, "entropy_step") == "triton":
+        _triton("entropy").entropy_step_triton(x, y, slots, W, b, n_classes, lr, min_confidence, batch=batch,
+                                               logits=logits, checks=checks)
     else:
         torch_ops.entropy_step_torch(x, y, slots, W, b, n_classes, lr, min_confidence, batch=batch)

@@ -131,27 +131,26 @@ def prototype_step_ref(x, y, slots, state_rows, sums, counts, W, n_classes, temp
     For every row i (slot s_i, state row r_i):
         sums[r_i, y_i]   += x_i
         counts[r_i, y_i] += 1
-    then for every slot s that had rows (r its state row), for every class c:
+    then for every (slot s, class c) that received rows (r the slot's state row), c < n_s:
         W[s, c] = temperature_s * m_c / max(||m_c||, eps),  m_c = sums[r, c] / counts[r, c]
-                  if c < n_s and counts[r, c] > 0, else 0
+    Other classes keep their weights: a head that only this rule writes, starting from 0, is
+    0 for the classes never seen, which is what a full rewrite would give.
     head_forward with normalize=True then yields temperature_s * cos(x, m_c): cosine
     nearest-class-mean. Returns (sums, counts, W) as new float64 tensors.
     """
     x, sums, counts, W = _f64(x), _f64(sums), _f64(counts), _f64(W)
     temperature = per_slot(temperature, W.shape[0])
-    touched: dict[int, int] = {}
+    touched: set[tuple[int, int, int]] = set()
     for i, s in enumerate(slots.tolist()):
         if s < 0:
             continue
         r, c = int(state_rows[i]), int(y[i])
         sums[r, c] += x[i]
         counts[r, c] += 1
-        touched[s] = r
-    for s, r in touched.items():
-        W[s] = 0.0
-        for c in range(int(n_classes[s])):
-            if counts[r, c] > 0:
-                W[s, c] = temperature[s] * _unit(sums[r, c] / counts[r, c])
+        touched.add((s, r, c))
+    for s, r, c in touched:
+        if c < int(n_classes[s]):
+            W[s, c] = temperature[s] * _unit(sums[r, c] / counts[r, c])
     return sums, counts, W
 
 
@@ -194,23 +193,23 @@ def support_step_ref(x, y, priority, slots, state_rows, supports, support_priori
         E = support_priority[r, c, :k_s]
         j = the first index of max(E)                       (an empty entry if there is one)
         if h_i < E[j]:  supports[r, c, j] = x_i / max(||x_i||, eps);  support_priority[r, c, j] = h_i
-    A row never displaces an entry of equal priority (older entries win ties). Then every slot s
-    with rows (state row r) is rewritten, for every live class c < n_s:
+    A row never displaces an entry of equal priority (older entries win ties). Then every
+    (slot s, class c) that received rows (state row r) is rewritten when c < n_s:
         m = sum of supports[r, c, k] over k < k_s with finite support_priority[r, c, k]
         W[s, c] = temperature_s * m / max(||m||, eps)           (0 when the class has no support)
-    Masked classes and the bias are not touched. Returns (supports, support_priority, W) as new
-    float64 tensors.
+    Other classes, masked classes and the bias are not touched. Returns (supports,
+    support_priority, W) as new float64 tensors.
     """
     x, supports, support_priority, W = _f64(x), _f64(supports), _f64(support_priority), _f64(W)
     priority = _f64(priority)
     capacity, temperature = per_slot(capacity, W.shape[0]), per_slot(temperature, W.shape[0])
     K = supports.shape[2]
-    touched: dict[int, int] = {}
+    touched: set[tuple[int, int, int]] = set()
     for i, s in enumerate(slots.tolist()):
         if s < 0:
             continue
         r, c, k = int(state_rows[i]), int(y[i]), min(int(capacity[s]), K)
-        touched[s] = r
+        touched.add((s, r, c))
         if k == 0:
             continue
         E = support_priority[r, c, :k]
@@ -218,14 +217,14 @@ def support_step_ref(x, y, priority, slots, state_rows, supports, support_priori
         if priority[i] < E[j]:
             supports[r, c, j] = _unit(x[i])
             support_priority[r, c, j] = priority[i]
-    for s, r in touched.items():
-        k = min(int(capacity[s]), K)
-        for c in range(int(n_classes[s])):
-            m = torch.zeros(W.shape[2], dtype=torch.float64)
-            for j in range(k):
-                if torch.isfinite(support_priority[r, c, j]):
-                    m += supports[r, c, j]
-            W[s, c] = temperature[s] * _unit(m)
+    for s, r, c in touched:
+        if c >= int(n_classes[s]):
+            continue
+        m = torch.zeros(W.shape[2], dtype=torch.float64)
+        for j in range(min(int(capacity[s]), K)):
+            if torch.isfinite(support_priority[r, c, j]):
+                m += supports[r, c, j]
+        W[s, c] = temperature[s] * _unit(m)
     return supports, support_priority, W
 
 

@@ -9,8 +9,11 @@ so ops called together on the same rows (pass `batch=` to each) group the rows o
       gather_rows / first_rows / padded / unpad; longest_first() is the same grouping with the
       groups ordered by row count, longest first (the sequential rules loop over positions).
   Triton view (kernels.triton)     order, sorted_slots, seg_start, seg_end: all B rows sorted by
-      slot (stable) and, per sorted position, the range of its slot's rows. No host
-      synchronisation: the Triton launchers never touch the torch view's host-side values.
+      slot (stable) and, per sorted position, the range of its slot's rows; work lists
+      (segments(), row_tiles(m)): the sorted positions where a slot's rows (or a tile of m of
+      them) begin, compacted to the front, with their number on the device. No host
+      synchronisation: the Triton launchers never touch the torch view's host-side values
+      (rls_step sizes its row loop with max_count: free when the batch was built from_list).
 
 Shape -> code path contract (what exact log replay relies on)
 -------------------------------------------------------------
@@ -48,13 +51,18 @@ rows its entropy filter keeps; stand-in rows need not pass that filter as the li
 rows did, so that call's profile may differ in a replay: harmless while support_step stays
 independent of the profile, as observed above.
 
-The Triton path needs no stand-ins: every program reads the rows of one slot only (found
-through order / seg_start / seg_end, walked in arrival order from the slot's first row), that
-slot's head and state row, and no reduction or atomic spans two slots (the per-slot row counts
-sgd and entropy divide by are sums of 0s and 1s, exact in any order). Block sizes depend on
-C, d and K alone. A slot's values are therefore the same whatever else the call holds, so
-a replay of s alone (or with the stand-ins above) reproduces them, on the same GPU and Triton
-version (head_forward's autotuned launch configuration aside, which keeps no state).
+The Triton path needs no stand-ins: every work item reads the rows of one slot only (a tile of
+up to 16 of them for the forward, a (slot, class) group for prototype and support, the whole
+slot for the others; found through order / seg_start / seg_end and walked in arrival order),
+that slot's head and state row, and no reduction or atomic spans two slots (the per-slot row
+counts sgd and entropy divide by are sums of 0s and 1s, exact in any order). Block sizes and
+warps depend on C, d and K alone (no autotuning), and which program of the persistent grid
+takes an item does not change what it computes. A row's logits depend on its features, its
+slot's head and the widths only (the forward's dot accumulates every output element in a
+fixed order), so the logits the round's forward hands sgd / tent / t3a (`logits=`) are bit for
+bit those the ops compute themselves when a replay calls them without. A slot's values are
+therefore the same whatever else the call holds, so a replay of s alone (or with the stand-ins
+above) reproduces them, on the same GPU and Triton version.
 """
 
 from __future__ import annotations
@@ -80,7 +88,7 @@ class SlotBatch:
         slot [U]    the slot of each group (ascending; longest_first(): by count, longest first)
         count [U]   rows per group
         seg [N]     group of each grouped row;  pos [N]: its position inside the group
-        counts_list count on the host (a synchronisation: torch path and replay only)
+        counts_list count on the host (a synchronisation unless built from_list)
         rows_in_place  rows == arange(B): the batch is already grouped
 
     Triton view (all B rows): order [B] (batch row at each sorted position, skipped rows
@@ -88,15 +96,29 @@ class SlotBatch:
     positions). Both views are int64 and contiguous, on the device of slots.
     """
 
-    def __init__(self, slots: torch.Tensor, *, _grouped_from: SlotBatch | None = None) -> None:
+    def __init__(self, slots: torch.Tensor, *, _grouped_from: SlotBatch | None = None,
+                 _host_counts: list[int] | None = None) -> None:
         if not isinstance(slots, torch.Tensor) or slots.dim() != 1:
             raise ValueError(f"slots must be a 1-d tensor, got {getattr(slots, 'shape', type(slots))}")
         self.slots = slots
         self._base = _grouped_from  # set on the longest-first view: the batch it regroups
+        self._host_counts = _host_counts  # rows per slot, ascending slot, from the caller's host list
 
     @classmethod
     def build(cls, slots: torch.Tensor) -> SlotBatch:
         return cls(slots)
+
+    @classmethod
+    def from_list(cls, slots: Sequence[int], device: str | torch.device = "cpu") -> SlotBatch:
+        """A batch for slots given as host integers: the tensor is copied to `device` and the
+        per-slot row counts (counts_list, profile, max_count) come from the list, so reading
+        them costs no device synchronisation."""
+        counts: dict[int, int] = {}
+        for s in slots:
+            if s >= 0:
+                counts[s] = counts.get(s, 0) + 1
+        tensor = torch.tensor(list(slots), dtype=torch.int64, device=device)
+        return cls(tensor, _host_counts=[counts[s] for s in sorted(counts)])
 
     @property
     def size(self) -> int:
@@ -167,7 +189,12 @@ class SlotBatch:
 
     @cached_property
     def counts_list(self) -> list[int]:
-        """count on the host (sizes loops and padded buffers; one synchronisation)."""
+        """count on the host (sizes loops and padded buffers; one synchronisation unless the
+        batch was built from_list)."""
+        if self._host_counts is not None and self._base is None:
+            return list(self._host_counts)
+        if self._base is not None and self._base._host_counts is not None:
+            return sorted(self._base._host_counts, reverse=True)  # the longest-first order of counts
         return self.count.tolist()
 
     @cached_property
@@ -285,6 +312,26 @@ class SlotBatch:
         """[B]: one past the last."""
         return self._sorted[3]
 
+    def segments(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(first [B], count [1] int32): the sorted position where each slot's rows begin (the
+        skipped rows' group included), compacted to the front in ascending order and padded
+        with B, and how many there are. Kernels loop over this list instead of launching a
+        program per row that mostly returns at once."""
+        return self.row_tiles(0)
+
+    def row_tiles(self, rows_per_tile: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Like segments(), for tiles of up to rows_per_tile consecutive rows of one slot
+        (0: whole segments): positions p with (p - seg_start[p]) % rows_per_tile == 0."""
+        base = self._base if self._base is not None else self
+        cache = base.__dict__.setdefault("_tile_lists", {})
+        if rows_per_tile not in cache:
+            B = self.size
+            positions = torch.arange(B, device=self.device)
+            offset = positions - self.seg_start
+            starts = offset == 0 if rows_per_tile == 0 else offset % rows_per_tile == 0
+            cache[rows_per_tile] = compact_positions(starts)
+        return cache[rows_per_tile]
+
     def __repr__(self) -> str:
         view = ", longest first" if self._base is not None else ""
         return f"SlotBatch({self.size} rows on {self.device}{view})"
@@ -301,6 +348,17 @@ def replay_slots(own_rows: int, others: Sequence[int]) -> list[int]:
     if own_rows < 1 or any(c < 1 for c in others):
         raise ValueError(f"row counts must be positive, got own_rows={own_rows}, others={list(others)}")
     return [0] * own_rows + [u + 1 for u, c in enumerate(others) for _ in range(c)]
+
+
+def compact_positions(flags: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """flags [B] bool -> (the indices where flags is true, ascending, padded with B to length B;
+    their number as an int32 tensor [1]), with device ops only (no synchronisation)."""
+    B = flags.numel()
+    out = torch.full((B + 1,), B, dtype=torch.int64, device=flags.device)
+    target = torch.where(flags, torch.cumsum(flags, 0) - 1, B)
+    out.scatter_(0, target, torch.arange(B, device=flags.device))  # unflagged rows all land on out[B]
+    out[B] = B
+    return out[:B].contiguous(), flags.sum().to(torch.int32).reshape(1)
 
 
 def _segment_and_position(count: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -54,6 +54,23 @@ def _add_grouped_outer(heads: torch.Tensor, g: torch.Tensor, xr: torch.Tensor, s
         heads.index_add_(0, seg.seg, g.unsqueeze(2) * xr.unsqueeze(1))
 
 
+def _gather_heads(W: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
+    """The heads of these slots as a float32 copy (bf16 storage is upcast once)."""
+    return W.index_select(0, slot).float()
+
+
+def _store_heads(W: torch.Tensor, slot: torch.Tensor, heads: torch.Tensor) -> None:
+    W.index_copy_(0, slot, heads.to(W.dtype))
+
+
+def _add_bias(b: torch.Tensor, slot: torch.Tensor, delta: torch.Tensor) -> None:
+    """b[slot] += delta (float32 rows), rounded once for bf16 storage."""
+    if b.dtype == torch.float32:
+        b.index_add_(0, slot, delta)
+    else:
+        b.index_copy_(0, slot, (b.index_select(0, slot).float() + delta).to(b.dtype))
+
+
 def _live_classes(n_classes: torch.Tensor, num_classes: int) -> torch.Tensor:
     """[U, C] bool: class c is live for a slot with n classes iff c < n."""
     return torch.arange(num_classes, device=n_classes.device) < n_classes.unsqueeze(1)
@@ -69,7 +86,8 @@ def head_forward_torch(x, W, b, slots, n_classes, normalize=None, batch=None) ->
     if normalize is not None:
         unit_rows = normalize[seg.slot].bool()[seg.seg]
         xr = torch.where(unit_rows.unsqueeze(1), F.normalize(xr, dim=1, eps=NORM_EPS), xr)
-    logits = _grouped_matvec(xr, W.index_select(0, seg.slot), seg) + b.index_select(0, seg.slot).index_select(0, seg.seg)
+    logits = (_grouped_matvec(xr, _gather_heads(W, seg.slot), seg)
+              + b.index_select(0, seg.slot).float().index_select(0, seg.seg))
     live = _live_classes(n_classes[seg.slot], C)[seg.seg]
     out.index_copy_(0, seg.rows, logits.masked_fill_(~live, float("-inf")))
     return out
@@ -80,9 +98,9 @@ def gathered_logits(x, W, b, n_classes, seg: SlotBatch):
     gathered heads [U, C, d] (a copy, updated in place and written back by the caller), live
     classes [U, C] and logits [N, C] with -inf on masked classes."""
     xr = seg.gather_rows(x).float()
-    heads = W.index_select(0, seg.slot)
+    heads = _gather_heads(W, seg.slot)
     live = _live_classes(n_classes.index_select(0, seg.slot), W.shape[1])
-    logits = _grouped_matvec(xr, heads, seg) + b.index_select(0, seg.slot).index_select(0, seg.seg)
+    logits = _grouped_matvec(xr, heads, seg) + b.index_select(0, seg.slot).float().index_select(0, seg.seg)
     return xr, heads, live, logits.masked_fill_(~live[seg.seg], float("-inf"))
 
 
@@ -104,8 +122,8 @@ def sgd_step_torch(x, y, slots, W, b, n_classes, lr, weight_decay, batch=None) -
     if bool((wd_u != 0).any()):
         heads.mul_(torch.where(live, 1.0 - lr_u.unsqueeze(1) * wd_u.unsqueeze(1), 1.0).unsqueeze(2))
     _add_grouped_outer(heads, step, xr, seg)
-    W.index_copy_(0, seg.slot, heads)
-    b.index_add_(0, seg.slot, step.new_zeros((seg.num_segments, C)).index_add_(0, seg.seg, step))
+    _store_heads(W, seg.slot, heads)
+    _add_bias(b, seg.slot, step.new_zeros((seg.num_segments, C)).index_add_(0, seg.seg, step))
 
 
 def delta_step_torch(x, y, slots, W, n_classes, beta, batch=None) -> None:
@@ -118,7 +136,7 @@ def delta_step_torch(x, y, slots, W, n_classes, beta, batch=None) -> None:
     keys = F.normalize(seg.gather_rows(x).float(), dim=1, eps=NORM_EPS)
     table = seg.padded(torch.arange(seg.rows.numel(), device=x.device), seg.max_count)
     labels = y[seg.rows].long()
-    heads = W.index_select(0, seg.slot)
+    heads = _gather_heads(W, seg.slot)
     live = _live_classes(n_classes[seg.slot], C)
     beta_u = beta[seg.slot].unsqueeze(1)
     for p, active in enumerate(_active_prefix_sizes(seg.counts_list)):
@@ -128,30 +146,36 @@ def delta_step_torch(x, y, slots, W, n_classes, beta, batch=None) -> None:
         error = target - torch.bmm(heads[:active], k.unsqueeze(2)).squeeze(2)
         error = torch.where(live[:active], error * beta_u[:active], 0.0)
         heads[:active].baddbmm_(error.unsqueeze(2), k.unsqueeze(1))
-    W.index_copy_(0, seg.slot, heads)
+    _store_heads(W, seg.slot, heads)
 
 
 def prototype_step_torch(x, y, slots, state_rows, sums, counts, W, n_classes, temperature, batch=None) -> None:
-    """temperature: float32 [S]. Scatter-adds into the class sums, then rewrites every touched
-    head from its sums in one batched normalisation."""
+    """temperature: float32 [S]. Scatter-adds into the class sums, then rewrites the (slot,
+    class) cells that received rows from their sums in one batched normalisation."""
     seg = _batch(slots, batch)
     if seg.num_rows == 0:
         return
     C, d = W.shape[1:]
-    r, labels = state_rows[seg.rows].long(), y[seg.rows].long()
+    r, labels, rows = state_rows[seg.rows].long(), y[seg.rows].long(), seg.rows
+    in_width = (labels >= 0) & (labels < C)
+    if not bool(in_width.all()):  # a label past the head's width would address another state row
+        r, labels, rows = r[in_width], labels[in_width], rows[in_width]
+    cells = r * C + labels
     # Rows of one class add into their sums in arrival order. (index_put_(accumulate=True) on
     # CPU adds with atomics in a thread race once the update has 32768 elements: not
     # reproducible. index_add_ along dim 0 adds row after row; below that size both give the
     # same bits.) Counts add 1.0s, exact in any order.
-    sums.view(-1, d).index_add_(0, r * C + labels, seg.gather_rows(x).float())
+    sums.view(-1, d).index_add_(0, cells, x.index_select(0, rows).float())
     counts.index_put_((r, labels), torch.ones_like(labels, dtype=counts.dtype), accumulate=True)
 
-    state_u = state_rows[seg.first_rows()].long()
-    class_sums, class_counts = sums[state_u], counts[state_u]
-    means = class_sums / class_counts.clamp_min(1.0).unsqueeze(2)
-    heads = F.normalize(means, dim=2, eps=NORM_EPS) * temperature[seg.slot].view(-1, 1, 1)
-    keep = (class_counts > 0) & _live_classes(n_classes[seg.slot], C)
-    W.index_copy_(0, seg.slot, torch.where(keep.unsqueeze(2), heads, 0.0))
+    touched, inverse = torch.unique(cells, return_inverse=True)
+    slot_of = torch.empty_like(touched).scatter_(0, inverse, slots.long().index_select(0, rows))
+    cls = touched % C
+    live = cls < n_classes.index_select(0, slot_of)
+    touched, slot_of, cls = touched[live], slot_of[live], cls[live]
+    means = sums.view(-1, d).index_select(0, touched) / counts.view(-1).index_select(0, touched).clamp_min(1.0).unsqueeze(1)
+    heads = F.normalize(means, dim=1, eps=NORM_EPS) * temperature.index_select(0, slot_of).unsqueeze(1)
+    W.view(-1, d).index_copy_(0, slot_of * C + cls, heads.to(W.dtype))
 
 
 def rls_step_torch(x, y, slots, state_rows, W, P, n_classes, batch=None) -> None:
@@ -165,7 +189,7 @@ def rls_step_torch(x, y, slots, state_rows, W, P, n_classes, batch=None) -> None
     table = seg.padded(torch.arange(seg.rows.numel(), device=x.device), seg.max_count)
     labels = y[seg.rows].long()
     state_u = state_rows[seg.first_rows()].long()
-    heads, inverses = W.index_select(0, seg.slot), P.index_select(0, state_u)
+    heads, inverses = _gather_heads(W, seg.slot), P.index_select(0, state_u)
     live = _live_classes(n_classes[seg.slot], C)
     for p, active in enumerate(_active_prefix_sizes(seg.counts_list)):
         j = table[:active, p]
@@ -178,7 +202,7 @@ def rls_step_torch(x, y, slots, state_rows, W, P, n_classes, batch=None) -> None
         heads[:active].baddbmm_(error.unsqueeze(2), (k / denom).unsqueeze(1))
         s = k * denom.rsqrt()
         inverses[:active].baddbmm_(s.unsqueeze(2), s.unsqueeze(1), alpha=-1.0)
-    W.index_copy_(0, seg.slot, heads)
+    _store_heads(W, seg.slot, heads)
     P.index_copy_(0, state_u, inverses)
 
 
@@ -198,10 +222,16 @@ def support_step_torch(x, y, priority, slots, state_rows, supports, support_prio
     seg = _batch(slots, batch)
     if seg.num_rows == 0:
         return
-    C, K = W.shape[1], supports.shape[2]
-    # Groups of rows sharing (slot, class), each in arrival order (a stable sort of the valid rows).
+    C, K, d = W.shape[1], supports.shape[2], W.shape[2]
     valid = seg.rows
-    key = slots.long().index_select(0, valid) * C + y.long().index_select(0, valid)
+    labels = y.long().index_select(0, valid)
+    in_width = (labels >= 0) & (labels < C)
+    if not bool(in_width.all()):  # a class past the head's width would address another state row
+        valid, labels = valid[in_width], labels[in_width]
+        if valid.numel() == 0:
+            return
+    # Groups of rows sharing (slot, class), each in arrival order (a stable sort of the valid rows).
+    key = slots.long().index_select(0, valid) * C + labels
     sorted_key, order = torch.sort(key, stable=True)
     rows = valid[order]
     _, count = torch.unique_consecutive(sorted_key, return_counts=True)
@@ -214,7 +244,6 @@ def support_step_torch(x, y, priority, slots, state_rows, supports, support_prio
     units = F.normalize(x.index_select(0, rows).float(), dim=1, eps=NORM_EPS)
     prio = priority.index_select(0, rows).float()
     E = torch.where(in_cap, support_priority[g_state, g_class], float("-inf"))  # [G, K]; beyond cap never chosen
-    feats = supports[g_state, g_class]  # [G, K, d] (a copy)
     counts_list = count.tolist()
     for p in range(max(counts_list)):
         groups = (count > p).nonzero().squeeze(1)
@@ -223,21 +252,17 @@ def support_step_torch(x, y, priority, slots, state_rows, supports, support_prio
         take = prio.index_select(0, j) < worst
         groups, where, j = groups[take], where[take], j[take]
         E[groups, where] = prio[j]
-        feats[groups, where] = units[j]
+        # Only the replaced entries are written (one unit row each; the groups' cells are distinct).
+        supports[g_state[groups], g_class[groups], where] = units[j]
     support_priority[g_state, g_class] = torch.where(in_cap, E, support_priority[g_state, g_class])
-    supports[g_state, g_class] = feats
 
-    # Rewrite every live class of every touched slot from its supports.
-    slot_u = seg.slot
-    state_u = state_rows[seg.first_rows()].long()
-    live = _live_classes(n_classes.index_select(0, slot_u), C)  # [U, C]
-    u, c = live.nonzero(as_tuple=True)
-    cap_u = capacity.index_select(0, slot_u).long().clamp(0, K)[u]
-    keep = (torch.arange(K, device=x.device) < cap_u.unsqueeze(1)) & support_priority[state_u[u], c].isfinite()
-    m = torch.where(keep.unsqueeze(2), supports[state_u[u], c], 0.0).sum(1)  # [L, d]
-    heads = W.index_select(0, slot_u)
-    heads[u, c] = F.normalize(m, dim=1, eps=NORM_EPS) * temperature.index_select(0, slot_u)[u].unsqueeze(1)
-    W.index_copy_(0, slot_u, heads)
+    # Rewrite the live classes that received rows from their kept supports.
+    live = g_class < n_classes.index_select(0, g_slot)
+    g_slot, g_class, g_state, cap = g_slot[live], g_class[live], g_state[live], cap[live]
+    keep = (torch.arange(K, device=x.device) < cap.unsqueeze(1)) & support_priority[g_state, g_class].isfinite()
+    m = torch.where(keep.unsqueeze(2), supports[g_state, g_class], 0.0).sum(1)  # [G, d]
+    heads = F.normalize(m, dim=1, eps=NORM_EPS) * temperature.index_select(0, g_slot).unsqueeze(1)
+    W.view(-1, d).index_copy_(0, g_slot * C + g_class, heads.to(W.dtype))
 
 
 def entropy_step_torch(x, y, slots, W, b, n_classes, lr, min_confidence, batch=None) -> None:
@@ -264,5 +289,5 @@ def entropy_step_torch(x, y, slots, W, b, n_classes, lr, min_confidence, batch=N
     lr_u = lr.index_select(0, seg.slot)
     step = g * (-lr_u / m.clamp_min(1.0))[seg.seg].unsqueeze(1)
     _add_grouped_outer(heads, step, xr, seg)
-    W.index_copy_(0, seg.slot, heads)
-    b.index_add_(0, seg.slot, step.new_zeros((seg.num_segments, W.shape[1])).index_add_(0, seg.seg, step))
+    _store_heads(W, seg.slot, heads)
+    _add_bias(b, seg.slot, step.new_zeros((seg.num_segments, W.shape[1])).index_add_(0, seg.seg, step))

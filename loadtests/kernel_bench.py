@@ -11,7 +11,11 @@ the yardstick for the grouped forward.
 
 Every call gets `rows` feature rows. With fewer sessions than rows each session gets
 rows / sessions of them; otherwise every row belongs to a different session, drawn at random.
-`python -m kernels.bench` (a shim) runs the same.
+sgd and entropy are timed as the server calls them on the Triton path: with the round's
+forward logits given (`logits=`; the torch path ignores them and computes its own).
+Timing: on CUDA, triton.testing.do_bench (CUDA events around many back-to-back calls, median,
+L2 flushed between calls), so host overhead is not mixed into the figure; on CPU, the median
+of wall-clock samples. `python -m kernels.bench` (a shim) runs the same.
 """
 
 from __future__ import annotations
@@ -22,65 +26,121 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
 
 import kernels
 
-OPS = ("head_forward", "sgd", "delta", "prototype", "rls")
+OPS = ("head_forward", "sgd", "delta", "prototype", "rls", "support", "entropy")
 FULL_GRID = dict(d=(192, 384, 768), C=(10, 100), sessions=(1, 64, 256, 1024))
 QUICK_GRID = dict(d=(192, 768), C=(10,), sessions=(1, 256, 1024))
 # RLS moves d*d floats per row; at d = 768 one call takes seconds on a CPU, too slow for --quick.
 QUICK_MAX_RLS_D = 192
 ROWS = 256
+SUPPORT_K = 32  # the t3a support pool width the server allocates (server.rules.t3a.SUPPORT_CAPACITY)
 
 
 class Setup:
-    """One benchmark shape: heads, rule state and a batch, all float32 on `device`."""
+    """One benchmark shape: heads, a batch and (allocated on first use) each rule's state, on
+    `device`. Random draws use a CPU generator under a CPU device scope (whatever the default
+    device is), then move. head_dtype: storage of W and b (bf16 heads)."""
 
-    def __init__(self, sessions: int, d: int, C: int, rows: int, device: str, seed: int = 0):
-        g = torch.Generator().manual_seed(seed)
-        if sessions >= rows:
-            slots = torch.randperm(sessions, generator=g)[:rows]
-        else:
-            slots = (torch.arange(rows) % sessions)[torch.randperm(rows, generator=g)]
-        touched = slots.unique()
-        # Rule state pools are sized to the sessions that use the rule; here: the touched ones.
-        state_of_slot = torch.full((sessions,), -1, dtype=torch.int64)
-        state_of_slot[touched] = torch.arange(touched.numel())
-        self.sessions, self.d, self.C, self.rows = sessions, d, C, rows
+    def __init__(self, sessions: int, d: int, C: int, rows: int, device: str, seed: int = 0,
+                 head_dtype: torch.dtype = torch.float32, K: int = SUPPORT_K):
+        self.sessions, self.d, self.C, self.rows, self.device, self.K = sessions, d, C, rows, device, K
+        with torch.device("cpu"):
+            g = torch.Generator().manual_seed(seed)
+            if sessions >= rows:
+                slots = torch.randperm(sessions, generator=g)[:rows]
+            else:
+                slots = (torch.arange(rows) % sessions)[torch.randperm(rows, generator=g)]
+            touched = slots.unique()
+            # Rule state pools are sized to the sessions that use the rule; here: the touched ones.
+            state_of_slot = torch.full((sessions,), -1, dtype=torch.int64)
+            state_of_slot[touched] = torch.arange(touched.numel())
+            x = torch.randn(rows, d, generator=g)
+            y = torch.randint(0, C, (rows,), generator=g)
+            W = 0.01 * torch.randn(sessions, C, d, generator=g) if sessions * C * d <= 1 << 26 else None
+            priority = torch.rand(rows, generator=g)
+        self.slot_list = slots.tolist()
         self.slots = slots.to(device)
         self.state_rows = state_of_slot[slots].to(device)
         self.touched = touched.tolist()
-        self.x = torch.randn(rows, d, generator=g).to(device)
-        self.y = torch.randint(0, C, (rows,), generator=g).to(device)
-        self.W = (0.01 * torch.randn(sessions, C, d, generator=g)).to(device)
-        self.b = torch.zeros(sessions, C, device=device)
+        self.R = len(self.touched)
+        self.x = x.to(device)
+        self.y = y.to(device)
+        if W is None:  # large pools: drawn on the device (a CPU copy would cost more than the timing)
+            gen = torch.Generator(device=device).manual_seed(seed)
+            W = 0.01 * torch.randn(sessions, C, d, generator=gen, device=device)
+        self.W = W.to(device=device, dtype=head_dtype)
+        self.b = torch.zeros(sessions, C, device=device, dtype=head_dtype)
         self.n_classes = torch.full((sessions,), C, dtype=torch.int64, device=device)
-        R = len(self.touched)
-        self.sums = torch.zeros(R, C, d, device=device)
-        self.counts = torch.zeros(R, C, device=device)
-        self.P = torch.eye(d, device=device).repeat(R, 1, 1)
         self.normalize = torch.zeros(sessions, dtype=torch.bool, device=device)
+        self.priority = priority.to(device)
+        self.batch = kernels.SlotBatch.from_list(self.slot_list, device)
         groups: dict[int, list[int]] = {}
-        for i, s in enumerate(slots.tolist()):
+        for i, s in enumerate(self.slot_list):
             groups.setdefault(s, []).append(i)
         self.groups = {s: torch.tensor(rows_s, device=device) for s, rows_s in groups.items()}
 
+    @cached_property
+    def sums(self) -> torch.Tensor:
+        return torch.zeros(self.R, self.C, self.d, device=self.device)
+
+    @cached_property
+    def counts(self) -> torch.Tensor:
+        return torch.zeros(self.R, self.C, device=self.device)
+
+    @cached_property
+    def P(self) -> torch.Tensor:
+        return torch.eye(self.d, device=self.device).repeat(self.R, 1, 1)
+
+    @cached_property
+    def supports(self) -> torch.Tensor:
+        return torch.zeros(self.R, self.C, self.K, self.d, device=self.device)
+
+    @cached_property
+    def support_priority(self) -> torch.Tensor:
+        return torch.full((self.R, self.C, self.K), float("inf"), device=self.device)
+
+    @cached_property
+    def logits(self) -> torch.Tensor:
+        """The round's forward logits (what the executor hands sgd / entropy)."""
+        return kernels.head_forward(self.x, self.W, self.b, self.slots, self.n_classes, self.normalize,
+                                    batch=self.batch)
+
+    @cached_property
+    def unlabelled(self) -> torch.Tensor:
+        return torch.where(torch.arange(self.rows, device=self.device) % 2 == 0, -1, self.y)
+
 
 def kernel_call(op: str, impl: str, t: Setup) -> Callable[[], object]:
+    bt = t.batch
     if op == "head_forward":
-        return lambda: kernels.head_forward(t.x, t.W, t.b, t.slots, t.n_classes, t.normalize, impl=impl)
+        return lambda: kernels.head_forward(t.x, t.W, t.b, t.slots, t.n_classes, t.normalize, impl=impl, batch=bt)
     if op == "sgd":
-        return lambda: kernels.sgd_step(t.x, t.y, t.slots, t.W, t.b, t.n_classes, 1e-3, 1e-4, impl=impl)
+        logits = t.logits
+        return lambda: kernels.sgd_step(t.x, t.y, t.slots, t.W, t.b, t.n_classes, 1e-3, 1e-4, impl=impl, batch=bt,
+                                        logits=logits)
     if op == "delta":
-        return lambda: kernels.delta_step(t.x, t.y, t.slots, t.W, t.n_classes, 0.1, impl=impl)
+        return lambda: kernels.delta_step(t.x, t.y, t.slots, t.W, t.n_classes, 0.1, impl=impl, batch=bt)
     if op == "prototype":
-        return lambda: kernels.prototype_step(t.x, t.y, t.slots, t.state_rows, t.sums, t.counts, t.W, t.n_classes,
-                                              10.0, impl=impl)
+        sums, counts = t.sums, t.counts
+        return lambda: kernels.prototype_step(t.x, t.y, t.slots, t.state_rows, sums, counts, t.W, t.n_classes,
+                                              10.0, impl=impl, batch=bt)
     if op == "rls":
-        return lambda: kernels.rls_step(t.x, t.y, t.slots, t.state_rows, t.W, t.P, t.n_classes, impl=impl)
+        P = t.P
+        return lambda: kernels.rls_step(t.x, t.y, t.slots, t.state_rows, t.W, P, t.n_classes, impl=impl, batch=bt)
+    if op == "support":
+        sup, prio = t.supports, t.support_priority
+        return lambda: kernels.support_step(t.x, t.y, t.priority, t.slots, t.state_rows, sup, prio, t.W, t.n_classes,
+                                            20.0, 10.0, impl=impl, batch=bt)
+    if op == "entropy":
+        logits, y = t.logits, t.unlabelled
+        return lambda: kernels.entropy_step(t.x, y, t.slots, t.W, t.b, t.n_classes, 1e-3, 0.5, impl=impl, batch=bt,
+                                            logits=logits)
     raise ValueError(op)
 
 
@@ -130,8 +190,8 @@ def loop_call(op: str, t: Setup) -> Callable[[], object]:
                 r = int(t.state_rows[rows[0]])
                 t.sums[r].index_add_(0, t.y[rows], t.x[rows])
                 t.counts[r].index_add_(0, t.y[rows], torch.ones(rows.numel(), device=t.x.device))
-                means = t.sums[r] / t.counts[r].clamp_min(1).unsqueeze(1)
-                t.W[s] = 10.0 * F.normalize(means, dim=1) * (t.counts[r] > 0).unsqueeze(1)
+                for c in t.y[rows].unique().tolist():  # the classes that received rows
+                    t.W[s, c] = 10.0 * F.normalize(t.sums[r, c] / t.counts[r, c], dim=0)
         return prototype
     if op == "rls":
         def rls():
@@ -143,30 +203,79 @@ def loop_call(op: str, t: Setup) -> Callable[[], object]:
                     head.add_(torch.outer(onehots[i] - head @ t.x[i], k / denom))
                     P.sub_(torch.outer(k, k / denom))
         return rls
+    if op == "support":
+        def support():
+            for s, rows in groups.items():
+                r = int(t.state_rows[rows[0]])
+                for i in rows.tolist():
+                    c = int(t.y[i])
+                    E = t.support_priority[r, c, :20]
+                    j = int(E.argmax())
+                    if t.priority[i] < E[j]:
+                        t.supports[r, c, j] = F.normalize(t.x[i], dim=0)
+                        E[j] = t.priority[i]
+                for c in t.y[rows].unique().tolist():
+                    kept = t.support_priority[r, c, :20].isfinite()
+                    t.W[s, c] = 10.0 * F.normalize(t.supports[r, c, :20][kept].sum(0), dim=0)
+        return support
+    if op == "entropy":
+        def entropy():
+            for s, rows in groups.items():
+                xs, ys = t.x[rows], t.unlabelled[rows]
+                p = torch.softmax(xs @ t.W[s].T + t.b[s], dim=1)
+                logp = torch.log(p)
+                H = -(p * logp).sum(1, keepdim=True)
+                g = torch.where((ys >= 0).unsqueeze(1), p - F.one_hot(ys.clamp_min(0), C).float(), -p * (logp + H))
+                keep = (ys >= 0) | (p.max(1).values >= 0.5)
+                m = int(keep.sum())
+                if m:
+                    g = g[keep]
+                    t.W[s] -= 1e-3 * g.T @ xs[keep] / m
+                    t.b[s] -= 1e-3 * g.sum(0) / m
+        return entropy
     raise ValueError(op)
 
 
 def shared_matmul_call(t: Setup) -> Callable[[], object]:
-    W0, b0 = t.W[0], t.b[0]
+    W0, b0 = t.W[0].float(), t.b[0].float()
     return lambda: torch.addmm(b0, t.x, W0.T)
 
 
 def time_call(fn: Callable[[], object], device: str, min_seconds: float, max_calls: int = 50,
               min_calls: int = 3) -> float:
-    """Median seconds per call, after one warm-up call."""
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    """Median seconds per call, after one warm-up call. CUDA: triton.testing.do_bench (events
+    around back-to-back calls, no host sync per call); CPU: wall clock per call."""
+    if device.startswith("cuda"):
+        from triton.testing import do_bench
+
+        return do_bench(fn, warmup=max(5, int(min_seconds * 100)), rep=max(20, int(min_seconds * 1000)),
+                        return_mode="median") / 1e3
     fn()
-    sync()
     samples: list[float] = []
     start = time.perf_counter()
     while len(samples) < min_calls or (time.perf_counter() - start < min_seconds and len(samples) < max_calls):
         t0 = time.perf_counter()
         fn()
-        sync()
         samples.append(time.perf_counter() - t0)
         if samples[-1] > min_seconds:  # one slow call is representative enough
             break
     return statistics.median(samples)
+
+
+def paired_ratios(op: str, setup: Setup, pairs: int, impl: str = "torch") -> list[float]:
+    """loop time / impl time for `pairs` back-to-back pairs of calls (loop, then impl): drift of a
+    shared machine hits both sides of a pair alike, so the ratios spread less than separate runs."""
+    loop_fn, fast_fn = loop_call(op, setup), kernel_call(op, impl, setup)
+    loop_fn(), fast_fn()
+    ratios = []
+    for _ in range(pairs):
+        t0 = time.perf_counter()
+        loop_fn()
+        t1 = time.perf_counter()
+        fast_fn()
+        t2 = time.perf_counter()
+        ratios.append((t1 - t0) / (t2 - t1))
+    return ratios
 
 
 def run(grid: dict, impls: tuple[str, ...], ops_: tuple[str, ...] = OPS, rows: int | None = None, device: str = "cpu",
@@ -179,15 +288,16 @@ def run(grid: dict, impls: tuple[str, ...], ops_: tuple[str, ...] = OPS, rows: i
             for sessions in grid["sessions"]:
                 setup = Setup(sessions, d, C, rows, device)
                 shape = dict(sessions=sessions, d=d, C=C, rows=rows)
-                candidates = [("head_forward_shared", "torch", shared_matmul_call(setup))]
+                candidates = [("head_forward_shared", "torch", lambda: shared_matmul_call(setup))]
                 for op in ops_:
                     if op == "rls" and max_rls_d is not None and d > max_rls_d:
                         continue
                     for impl in impls:
-                        call = loop_call(op, setup) if impl == "loop" else kernel_call(op, impl, setup)
-                        candidates.append((op, impl, call))
-                for op, impl, call in candidates:
-                    seconds = time_call(call, device, min_seconds)
+                        make = (lambda op=op: loop_call(op, setup)) if impl == "loop" else \
+                            (lambda op=op, impl=impl: kernel_call(op, impl, setup))
+                        candidates.append((op, impl, make))
+                for op, impl, make in candidates:
+                    seconds = time_call(make(), device, min_seconds)
                     results.append(dict(op=op, impl=impl, **shape, seconds_per_call=seconds))
                     if log:
                         log(f"{op:<20} {impl:<7} S={sessions:<5} d={d:<4} C={C:<4} {seconds * 1e3:10.3f} ms")
@@ -223,6 +333,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--ops", default=",".join(OPS), help="comma-separated subset of " + ",".join(OPS))
     parser.add_argument("--impls", default=None, help="comma-separated subset of loop,torch,triton")
+    parser.add_argument("--sessions", default=None, help="comma-separated session counts (overrides the grid)")
+    parser.add_argument("--d", default=None, help="comma-separated feature widths (overrides the grid)")
+    parser.add_argument("--C", default=None, help="comma-separated class counts (overrides the grid)")
+    parser.add_argument("--repeat", type=int, default=1, help="run the grid this many times (medians and spread)")
+    parser.add_argument("--paired", type=int, default=0, metavar="N",
+                        help="instead: N alternating loop/torch call pairs per (op, shape); ratio quartiles")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (default 1: on a shared, small CPU, OpenMP barriers "
                              "waiting on a descheduled thread swamp the timings; 0 = torch's choice)")
@@ -231,18 +347,65 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     impls = tuple(args.impls.split(",")) if args.impls else (
         ("loop", "torch", "triton") if args.device.startswith("cuda") else ("loop", "torch"))
-    grid = QUICK_GRID if args.quick else FULL_GRID
+    grid = dict(QUICK_GRID if args.quick else FULL_GRID)
+    for key in ("sessions", "d", "C"):
+        if getattr(args, key):
+            grid[key] = tuple(int(v) for v in getattr(args, key).split(","))
     started = time.perf_counter()
-    results = run(grid, impls, tuple(args.ops.split(",")), device=args.device,
-                  min_seconds=0.05 if args.quick else 0.3, max_rls_d=QUICK_MAX_RLS_D if args.quick else None)
+    if args.paired:
+        out = []
+        for d in grid["d"]:
+            for C in grid["C"]:
+                for sessions in grid["sessions"]:
+                    for op in args.ops.split(","):
+                        r = sorted(paired_ratios(op, Setup(sessions, d, C, ROWS, args.device), args.paired))
+                        q = [r[int(f * (len(r) - 1))] for f in (0.0, 0.25, 0.5, 0.75, 1.0)]
+                        out.append(dict(op=op, sessions=sessions, d=d, C=C, rows=ROWS, pairs=len(r), ratios=r,
+                                        quartiles=q))
+                        print(f"{op} S={sessions} d={d} C={C}: loop / torch over {len(r)} pairs: min {q[0]:.1f}x, "
+                              f"q1 {q[1]:.1f}x, median {q[2]:.1f}x, q3 {q[3]:.1f}x, max {q[4]:.1f}x")
+        print(f"{time.perf_counter() - started:.1f} s, {torch.get_num_threads()} threads")
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(out, f, indent=1)
+        return
+    runs = [run(grid, impls, tuple(args.ops.split(",")), device=args.device,
+                min_seconds=0.05 if args.quick else 0.3, max_rls_d=QUICK_MAX_RLS_D if args.quick else None,
+                log=print if args.repeat == 1 else None) for _ in range(args.repeat)]
+    results = runs[0] if args.repeat == 1 else merge_repeats(runs)
     print()
     print(format_table(results))
+    if args.repeat > 1:
+        print("\nspread over the repeats (loop / torch ratio: min, median, max):")
+        for r in spread(runs):
+            print(f"  {r['op']} S={r['sessions']} d={r['d']} C={r['C']}: {r['min']:.1f}x {r['median']:.1f}x "
+                  f"{r['max']:.1f}x")
     print(f"\n{len(results)} timings in {time.perf_counter() - started:.1f} s on {args.device} "
           f"({torch.get_num_threads()} threads, {ROWS} rows per call; command: python -m loadtests.kernel_bench "
           f"{' '.join(argv if argv is not None else sys.argv[1:])})")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
+            json.dump(results if args.repeat == 1 else {"median": results, "runs": runs}, f, indent=1)
+
+
+def merge_repeats(runs: list[list[dict]]) -> list[dict]:
+    """Rows with the median seconds per call over several runs of the same grid."""
+    out = []
+    for rows in zip(*runs):
+        out.append({**rows[0], "seconds_per_call": statistics.median(r["seconds_per_call"] for r in rows)})
+    return out
+
+
+def spread(runs: list[list[dict]]) -> list[dict]:
+    """Per (op, shape): the loop / torch ratio of each run, as min / median / max."""
+    ratios: dict[tuple, list[float]] = {}
+    for rows in runs:
+        t = {(r["op"], r["impl"], r["sessions"], r["d"], r["C"]): r["seconds_per_call"] for r in rows}
+        for (op, impl, S, d, C), sec in t.items():
+            if impl == "loop" and (op, "torch", S, d, C) in t:
+                ratios.setdefault((op, S, d, C), []).append(sec / t[(op, "torch", S, d, C)])
+    return [dict(op=op, sessions=S, d=d, C=C, min=min(v), median=statistics.median(v), max=max(v))
+            for (op, S, d, C), v in ratios.items()]
 
 
 if __name__ == "__main__":

@@ -1,10 +1,13 @@
 """Triton class prototypes: running class sums and counts, head = scaled unit class means.
 
-Two launches, both one program per touched slot (found at its first sorted position):
-  1. (slot, feature block): walk the slot's rows in order, sums[r, y] += x, counts[r, y] += 1.
-     A slot owns its state row, so there are no atomics and the sums are deterministic.
-  2. (slot, class block): rewrite W[s, c] = temperature * m_c / ||m_c|| for classes seen at
-     least once, 0 for every other class (masked ones included), reading the new sums.
+One launch. The call's rows are grouped by (slot, class) (common.ClassGroups: a stable sort,
+so a group keeps arrival order); a persistent grid walks the groups, and the program of a group
+owns that (state row, class) cell of the sums:
+    sums[r, c] += x_i for its rows in arrival order; counts[r, c] += rows
+    W[s, c] = temperature_s * m / max(||m||, eps), m = sums[r, c] / counts[r, c]   (c live)
+Only the classes that received rows are touched: O(rows x d) per call, whatever the session's
+class count. No two programs share a cell, so there are no atomics and the sums are the rows
+added one after another, every time.
 Math: kernels.ops.prototype_step, kernels.reference.prototype_step_ref.
 """
 
@@ -13,92 +16,75 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import NORM_EPS, block_size, contiguous_rows, slot_batch, tile_sizes
+from .common import (NORM_EPS, ClassGroups, block_size, cell_out_of_range, checks_on, contiguous_rows, error_counter,
+                     index_vector, num_programs, raise_if_flagged)
+
+NUM_WARPS = 4
+
+
+def prototype_config(d: int) -> dict:
+    return dict(BLOCK_D=block_size(d, cap=512, floor=32), num_warps=NUM_WARPS)
 
 
 @triton.jit
-def _prototype_accumulate_kernel(
-    x_ptr, y_ptr, state_rows_ptr, sums_ptr, counts_ptr,
-    order_ptr, sorted_slots_ptr, seg_start_ptr, seg_end_ptr,
-    num_classes, d,
-    BLOCK_D: tl.constexpr,
+def _prototype_kernel(
+    x_ptr, y_ptr, slots_ptr, state_rows_ptr, sums_ptr, counts_ptr, W_ptr, n_classes_ptr, temperature_ptr,
+    order_ptr, end_ptr, first_ptr, num_groups_ptr, err_ptr,
+    num_slots, num_state_rows, num_classes, d, num_programs,
+    NORM_EPS: tl.constexpr, CHECKS: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pos = tl.program_id(0)
-    start = tl.load(seg_start_ptr + pos)
-    if start != pos:
-        return
-    if tl.load(sorted_slots_ptr + pos) < 0:
-        return
-    end = tl.load(seg_end_ptr + pos)
-    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    in_d = offs_d < d
-
-    for j in range(start, end):
-        row = tl.load(order_ptr + j)
-        cell = tl.load(state_rows_ptr + row) * num_classes + tl.load(y_ptr + row)
-        xv = tl.load(x_ptr + row * d + offs_d, mask=in_d, other=0.0).to(tl.float32)
-        sum_ptrs = sums_ptr + cell * d + offs_d
-        tl.store(sum_ptrs, tl.load(sum_ptrs, mask=in_d, other=0.0) + xv, mask=in_d)
-        if tl.program_id(1) == 0:
-            tl.store(counts_ptr + cell, tl.load(counts_ptr + cell) + 1.0)
-        # Two rows of one class hit the same cell: the next load must see this store.
-        tl.debug_barrier()
-
-
-@triton.jit
-def _prototype_rewrite_kernel(
-    W_ptr, state_rows_ptr, sums_ptr, counts_ptr, n_classes_ptr, temperature_ptr,
-    order_ptr, sorted_slots_ptr, seg_start_ptr,
-    num_classes, d,
-    NORM_EPS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    pos = tl.program_id(0)
-    if tl.load(seg_start_ptr + pos) != pos:
-        return
-    slot = tl.load(sorted_slots_ptr + pos).to(tl.int64)
-    if slot < 0:
-        return
-    state = tl.load(state_rows_ptr + tl.load(order_ptr + pos))
-
-    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    in_c = offs_c < num_classes
-    counts = tl.load(counts_ptr + state * num_classes + offs_c, mask=in_c, other=0.0)
-    keep = (offs_c < tl.load(n_classes_ptr + slot)) & (counts > 0)
-    class_sums = sums_ptr + state * num_classes * d + offs_c[:, None] * d
-
-    sum_sq = tl.zeros([BLOCK_C], dtype=tl.float32)
-    for d0 in range(0, d, BLOCK_D):
-        offs_d = d0 + tl.arange(0, BLOCK_D)
-        s = tl.load(class_sums + offs_d[None, :], mask=keep[:, None] & (offs_d < d)[None, :], other=0.0)
-        sum_sq += tl.sum(s * s, axis=1)
-    # m / max(||m||, eps) with m = s / n  ==  s * 1 / (n * max(||s|| / n, eps)).
-    safe_counts = tl.maximum(counts, 1.0)
-    scale = tl.load(temperature_ptr + slot) / (safe_counts * tl.maximum(tl.sqrt(sum_sq) / safe_counts, NORM_EPS))
-    scale = tl.where(keep, scale, 0.0)
-
-    head = W_ptr + slot * num_classes * d + offs_c[:, None] * d
-    for d0 in range(0, d, BLOCK_D):
-        offs_d = d0 + tl.arange(0, BLOCK_D)
-        in_d = offs_d < d
-        s = tl.load(class_sums + offs_d[None, :], mask=keep[:, None] & in_d[None, :], other=0.0)
-        # Every class row is written (0 where not kept): the head is rebuilt, not patched.
-        tl.store(head + offs_d[None, :], s * scale[:, None], mask=in_c[:, None] & in_d[None, :])
+    for g in range(tl.program_id(0), tl.load(num_groups_ptr), num_programs):
+        start = tl.load(first_ptr + g)
+        end = tl.load(end_ptr + start)
+        lead = tl.load(order_ptr + start)
+        slot = tl.load(slots_ptr + lead)
+        c = tl.load(y_ptr + lead)
+        state = tl.load(state_rows_ptr + lead)
+        skip = cell_out_of_range(err_ptr, slot, c, state, n_classes_ptr, num_slots, num_classes, num_state_rows,
+                                 end - start, CHECKS)
+        if not skip:
+            cell = state * num_classes + c
+            cell_sums = sums_ptr + cell * d
+            sum_sq = tl.zeros([BLOCK_D], dtype=tl.float32)
+            for d0 in range(0, d, BLOCK_D):
+                offs_d = d0 + tl.arange(0, BLOCK_D)
+                in_d = offs_d < d
+                s = tl.load(cell_sums + offs_d, mask=in_d, other=0.0)
+                for j in range(start, end):
+                    s += tl.load(x_ptr + tl.load(order_ptr + j) * d + offs_d, mask=in_d, other=0.0).to(tl.float32)
+                tl.store(cell_sums + offs_d, s, mask=in_d)
+                sum_sq += s * s
+            count = tl.load(counts_ptr + cell) + (end - start).to(tl.float32)
+            tl.store(counts_ptr + cell, count)
+            if c < tl.load(n_classes_ptr + slot):
+                # m / max(||m||, eps) with m = s / n  ==  s * 1 / (n * max(||s|| / n, eps)).
+                norm = tl.sqrt(tl.sum(sum_sq, axis=0))
+                scale = tl.load(temperature_ptr + slot) / (count * tl.maximum(norm / count, NORM_EPS))
+                tl.debug_barrier()  # the sums stored above, read back below
+                head = W_ptr + (slot * num_classes + c) * d
+                for d0 in range(0, d, BLOCK_D):
+                    offs_d = d0 + tl.arange(0, BLOCK_D)
+                    in_d = offs_d < d
+                    s = tl.load(cell_sums + offs_d, mask=in_d, other=0.0)
+                    tl.store(head + offs_d, (s * scale).to(W_ptr.dtype.element_ty), mask=in_d)
 
 
-def prototype_step_triton(x, y, slots, state_rows, sums, counts, W, n_classes, temperature, batch=None) -> None:
-    """Launcher; temperature is float32 [S]."""
+def prototype_step_triton(x, y, slots, state_rows, sums, counts, W, n_classes, temperature, batch=None,
+                          checks=None) -> None:
+    """Launcher; temperature is float32 [S]. `batch` is accepted for symmetry with the other
+    ops; the kernel groups rows by (slot, class) itself."""
     B, (S, C, d) = x.shape[0], W.shape
     if B == 0:
         return
-    x, y, state_rows = contiguous_rows(x), y.long().contiguous(), state_rows.long().contiguous()
-    batch = slot_batch(slots, batch)
-    block_d = block_size(d, cap=1024)
-    _prototype_accumulate_kernel[(B, triton.cdiv(d, block_d))](
-        x, y, state_rows, sums, counts, batch.order, batch.sorted_slots, batch.seg_start, batch.seg_end,
-        C, d, BLOCK_D=block_d,
+    checks = checks_on(checks)
+    x, y, slots, state_rows = contiguous_rows(x), index_vector(y), index_vector(slots), index_vector(state_rows)
+    groups = ClassGroups(slots, y, C)
+    programs = num_programs(x.device, B)
+    errors = error_counter(x.device)
+    _prototype_kernel[(programs,)](
+        x, y, slots, state_rows, sums, counts, W, index_vector(n_classes), temperature,
+        groups.order, groups.end, groups.first, groups.count, errors,
+        S, sums.shape[0], C, d, programs,
+        NORM_EPS=NORM_EPS, CHECKS=checks, **prototype_config(d),
     )
-    block_c, block_d = tile_sizes(C, d, tile_elements=4096, class_cap=64)
-    _prototype_rewrite_kernel[(B, triton.cdiv(C, block_c))](
-        W, state_rows, sums, counts, n_classes, temperature, batch.order, batch.sorted_slots, batch.seg_start,
-        C, d, NORM_EPS=NORM_EPS, BLOCK_C=block_c, BLOCK_D=block_d,
-    )
+    raise_if_flagged(errors, "prototype_step", checks)

@@ -27,6 +27,7 @@ from typing import Optional
 
 import torch
 
+import kernels
 from server.config import Settings
 from server.engine.batcher import Batcher, Pending
 from server.engine.executor import EpisodicSpec, Executor
@@ -145,7 +146,10 @@ class Engine:
                 self._checkpointer = threading.Thread(target=self._maintenance_loop, name="fwserve-maintenance",
                                                       daemon=True)
                 self._checkpointer.start()
-            self.metrics.set_build_info(s.backbone, device, bb.fingerprint[:16])
+            impls = kernels.dispatch.implementations(device)
+            log.info("head ops on %s: %s", device, ", ".join(f"{op} {impl}" for op, impl in impls.items()))
+            self.metrics.set_build_info(s.backbone, device, kernels.dispatch.describe_implementations(device),
+                                        bb.fingerprint[:16])
             self.metrics.ready.set(1)
             self.ready = True
             log.info("ready: backbone %s (d=%d) on %s", s.backbone, bb.embed_dim, device,

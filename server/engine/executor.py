@@ -209,9 +209,11 @@ class Executor:
 
         at = 0
         by_rule: dict[str, list[Pending]] = defaultdict(list)
+        first_row: dict[int, int] = {}  # item -> its first row in x (and in logits)
         for i in items:
             n = len(i.job.inputs)
             p = probs[at:at + n]
+            first_row[id(i)] = at
             at += n
             if i.session is None:
                 results[id(i)] = PredictResult("base", None, None, _predictions(p, txn.base_classes, i.job.top_k))
@@ -235,14 +237,19 @@ class Executor:
             xs = torch.stack([f for i in ritems for f in rows[id(i)]])
             dev = xs.device
             y = torch.tensor([v for i in ritems for v in ys[id(i)]], dtype=torch.int64, device=dev)
-            sl = torch.tensor([txn.slot(i.session) for i in ritems for _ in i.job.inputs], dtype=torch.int64,
-                              device=dev)
+            batch = kernels.SlotBatch.from_list([txn.slot(i.session) for i in ritems for _ in i.job.inputs], dev)
+            sl = batch.slots
+            # The forward above already read these heads: the update reuses its logits (Triton path).
+            pre = None
+            if kernels.dispatch.logits_reusable(xs):
+                at_rows = [first_row[id(i)] + k for i in ritems for k in range(len(i.job.inputs))]
+                pre = logits.index_select(0, torch.tensor(at_rows, dtype=torch.int64, device=logits.device))
             state_rows = None
             if rule.state:
                 state_rows = torch.tensor([txn.state_row(i.session) for i in ritems for _ in i.job.inputs],
                                           dtype=torch.int64, device=dev)
             t0 = time.perf_counter()
-            resets, undone = txn.apply(rule, xs, y, sl, state_rows, batch=kernels.SlotBatch(sl))
+            resets, undone = txn.apply(rule, xs, y, sl, state_rows, batch=batch, logits=pre)
             if xs.is_cuda:
                 torch.cuda.synchronize(dev)
             dt = time.perf_counter() - t0

@@ -156,7 +156,9 @@ class Metrics(StoreEvents):
     def idempotency_evicted(self, n: int) -> None:
         self.idempotency_evictions.inc(n)
 
-    def set_build_info(self, backbone: str, device: str, weights: str = "") -> None:
+    def set_build_info(self, backbone: str, device: str, kernels: str = "", weights: str = "") -> None:
+        """kernels: the head ops' implementation on this device (kernels.dispatch.describe_implementations);
+        weights: the start of the backbone weights' sha256."""
         import torch
 
         self.build_info.info(
@@ -167,6 +169,7 @@ class Metrics(StoreEvents):
                 "device": device,
                 "torch": torch.__version__,
                 "python": platform.python_version(),
+                "kernels": kernels,
             }
         )
 

@@ -76,6 +76,9 @@ class Rule:
     base_init: ClassVar[bool] = False  # may start from the backbone's base head
     needs_labels: ClassVar[bool] = True
     inf_state: ClassVar[tuple[str, ...]] = ()  # state tensors where +inf is a legal value (an empty entry)
+    # update() takes logits= (the round's head_forward of these rows, before the update) and uses
+    # them instead of reading the heads again; see kernels.ops (only the Triton path gets them)
+    reuses_logits: ClassVar[bool] = False
     description: ClassVar[str] = ""
     # hyper-parameter values the offline validation tries (python -m eval.validate): name -> values
     search_space: ClassVar[dict[str, tuple]] = {}
@@ -111,7 +114,9 @@ class Rule:
                state_rows: Optional[torch.Tensor], batch=None) -> int:
         """One grouped kernel call over this rule's rows, in place. y = -1 marks an unlabelled
         row (label-free rules only). `batch`: the kernels.SlotBatch of `slots`, shared by every
-        op the rule calls. Returns how many sessions the rule reset (label-free collapse guards)."""
+        op the rule calls. Returns how many sessions the rule reset (label-free collapse guards).
+        A rule with reuses_logits = True also takes `logits=None`: head_forward's output for
+        these rows and heads, which it must treat exactly as its own forward's."""
         raise NotImplementedError(f"rule {self.name!r} defines no update")
 
 

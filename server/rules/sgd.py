@@ -21,6 +21,7 @@ class SGD(Rule):
         "weight_decay": Hyper(0.0, 0.0, 1.0, low_open=False, help="L2 decay of W (lr * weight_decay <= 1)"),
     }
     base_init = True
+    reuses_logits = True
     description = "one softmax cross-entropy SGD step per adapt request (mean over its instances)"
     search_space = {"lr": (0.001, 0.003, 0.01, 0.1)}
 
@@ -30,9 +31,10 @@ class SGD(Rule):
             raise invalid("invalid_hyperparameter", f"sgd: lr * weight_decay = {hyper['lr'] * hyper['weight_decay']:g}"
                           " must be at most 1 (the decay would make the head oscillate and diverge)")
 
-    def update(self, heads, x, y, slots, state_rows, batch=None) -> int:
+    def update(self, heads, x, y, slots, state_rows, batch=None, logits=None) -> int:
         h = heads.hyper
-        kernels.sgd_step(x, y, slots, heads.W, heads.b, heads.n_classes, h["lr"], h["weight_decay"], batch=batch)
+        kernels.sgd_step(x, y, slots, heads.W, heads.b, heads.n_classes, h["lr"], h["weight_decay"], batch=batch,
+                         logits=logits)
         return 0
 
 

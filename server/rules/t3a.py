@@ -50,6 +50,7 @@ class T3A(Rule):
     inf_state = ("support_priority",)
     base_init = True
     needs_labels = False
+    reuses_logits = True
     description = ("label-free: cosine head over per-class supports of confidently pseudo-labelled "
                    "features, filtered by entropy and capped per class (T3A)")
     search_space = {"max_entropy": (0.2, 0.5, 1.0), "supports_per_class": (5, 20)}
@@ -69,7 +70,7 @@ class T3A(Rule):
         out["b"] = torch.zeros(n)
         return out
 
-    def update(self, heads, x, y, slots, state_rows, batch=None) -> int:
+    def update(self, heads, x, y, slots, state_rows, batch=None, logits=None) -> int:
         h = heads.hyper
         pool = heads.pools[self.name]
         # Pseudo-labels and entropies from the session's initial linear head when it has one,
@@ -77,10 +78,10 @@ class T3A(Rule):
         n_state = torch.zeros(pool["W0"].shape[0], dtype=heads.n_classes.dtype, device=x.device)
         n_state[state_rows] = heads.n_classes.index_select(0, slots)
         anchored = pool["W0"].index_select(0, state_rows).flatten(1).abs().amax(1) > 0
-        logits = torch.where(
-            anchored.unsqueeze(1),
-            kernels.head_forward(x, pool["W0"], pool["b0"], state_rows, n_state),
-            kernels.head_forward(x, heads.W, heads.b, slots, heads.n_classes, normalize=heads.normalize, batch=batch))
+        current = logits if logits is not None else kernels.head_forward(
+            x, heads.W, heads.b, slots, heads.n_classes, normalize=heads.normalize, batch=batch)
+        logits = torch.where(anchored.unsqueeze(1), kernels.head_forward(x, pool["W0"], pool["b0"], state_rows, n_state),
+                             current)
         _, H, pseudo = entropy(logits)
         n = heads.n_classes.index_select(0, slots).clamp_min(2).float()
         H = H / n.log()

@@ -32,6 +32,7 @@ class Tent(Rule):
     state = {"W0": lambda n, d: (n, d), "b0": lambda n, d: (n,), "class_hist": lambda n, d: (n,)}
     base_init = True
     needs_labels = False
+    reuses_logits = True
     description = ("label-free: entropy minimisation on the head (TENT, head only) with confidence "
                    "filtering and a reset when predictions collapse onto one class")
     search_space = {"lr": (0.001, 0.003, 0.01), "min_confidence": (0.5, 0.9)}
@@ -42,13 +43,15 @@ class Tent(Rule):
             out["W0"], out["b0"] = head["W"].float().clone(), head["b"].float().clone()
         return out
 
-    def update(self, heads, x, y, slots, state_rows, batch=None) -> int:
+    def update(self, heads, x, y, slots, state_rows, batch=None, logits=None) -> int:
         h = heads.hyper
-        logits = kernels.head_forward(x, heads.W, heads.b, slots, heads.n_classes, normalize=heads.normalize,
-                                      batch=batch)
+        given = logits
+        if logits is None:
+            logits = kernels.head_forward(x, heads.W, heads.b, slots, heads.n_classes, normalize=heads.normalize,
+                                          batch=batch)
         pred = logits.argmax(1)
         kernels.entropy_step(x, y, slots, heads.W, heads.b, heads.n_classes, h["lr"], h["min_confidence"],
-                             batch=batch)
+                             batch=batch, logits=given)
         return self._collapse_guard(heads, slots, state_rows, pred)
 
     def _collapse_guard(self, heads, slots, state_rows, pred) -> int:

@@ -119,14 +119,16 @@ class Transaction:
         return kernels.head_forward(x, h.W, h.b, slots, h.n_classes, normalize=h.normalize, batch=batch)
 
     def apply(self, rule: Rule, x: torch.Tensor, y: torch.Tensor, slots: torch.Tensor,
-              state_rows: Optional[torch.Tensor], batch=None) -> tuple[int, dict[str, DomainError]]:
+              state_rows: Optional[torch.Tensor], batch=None, logits=None) -> tuple[int, dict[str, DomainError]]:
         """One grouped update over rows of sessions of `rule` (all found here) -> (what the rule
-        reports: sessions reset by a label-free collapse guard, {key: why its rows were undone})."""
+        reports: sessions reset by a label-free collapse guard, {key: why its rows were undone}).
+        `logits`: this call's rows' logits from txn.forward, handed to rules that reuse them."""
         copy = self._copy(rule, slots, state_rows)
         if self._wal is not None:
             self._wal.log_steps(x, y, slots, self._owner)
+        kw = {"logits": logits} if logits is not None and rule.reuses_logits else {}
         try:
-            resets = rule.update(self.heads, x, y, slots, state_rows, batch=batch)
+            resets = rule.update(self.heads, x, y, slots, state_rows, batch=batch, **kw)
         except Exception as e:
             self._put_back(rule, copy, range(len(copy.keys)))
             err = internal(f"the {rule.name} update failed ({type(e).__name__}); nothing was changed")

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from kernels import delta_step, reference
-from tests.kernels.cases import CASES, IMPLS, SEQUENCE_RMSE, TOLERANCE, assert_matches, make_problem, relative_rmse
+from tests.kernels.cases import CASES, IMPLS, SEQUENCE_RMSE, assert_matches, tolerance, make_problem, relative_rmse, stored_bf16
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -12,8 +12,18 @@ def test_matches_reference(case, impl):
     beta = p.per_slot if case["layout"] == "mixed" else 0.6
     W = p.W.clone()
     delta_step(p.x, p.y, p.slots, W, p.n_classes, beta, impl=impl)
-    W_ref = reference.delta_step_ref(p.x, p.y, p.slots, p.W, p.n_classes, beta)
-    assert_matches(W, W_ref, TOLERANCE[case["dtype"]], "W", p.seed)
+    if W.dtype == torch.bfloat16 and impl == "triton":
+        # bf16 heads on the Triton path are stored (rounded) after every row, which the next
+        # row reads back: the reference does the same, one row per call.
+        W_ref = p.W
+        for i in range(p.x.shape[0]):
+            row = slice(i, i + 1)
+            W_ref = reference.delta_step_ref(p.x[row], p.y[row], p.slots[row], W_ref, p.n_classes, beta)
+            W_ref = stored_bf16(W_ref)
+        W_ref = W_ref.double()
+    else:
+        W_ref = reference.delta_step_ref(p.x, p.y, p.slots, p.W, p.n_classes, beta)
+    assert_matches(W, W_ref, tolerance(case), "W", p.seed)
 
 
 @pytest.mark.parametrize("impl", IMPLS)

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from kernels import entropy_step, reference, sgd_step
-from tests.kernels.cases import CASES, IMPLS, SEQUENCE_RMSE, TOLERANCE, assert_matches, make_problem, relative_rmse
+from tests.kernels.cases import CASES, IMPLS, SEQUENCE_RMSE, assert_matches, tolerance, make_problem, relative_rmse
 
 
 def _unlabel(p, every: int = 2):
@@ -24,7 +24,7 @@ def test_matches_reference(case, impl):
     W_new, b_new = W.clone(), b.clone()
     entropy_step(p.x, y, p.slots, W_new, b_new, p.n_classes, lr, conf, impl=impl)
     W_ref, b_ref = reference.entropy_step_ref(p.x, y, p.slots, W, b, p.n_classes, lr, conf)
-    tol = TOLERANCE[case["dtype"]]
+    tol = tolerance(case)
     assert_matches(W_new, W_ref, tol, "W", p.seed)
     assert_matches(b_new, b_ref, tol, "b", p.seed)
 

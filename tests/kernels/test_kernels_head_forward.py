@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from kernels import head_forward, reference
-from tests.kernels.cases import CASES, IMPLS, TOLERANCE, assert_matches, make_problem
+from tests.kernels.cases import CASES, IMPLS, assert_matches, tolerance, make_problem
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -14,7 +14,7 @@ def test_matches_reference(case, impl):
         logits = head_forward(p.x, p.W, p.b, p.slots, p.n_classes, normalize=norm, impl=impl)
         expected = reference.head_forward_ref(p.x, p.W, p.b, p.slots, p.n_classes, normalize=norm)
         assert logits.dtype == torch.float32
-        assert_matches(logits, expected, TOLERANCE[case["dtype"]], f"logits normalize={norm is not None}", p.seed)
+        assert_matches(logits, expected, tolerance(case), f"logits normalize={norm is not None}", p.seed)
 
 
 @pytest.mark.parametrize("impl", IMPLS)

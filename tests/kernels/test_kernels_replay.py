@@ -170,25 +170,26 @@ def test_replay_layout_has_the_live_profile(seed):
     """For random mixes of sessions, replay_slots(own, other_counts) rebuilds the live profile and
     therefore the live torch grouping; replaying a session alone would not in general."""
     g = torch.Generator().manual_seed(seed)
-    paths = set()
-    for _ in range(25):
-        sessions = int(torch.randint(2, 12, (1,), generator=g))
-        counts = torch.randint(1, 6, (sessions,), generator=g)
-        if bool(torch.rand(1, generator=g) < 0.3):
-            counts[0] = int(torch.randint(20, 80, (1,), generator=g))  # one busy session: per-row grouping
-        slots = torch.randperm(3 * sessions, generator=g)[:sessions].repeat_interleave(counts)
-        slots = torch.cat([slots, torch.full((3,), -1)])[torch.randperm(slots.numel() + 3, generator=g)]
-        live = SlotBatch(slots)
-        assert sorted(live.profile, reverse=True) == sorted(counts.tolist(), reverse=True) == list(live.profile)
-        paths.add(live.torch_path)
-        for slot, own in zip(live.slot.tolist(), live.counts_list):
-            layout = SlotBatch(torch.tensor(replay_slots(own, live.other_counts(slot))))
-            assert layout.profile == live.profile, f"seed={seed}"
-            assert layout.torch_path == live.torch_path, f"seed={seed}"
-            assert layout.slot.tolist() == list(range(sessions)) and layout.counts_list[0] == own
-            alone = SlotBatch(torch.zeros(own, dtype=torch.int64))
-            assert alone.torch_path == "one_slot" != live.torch_path
-    assert "padded" in paths, f"seed={seed}: the draws never exercised the padded grouping"
+    with torch.device(CPU):  # the generator is a CPU one (the default device may be CUDA)
+        paths = set()
+        for _ in range(25):
+            sessions = int(torch.randint(2, 12, (1,), generator=g))
+            counts = torch.randint(1, 6, (sessions,), generator=g)
+            if bool(torch.rand(1, generator=g) < 0.3):
+                counts[0] = int(torch.randint(20, 80, (1,), generator=g))  # one busy session: per-row grouping
+            slots = torch.randperm(3 * sessions, generator=g)[:sessions].repeat_interleave(counts)
+            slots = torch.cat([slots, torch.full((3,), -1)])[torch.randperm(slots.numel() + 3, generator=g)]
+            live = SlotBatch(slots)
+            assert sorted(live.profile, reverse=True) == sorted(counts.tolist(), reverse=True) == list(live.profile)
+            paths.add(live.torch_path)
+            for slot, own in zip(live.slot.tolist(), live.counts_list):
+                layout = SlotBatch(torch.tensor(replay_slots(own, live.other_counts(slot))))
+                assert layout.profile == live.profile, f"seed={seed}"
+                assert layout.torch_path == live.torch_path, f"seed={seed}"
+                assert layout.slot.tolist() == list(range(sessions)) and layout.counts_list[0] == own
+                alone = SlotBatch(torch.zeros(own, dtype=torch.int64))
+                assert alone.torch_path == "one_slot" != live.torch_path
+        assert "padded" in paths, f"seed={seed}: the draws never exercised the padded grouping"
 
 
 @pytest.mark.parametrize("op", OPS)

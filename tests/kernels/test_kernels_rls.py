@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from kernels import reference, rls_step
-from tests.kernels.cases import CASES, IMPLS, SEQUENCE_RMSE, TOLERANCE, assert_matches, make_problem, relative_rmse
+from tests.kernels.cases import CASES, IMPLS, SEQUENCE_RMSE, TOLERANCE, assert_matches, tolerance, make_problem, relative_rmse, stored_bf16
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -11,10 +11,19 @@ def test_matches_reference(case, impl):
     p = make_problem(**case)
     W, P = p.W.clone(), p.P.clone()
     rls_step(p.x, p.y, p.slots, p.state_rows, W, P, p.n_classes, impl=impl)
-    W_ref, P_ref = reference.rls_step_ref(p.x, p.y, p.slots, p.state_rows, p.W, p.P, p.n_classes)
-    tol = TOLERANCE[case["dtype"]]
-    assert_matches(W, W_ref, tol, "W", p.seed)
-    assert_matches(P, P_ref, tol, "P", p.seed)
+    if W.dtype == torch.bfloat16 and impl == "triton":
+        # bf16 heads on the Triton path are stored (rounded) after every row: so is the reference's.
+        W_ref, P_ref = p.W, p.P
+        for i in range(p.x.shape[0]):
+            row = slice(i, i + 1)
+            W_ref, P_ref = reference.rls_step_ref(p.x[row], p.y[row], p.slots[row], p.state_rows[row], W_ref, P_ref,
+                                                  p.n_classes)
+            W_ref = stored_bf16(W_ref)
+        W_ref = W_ref.double()
+    else:
+        W_ref, P_ref = reference.rls_step_ref(p.x, p.y, p.slots, p.state_rows, p.W, p.P, p.n_classes)
+    assert_matches(W, W_ref, tolerance(case), "W", p.seed)
+    assert_matches(P, P_ref, TOLERANCE[case["dtype"]], "P", p.seed)  # P is float32 storage
     live = P.isfinite().all(dim=2).all(dim=1)
     assert torch.equal(P[live], P[live].transpose(1, 2)), f"P lost its symmetry, seed={p.seed}"
 

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from kernels import reference, sgd_step
-from tests.kernels.cases import CASES, IMPLS, SEQUENCE_RMSE, TOLERANCE, assert_matches, make_problem, relative_rmse
+from tests.kernels.cases import CASES, IMPLS, SEQUENCE_RMSE, assert_matches, tolerance, make_problem, relative_rmse
 
 
 def _hyper(p, layout):
@@ -20,7 +20,7 @@ def test_matches_reference(case, impl):
     W, b = p.W.clone(), p.b.clone()
     sgd_step(p.x, p.y, p.slots, W, b, p.n_classes, lr, weight_decay=wd, impl=impl)
     W_ref, b_ref = reference.sgd_step_ref(p.x, p.y, p.slots, p.W, p.b, p.n_classes, lr, wd)
-    tol = TOLERANCE[case["dtype"]]
+    tol = tolerance(case)
     assert_matches(W, W_ref, tol, "W", p.seed)
     assert_matches(b, b_ref, tol, "b", p.seed)
 

@@ -55,14 +55,31 @@ def test_views_are_built_lazily_and_the_triton_path_never_builds_host_lists():
     batch = SlotBatch(p.slots)
     assert not {"_groups", "_sorted", "counts_list"} & set(vars(batch)), "nothing is computed up front"
     W, b = p.W.clone(), p.b.clone()
-    for op in (lambda bt: kernels.sgd_step(p.x, p.y, p.slots, W, b, p.n_classes, 0.5, impl="triton", batch=bt),
-               lambda bt: kernels.rls_step(p.x, p.y, p.slots, p.state_rows, W, p.P.clone(), p.n_classes,
-                                           impl="triton", batch=bt)):
-        op(batch)
+    kernels.sgd_step(p.x, p.y, p.slots, W, b, p.n_classes, 0.5, impl="triton", batch=batch)
+    kernels.entropy_step(p.x, p.y, p.slots, W, b, p.n_classes, 0.5, 0.1, impl="triton", batch=batch)
+    kernels.delta_step(p.x, p.y, p.slots, W, p.n_classes, 0.5, impl="triton", batch=batch)
+    kernels.head_forward(p.x, W, b, p.slots, p.n_classes, impl="triton", batch=batch)
     assert "_sorted" in vars(batch)
     assert not {"_groups", "counts_list", "rows_in_place", "_longest_first_view"} & set(vars(batch))
     kernels.delta_step(p.x, p.y, p.slots, W, p.n_classes, 0.5, impl="torch", batch=batch)
     assert "_groups" in vars(batch.longest_first()) and "counts_list" in vars(batch.longest_first())
+
+
+def test_rls_sizes_its_row_loop_from_host_counts_when_built_from_a_list():
+    """rls_step (Triton) loops over row positions: a batch built from_list knows the counts on
+    the host, so the call groups nothing on the side and never reads counts back."""
+    p = make_problem(C=10, d=100, layout="mixed")
+    batch = SlotBatch.from_list(p.slots.tolist(), device=p.slots.device)
+    assert torch.equal(batch.slots, p.slots.long())
+    assert batch.counts_list == SlotBatch(p.slots).counts_list
+    assert batch.longest_first().counts_list == SlotBatch(p.slots).longest_first().counts_list
+    assert "_groups" not in vars(batch)
+    W, P = p.W.clone(), p.P.clone()
+    kernels.rls_step(p.x, p.y, p.slots, p.state_rows, W, P, p.n_classes, impl="triton", batch=batch)
+    assert "_groups" not in vars(batch), "the Triton RLS built the torch grouping (a synchronisation on CUDA)"
+    W_alone, P_alone = p.W.clone(), p.P.clone()
+    kernels.rls_step(p.x, p.y, p.slots, p.state_rows, W_alone, P_alone, p.n_classes, impl="triton")
+    assert_matches(W, W_alone, 0.0, "W", p.seed)
 
 
 @pytest.mark.parametrize("impl", IMPLS)

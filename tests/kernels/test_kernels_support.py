@@ -2,34 +2,37 @@ import pytest
 import torch
 
 from kernels import head_forward, reference, support_step
-from tests.kernels.cases import CASES, IMPLS, TOLERANCE, assert_matches, make_problem
+from tests.kernels.cases import CASES, IMPLS, assert_matches, tolerance, make_problem
 
 K = 4  # support capacity: small so that rows compete for entries
 
 
 def _state(p, seed_offset=0):
     """Support pool for the problem: some entries filled (finite priority), some empty (+inf),
-    the state row no touched slot uses poisoned with NaN."""
-    g = torch.Generator().manual_seed(p.seed + seed_offset)
+    the state row no touched slot uses poisoned with NaN. Drawn on the CPU (the generator is a
+    CPU one), then moved to the problem's device."""
     R, C, d = p.sums.shape
-    supports = torch.nn.functional.normalize(torch.randn(R, C, K, d, generator=g), dim=3)
-    prio = torch.rand(R, C, K, generator=g)
-    empty = torch.rand(R, C, K, generator=g) < 0.4
-    prio[empty] = float("inf")
-    supports[empty] = 0.0
-    used = torch.zeros(R, dtype=torch.bool)
-    used[p.state_rows[p.slots >= 0].long().cpu()] = True
-    supports[~used] = float("nan")
-    prio[~used] = float("nan")
+    with torch.device("cpu"):
+        g = torch.Generator().manual_seed(p.seed + seed_offset)
+        supports = torch.nn.functional.normalize(torch.randn(R, C, K, d, generator=g), dim=3)
+        prio = torch.rand(R, C, K, generator=g)
+        empty = torch.rand(R, C, K, generator=g) < 0.4
+        prio[empty] = float("inf")
+        supports[empty] = 0.0
+        used = torch.zeros(R, dtype=torch.bool)
+        used[p.state_rows[p.slots >= 0].long().cpu()] = True
+        supports[~used] = float("nan")
+        prio[~used] = float("nan")
     device = p.x.device
     return supports.to(device), prio.to(device)
 
 
 def _inputs(p):
-    g = torch.Generator().manual_seed(p.seed + 1)
-    priority = torch.rand(p.x.shape[0], generator=g)
-    priority[0] = -1.0  # a labelled row: better than any entropy
-    capacity = torch.tensor([K, 2, 3, K, 1, K], dtype=torch.float32)[: p.W.shape[0]]
+    with torch.device("cpu"):
+        g = torch.Generator().manual_seed(p.seed + 1)
+        priority = torch.rand(p.x.shape[0], generator=g)
+        priority[0] = -1.0  # a labelled row: better than any entropy
+        capacity = torch.tensor([K, 2, 3, K, 1, K], dtype=torch.float32)[: p.W.shape[0]]
     return priority.to(p.x.device), capacity.to(p.x.device)
 
 
@@ -45,7 +48,7 @@ def test_matches_reference(case, impl):
                  impl=impl)
     sup_ref, pr_ref, W_ref = reference.support_step_ref(
         p.x, p.y, priority, p.slots, p.state_rows, supports, prio, p.W, p.n_classes, capacity, temperature)
-    tol = TOLERANCE[case["dtype"]]
+    tol = tolerance(case)
     assert_matches(pr, pr_ref, 0.0, "support_priority", p.seed)
     assert_matches(sup, sup_ref, tol, "supports", p.seed)
     assert_matches(W, W_ref, tol, "W", p.seed)

@@ -18,6 +18,7 @@ PACKAGES = ("server", "kernels", "models", "eval", "loadtests")
 # layer -> project modules (and packages: a name ending in ".*" allows its submodules) it may import
 ALLOWED = {
     "server.api": {"server", "server.api.*", "server.engine", "server.engine.messages", "server.engine.metrics",
+                   "server.engine.remote",
                    "server.errors", "server.config", "server.keys", "models.config", "models.preprocess"},
     "server.engine": {"server", "server.engine.*", "server.sessions", "server.rules", "server.errors",
                       "server.config", "server.keys", "kernels", "models"},
@@ -27,12 +28,13 @@ ALLOWED = {
     "server.keys": set(),
     "server.config": set(),
     "server.logs": set(),
-    "server.client": {"server.api.schemas"},
+    "server.client": {"server.api.schemas", "server.client_codec"},
+    "server.client_codec": {"server.api.schemas"},
     "kernels": {"kernels.*"},
     "models": {"models.*"},
 }
 # thin shims that keep old commands working (`python -m kernels.bench`); the tools live in loadtests/
-SHIMS = {"kernels.bench", "kernels.gpu_check"}
+SHIMS = {"kernels.bench", "kernels.gpu_check", "kernels.aot_check"}
 BELOW_API = ("server.engine", "server.sessions", "server.rules", "kernels")
 WEB = ("fastapi", "starlette", "http", "uvicorn", "httpx")
 STATUSES = {400, 401, 403, 404, 405, 409, 413, 415, 422, 429, 500, 502, 503, 504}

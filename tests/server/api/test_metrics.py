@@ -49,6 +49,8 @@ def test_metric_names_and_labels(scrape):
                         'route="/v1/predict",method="POST",status="404"') >= 1
     assert 'route="/v1/sessions/{session_id}' in scrape or "route=\"/v1/adapt\"" in scrape
     assert metric_value(scrape, "fwserve_build_info") == 1
+    # No silent kernel path: the head ops' implementation on the server's device is a label.
+    assert re.search(r'^fwserve_build_info\{[^}]*kernels="torch"', scrape, re.M), "kernels label missing"
 
 
 def test_feature_cache_predict_then_adapt_runs_backbone_once(server):

@@ -108,3 +108,60 @@ def test_predictions_follow_the_head(parts, backbone):
     assert all(len(q.top_k) == 2 and abs(sum(t.score for t in q.top_k) - 1) < 1e-5 for q in p.predictions)
     np.testing.assert_array_less(0, [q.score for q in p.predictions])
     assert torch.is_tensor(x[0].pixels)
+
+
+def test_updates_get_the_rounds_forward_logits_of_exactly_their_rows(parts, backbone, monkeypatch):
+    """Where the Triton path runs (forced here: on CPU the executor hands none, the torch path
+    recomputes its own), each rule that reuses logits gets the round's forward logits of its own
+    rows, in its rows' order: the predictions' forward is the adapt's one read of the heads."""
+    import kernels
+    from server.rules import RULES
+
+    ex, store, _ = parts
+    store.create("sgd", ["a", "b", "c"], {}, session_id="s1")
+    store.create("sgd", ["a", "b"], {}, session_id="s2")
+    store.create("tent", ["a", "b"], {"adapt_on_predict": True}, session_id="t")
+    store.create("prototype", ["a", "b"], {}, session_id="p")
+    xs = inputs(backbone, digits(6, seed=83))
+    seen: dict[str, list] = {}
+    for name in ("sgd", "tent", "prototype"):
+        rule = RULES[name]
+        original = rule.update
+
+        def spy(heads, x, y, slots, state_rows, batch=None, _name=name, _original=original, **kwargs):
+            expected = kernels.head_forward(x, heads.W, heads.b, slots, heads.n_classes, normalize=heads.normalize)
+            seen.setdefault(_name, []).append((kwargs.get("logits"), expected))
+            return _original(heads, x, y, slots, state_rows, batch=batch, **kwargs)
+
+        monkeypatch.setattr(rule, "update", spy)
+    monkeypatch.setattr(kernels.dispatch, "logits_reusable", lambda x: True)
+    run(ex, [Pending(PredictJob(xs[:1])),  # the base head first: its row shifts every later one
+             Pending(AdaptJob("s1", xs[1:3], ["a", "c"])),
+             Pending(PredictJob(xs[3:4], session="t")),  # adapt_on_predict: an unlabelled tent update
+             Pending(AdaptJob("p", xs[4:5], ["b"])),
+             Pending(AdaptJob("s2", xs[5:6], ["b"]))])
+    (sgd_logits, sgd_expected), = seen["sgd"]
+    assert sgd_logits is not None and sgd_logits.shape == (3, store.C)
+    torch.testing.assert_close(sgd_logits, sgd_expected, rtol=1e-5, atol=1e-5)  # rows of s1 then s2
+    (tent_logits, tent_expected), = seen["tent"]
+    torch.testing.assert_close(tent_logits, tent_expected, rtol=1e-5, atol=1e-5)
+    (proto_logits, _), = seen["prototype"]
+    assert proto_logits is None  # prototype does not reuse logits: nothing handed in
+    assert store.info("s1").version == 1 and store.info("s2").version == 1
+
+
+def test_the_engine_logs_and_exports_the_head_ops_implementation(backbone, tmp_path, caplog):
+    import logging
+
+    from server.engine import Engine
+
+    engine = Engine(Settings(snapshot_dir=tmp_path, warmup=False), backbone=backbone)
+    with caplog.at_level(logging.INFO, logger="fwserve"):
+        engine.start()
+        assert engine.wait_loaded(60), engine.load_error
+    try:
+        assert any(r.getMessage() == "head ops on cpu: head_forward torch, sgd_step torch, delta_step torch, "
+                   "prototype_step torch, rls_step torch, support_step torch, entropy_step torch" for r in caplog.records)
+        assert 'kernels="torch"' in engine.metrics.scrape().decode()
+    finally:
+        engine.stop()
