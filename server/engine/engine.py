@@ -35,7 +35,7 @@ from server.engine.feature_cache import FeatureCache
 from server.engine.messages import AdaptJob, AdaptResult, EpisodicJob, Input, Job, ModelInfo, PredictJob, PredictResult
 from server.engine.metrics import Metrics
 from server.errors import Unavailable, invalid, not_ready, timed_out
-from server.rules import RULES, get_rule
+from server.rules import RULES, get_rule, scratch_heads
 from server.sessions import SessionInfo, SessionStore, StoreEvents
 
 log = logging.getLogger("fwserve.engine")
@@ -160,9 +160,14 @@ class Engine:
             log.exception("loading failed", extra={"event": "load_failed", "error": self.load_error})
 
     def _warmup(self, executor: Executor) -> None:
-        """One base-head batch and one episodic batch per rule: compiles/warms every code path."""
-        cfg = self.backbone.config
+        """Every path a first request takes, before readiness: the backbone at one image and at a
+        full micro-batch, one base-head batch and one episodic batch per rule through the
+        executor, and every rule's head ops at the store's class width, at the batch sizes a
+        micro-batch can have (on CUDA: each Triton specialisation compiled now, not on a request)."""
+        cfg, store = self.backbone.config, self.store
         pixels = torch.zeros(cfg.in_chans, cfg.img_size, cfg.img_size)
+        for n in sorted({1, self.settings.max_batch_size}):
+            self.backbone.features(pixels.expand(n, -1, -1, -1).contiguous())
         items = [Pending(PredictJob([Input(None, pixels)]))]
         for rule in RULES.values():
             job = EpisodicJob([Input(None, pixels)], [Input(None, pixels)] * 2, [0, 1], rule.name, classes=["a", "b"])
@@ -172,6 +177,7 @@ class Engine:
         executor.run(items)
         for item in items:
             item.future.result()
+        warm_head_ops(store.C, store.d, store.device, self.settings.max_batch_size)
 
     def _maintenance_loop(self) -> None:
         """Every --snapshot-interval-s: snapshot: write changed sessions; wal: compact long logs.
@@ -291,6 +297,25 @@ class Engine:
 
     async def tenant_counts(self, tenants: list[str]) -> dict[str, int]:
         return await self._call(lambda: {t: self.store.tenant_count(t) for t in tenants})
+
+
+def warm_head_ops(C: int, d: int, device, max_rows: int) -> None:
+    """Each rule's forward and update on throw-away heads as wide as the store's (C classes), over
+    two sessions, at 1, 2 and max_rows rows."""
+    g = torch.Generator().manual_seed(0)
+    for rule in RULES.values():
+        hyper = rule.validate({})
+        heads, state_rows = scratch_heads([(rule, hyper, C, None), (rule, hyper, 2, None)], C, d, device)
+        for rows in sorted({1, 2, max_rows}):
+            slots = torch.arange(rows, dtype=torch.int64, device=device) % 2
+            x = torch.randn(rows, d, generator=g).to(device)
+            y = torch.zeros(rows, dtype=torch.int64, device=device)
+            sr = torch.tensor([state_rows[s] for s in slots.tolist()], dtype=torch.int64, device=device)
+            batch = kernels.SlotBatch(slots)
+            logits = kernels.head_forward(x, heads.W, heads.b, slots, heads.n_classes, normalize=heads.normalize,
+                                          batch=batch)
+            kw = {"logits": logits} if rule.reuses_logits and kernels.dispatch.logits_reusable(x) else {}
+            rule.update(heads, x, y, slots, sr if rule.state else None, batch=batch, **kw)
 
 
 def resolve_episodic(job: EpisodicJob, max_classes: int, max_steps: int) -> EpisodicSpec:

@@ -72,3 +72,26 @@ def test_unknown_rules_and_hyper_parameters_are_refused():
     assert e.value.code == "invalid_hyperparameter"
     with pytest.raises(InvalidInput):
         get_rule("sgd").validate({"momentum": 0.9})
+
+
+def test_the_warm_up_runs_every_rule_at_the_store_width_and_every_batch_size():
+    """Before readiness every rule's update runs on heads as wide as the store's, at the batch
+    sizes a micro-batch can have (on CUDA that compiles each kernel specialisation up front)."""
+    from server.engine.engine import warm_head_ops
+    from server.rules import register
+
+    seen = []
+
+    class Recorder(Rule):
+        name = "test-recorder"
+
+        def update(self, heads, x, y, slots, state_rows, batch=None) -> int:
+            seen.append((heads.W.shape[1], x.shape[0]))
+            return 0
+
+    register(Recorder())
+    try:
+        warm_head_ops(64, 8, "cpu", 16)
+    finally:
+        RULES.pop("test-recorder")
+    assert seen == [(64, 1), (64, 2), (64, 16)]
