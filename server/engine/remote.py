@@ -44,22 +44,22 @@ class EngineServer:
         self._tasks: set[asyncio.Task] = set()
 
     async def serve(self, stop: asyncio.Event) -> None:
-        waiter = asyncio.ensure_future(stop.wait())
+        reader = asyncio.create_task(self._receive())
         try:
-            while not stop.is_set():
-                recv = asyncio.ensure_future(self.sock.recv_multipart(copy=False))
-                done, _ = await asyncio.wait({recv, waiter}, return_when=asyncio.FIRST_COMPLETED)
-                if recv not in done:
-                    recv.cancel()
-                    break
-                frames = recv.result()
-                task = asyncio.create_task(self._answer(frames))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
+            await stop.wait()
         finally:
-            waiter.cancel()
+            reader.cancel()
             if self._tasks:
                 await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _receive(self) -> None:
+        # a plain receive loop: waiting on the stop event beside every receive would cost a
+        # wait() per message on the engine's loop
+        while True:
+            frames = await self.sock.recv_multipart(copy=False)
+            task = asyncio.create_task(self._answer(frames))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
 
     async def _answer(self, frames) -> None:
         ident, rid, method, header, rest = frames[0], frames[1], frames[2].bytes.decode(), frames[3], frames[4:]
