@@ -36,8 +36,8 @@ def test_tree_cpu_counts_every_descendant():
     code = ("import subprocess, sys; subprocess.run([sys.executable, '-c', "
             "'import sys\\nwhile True: pass'])")
     parent = subprocess.Popen([sys.executable, "-c", code])
+    grandchild = None
     try:
-        grandchild = None
         while grandchild is None:
             kids = subprocess.run(["pgrep", "-P", str(parent.pid)], capture_output=True, text=True).stdout.split()
             grandchild = int(kids[0]) if kids else None
@@ -47,9 +47,10 @@ def test_tree_cpu_counts_every_descendant():
             burnt = (int(fields[11]) + int(fields[12])) / sb.TICK
         assert sb.tree_cpu(parent.pid) >= burnt
     finally:
+        if grandchild is not None:
+            os.kill(grandchild, 9)
         parent.kill()
         parent.wait()
-        subprocess.run(["pkill", "-P", str(parent.pid)])
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="reads /proc")
