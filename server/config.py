@@ -80,6 +80,10 @@ class Settings(BaseSettings):
     max_device_sessions: int = Field(
         1024, ge=1, description="Session heads resident in device slot tensors; least recently used ones move to host."
     )
+    head_dtype: Literal["float32", "bfloat16"] = Field(
+        "float32", description="Storage of the device tier's heads: bfloat16 halves their memory (the kernels "
+        "compute in float32; a head is rounded to bfloat16 once, when it enters a slot). Rule state stays float32.",
+    )
     max_host_sessions: int = Field(
         4096, ge=0, description="Session heads kept in host memory; beyond it least recently used ones go to disk."
     )

@@ -36,7 +36,7 @@ from server.engine.messages import AdaptJob, AdaptResult, EpisodicJob, Input, Jo
 from server.engine.metrics import Metrics
 from server.errors import Unavailable, invalid, not_ready, timed_out
 from server.rules import RULES, get_rule, scratch_heads
-from server.sessions import SessionInfo, SessionStore, StoreEvents
+from server.sessions import SessionInfo, SessionStore, StoreEvents, width_for
 
 log = logging.getLogger("fwserve.engine")
 
@@ -177,7 +177,8 @@ class Engine:
         executor.run(items)
         for item in items:
             item.future.result()
-        warm_head_ops(store.C, store.d, store.device, self.settings.max_batch_size)
+        for width in sorted({width_for(n) for n in range(1, store.C + 1)}):  # every pool a head can land in
+            warm_head_ops(width, store.d, store.device, self.settings.max_batch_size)
 
     def _maintenance_loop(self) -> None:
         """Every --snapshot-interval-s: snapshot: write changed sessions; wal: compact long logs.
@@ -300,8 +301,8 @@ class Engine:
 
 
 def warm_head_ops(C: int, d: int, device, max_rows: int) -> None:
-    """Each rule's forward and update on throw-away heads as wide as the store's (C classes), over
-    two sessions, at 1, 2 and max_rows rows."""
+    """Each rule's forward and update on throw-away heads as wide as one of the store's pools
+    (C classes), over two sessions, at 1, 2 and max_rows rows."""
     g = torch.Generator().manual_seed(0)
     for rule in RULES.values():
         hyper = rule.validate({})

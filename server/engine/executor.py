@@ -5,8 +5,9 @@
 2. session and base-head jobs, in one sessions transaction, in *rounds*: a job's round is the
    number of adapt jobs of its session queued before it in this batch. Per round: one grouped
    head forward over all its rows (predictions, and the pre-update predictions of adapts =
-   prequential), then one grouped update call per rule. Jobs of different sessions share a
-   round, so the common case is one forward and one update per rule; several adapts of one
+   prequential), then one grouped update call per rule, for each pool width the round's heads
+   are in (server/sessions/slots.py). Jobs of different sessions share a round, so the common
+   case is one forward and one update per rule; several adapts of one
    session in one batch become successive rounds, identical to sending them one at a time;
 3. episodic jobs: a throw-away head per job, adapted on its support set (one call per rule per
    step) and one head forward for all their queries.
@@ -164,7 +165,11 @@ class Executor:
                 if id(item) in ys:
                     n_adapts[item.session] += 1
             for r in sorted(rounds):
-                self._round(txn, rounds[r], rows, ys, results)
+                by_width: dict[int, list[Pending]] = defaultdict(list)  # heads of one width: one kernel call
+                for item in rounds[r]:
+                    by_width[txn.width(item.session)].append(item)
+                for width, witems in by_width.items():
+                    self._round(txn, width, witems, rows, ys, results)
         for item in live:  # the log append failed for these sessions: nothing is acknowledged
             if item.session in txn.errors and not item.future.done():
                 item.future.set_exception(txn.errors[item.session])
@@ -197,13 +202,14 @@ class Executor:
             dups.append((item, first))
         return True
 
-    def _round(self, txn, items: list[Pending], rows, ys, results) -> None:
+    def _round(self, txn, width: int, items: list[Pending], rows, ys, results) -> None:
+        """One round's jobs whose heads are in the width's pool: one forward, one update per rule."""
         m = self.metrics
         x = torch.stack([f for i in items for f in rows[id(i)]])
         slots = torch.tensor([txn.slot(i.session) if i.session else txn.base_slot
                               for i in items for _ in i.job.inputs], dtype=torch.int64, device=x.device)
         t0 = time.perf_counter()
-        logits = txn.forward(x, slots)
+        logits = txn.forward(x, slots, width)
         probs = torch.softmax(logits.float(), dim=1).cpu()
         m.head_predict.observe(time.perf_counter() - t0)
 
@@ -249,7 +255,7 @@ class Executor:
                 state_rows = torch.tensor([txn.state_row(i.session) for i in ritems for _ in i.job.inputs],
                                           dtype=torch.int64, device=dev)
             t0 = time.perf_counter()
-            resets, undone = txn.apply(rule, xs, y, sl, state_rows, batch=batch, logits=pre)
+            resets, undone = txn.apply(rule, xs, y, sl, state_rows, width, batch=batch, logits=pre)
             if xs.is_cuda:
                 torch.cuda.synchronize(dev)
             dt = time.perf_counter() - t0

@@ -147,17 +147,18 @@ def per_slot_hyper() -> dict[str, float]:
 
 
 def scratch_heads(entries: list[tuple[Rule, dict, int, Optional[dict[str, torch.Tensor]]]], C: int, d: int,
-                  device) -> tuple[Heads, list[int]]:
+                  device, head_dtype: torch.dtype = torch.float32) -> tuple[Heads, list[int]]:
     """Heads for a few sessions outside any slot pool: slot i holds entries[i] =
     (rule, hyper, classes, tensors). `tensors` ({"W", "b", state...}, CPU or device) starts the
     head where it is; None starts it at zero with the rule's initial state. Every registered
     per-slot hyper-parameter gets a tensor; each rule's state rows are compact and returned as
-    state_rows[i] (episodic heads, log replay, offline validation)."""
+    state_rows[i] (episodic heads, log replay, offline validation). `head_dtype`: W and b storage
+    (log replay matches the pool the session lives in)."""
     E = len(entries)
     defaults = per_slot_hyper()
     heads = Heads(
-        W=torch.zeros(E, C, d, device=device),
-        b=torch.zeros(E, C, device=device),
+        W=torch.zeros(E, C, d, dtype=head_dtype, device=device),
+        b=torch.zeros(E, C, dtype=head_dtype, device=device),
         n_classes=torch.tensor([n for _, _, n, _ in entries], dtype=torch.int64, device=device),
         normalize=torch.tensor([r.normalize for r, _, _, _ in entries], dtype=torch.bool, device=device),
         hyper={k: torch.tensor([float(h.get(k, v)) for _, h, _, _ in entries], device=device)
@@ -177,8 +178,8 @@ def scratch_heads(entries: list[tuple[Rule, dict, int, Optional[dict[str, torch.
         if tensors is None:
             tensors = rule.init_state(n, d, hyper)
         else:
-            heads.W[i, :n] = tensors["W"].to(device)
-            heads.b[i, :n] = tensors["b"].to(device)
+            heads.W[i, :n] = tensors["W"].to(device, head_dtype)
+            heads.b[i, :n] = tensors["b"].to(device, head_dtype)
         for k, pool in heads.pools.get(rule.name, {}).items():
             src = tensors[k]
             pool[state_rows[i]][tuple(slice(0, s) for s in src.shape)] = src.to(device)

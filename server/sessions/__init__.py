@@ -6,15 +6,16 @@ idempotency records), their tiers (device slots, host memory, the store) and the
     with store.batch(["s1"]) as txn:     # one micro-batch (server/sessions/transaction.py)
         ...
 
-Modules: session (Session, SessionInfo), slots (slot tensors), tiers (device/host/disk moves),
+Modules: session (Session, SessionInfo), slots (slot tensors, one pool per head width), tiers (device/host/disk moves),
 codec (byte formats), wal (log buffering and replay), idempotency, transaction, store (the
 facade), backends/ (directory, redis).
 """
 
 from server.sessions.backends import Backend, StoreError, open_backend
 from server.sessions.session import Session, SessionInfo
+from server.sessions.slots import width_for
 from server.sessions.store import SessionStore, StoreEvents
 from server.sessions.transaction import Transaction
 
 __all__ = ["Backend", "Session", "SessionInfo", "SessionStore", "StoreError", "StoreEvents", "Transaction",
-           "open_backend"]
+           "open_backend", "width_for"]

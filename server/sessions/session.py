@@ -168,6 +168,7 @@ class Held:
 
     session: Session
     tier: str = "none"  # device | host | disk | none (dropped)
+    width: Optional[int] = None  # device tier: its pool's width (server/sessions/slots.py)
     slot: Optional[int] = None
     state_row: Optional[int] = None
     host: Optional[dict[str, torch.Tensor]] = None  # CPU copies while on the host tier

@@ -3,7 +3,7 @@
 Management calls (create, get, reset, delete, export, import) and micro-batch transactions
 (``batch``) go through here; both take ``lock``, so they never interleave. Below it:
 
-- ``slots.SlotPool`` and ``tiers.Tiers``: device slots, host memory and the disk tier;
+- ``slots.SlotPools`` and ``tiers.Tiers``: device slots, host memory and the disk tier;
 - ``backends``: the store (a directory or Redis) — with ``--durability none`` only the spill
   tier (a private namespace, emptied at exit); with ``snapshot`` or ``wal`` the source of truth,
   the device and host tiers caching it: a session this process does not hold is loaded on first
@@ -42,7 +42,7 @@ from server.sessions import listing
 from server.sessions.backends import Backend, Head, StoreError, new_incarnation, open_backend
 from server.sessions.idempotency import Idem, IdempotencyRecords
 from server.sessions.session import Held, Session, SessionInfo, check_classes
-from server.sessions.slots import SlotPool
+from server.sessions.slots import SlotPools
 from server.sessions.tiers import Tiers
 from server.sessions.store_io import StoreIO
 from server.sessions.upkeep import Upkeep
@@ -80,7 +80,8 @@ class SessionStore(StoreIO, Upkeep):
         self.base_classes = list(base_classes)
         self.base_W = base_W.detach().float().cpu().clone()
         self.base_b = base_b.detach().float().cpu().clone()
-        self.pool = SlotPool(self.S, self.C, self.d, device, self.base_W, self.base_b)
+        self.pool = SlotPools(self.S, self.C, self.d, device, self.base_W, self.base_b,
+                              head_dtype=getattr(torch, settings.head_dtype))
         self.device = self.pool.device
         self.tiers = Tiers(self.pool, settings.max_host_sessions, self, on_move=self.events.moved)
         self.lock = threading.RLock()

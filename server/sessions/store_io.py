@@ -23,6 +23,7 @@ from server.sessions import codec
 from server.sessions.backends import Head, StoreError
 from server.sessions.idempotency import Idem, IdempotencyRecords, claim_conflicts
 from server.sessions.session import Held, Session
+from server.sessions.slots import width_for
 from server.sessions.wal import WalBuffer, replay
 
 log = logging.getLogger("fwserve.store")
@@ -163,7 +164,8 @@ class StoreIO:
             raise StoreError(f"session {key}: unreadable log record: {e}") from None
         held.log_bytes = sum(len(raw) for raw in stored.records)
         if recs:
-            tensors = replay(sess, tensors, recs, self.C, self.d, self.device)
+            tensors = replay(sess, tensors, recs, width_for(len(sess.classes)), self.d, self.device,
+                             self.pool.head_dtype)
             now = time.time()
             for rec in recs:
                 if rec.idem and rec.idem["expires"] > now:

@@ -23,7 +23,7 @@ import torch
 
 from server.errors import overloaded
 from server.sessions.session import Held
-from server.sessions.slots import SlotPool
+from server.sessions.slots import SlotPools
 
 log = logging.getLogger("fwserve.store")
 Tensors = dict[str, torch.Tensor]
@@ -41,7 +41,7 @@ class Disk(Protocol):
 
 
 class Tiers:
-    def __init__(self, pool: SlotPool, max_host: int, disk: Disk,
+    def __init__(self, pool: SlotPools, max_host: int, disk: Disk,
                  on_move: Optional[Callable[[str, str], None]] = None) -> None:
         self.pool, self.max_host, self.disk = pool, max_host, disk
         self.on_move = on_move or (lambda kind, tier: None)  # ("evict", to_tier) | ("restore", from_tier)
@@ -62,7 +62,7 @@ class Tiers:
             return self.disk.load(held)
         if held.tier == "device":
             s = held.session
-            return self.pool.read(held.slot, held.state_row, s.rule, len(s.classes))
+            return self.pool.read(held.width, held.slot, held.state_row, s.rule, len(s.classes))
         raise RuntimeError(f"session {held.key} holds no tensors")
 
     # ---- moves ------------------------------------------------------------------------------
@@ -70,8 +70,8 @@ class Tiers:
     def place(self, held: Held, tensors: Tensors, pinned: Iterable[str] = ()) -> None:
         """Put a session that holds no tensors (new, reset, imported) into a device slot."""
         assert held.tier == "none", held.tier
-        slot, row = self._take_slot(held, set(pinned) | {held.key})
-        self._fill(held, slot, row, tensors)
+        place = self._take_slot(held, set(pinned) | {held.key})
+        self._fill(held, place, tensors)
 
     def admit_host(self, held: Held, tensors: Tensors) -> None:
         """A session loaded from the store enters host memory (the next use moves it up)."""
@@ -85,11 +85,11 @@ class Tiers:
             self.device.move_to_end(held.key)
             return
         came_from = held.tier
-        slot, row = self._take_slot(held, set(pinned) | {held.key})
+        place = self._take_slot(held, set(pinned) | {held.key})
         try:
             tensors = self.tensors_of(held)
         except BaseException:
-            self.pool.release(slot, row, held.session.rule)
+            self.pool.release(*place, held.session.rule)
             raise
         if came_from == "host":
             del self.host[held.key]
@@ -100,7 +100,7 @@ class Tiers:
             except Exception as e:  # a leftover spill copy is overwritten on the next spill
                 log.warning("session %s: dropping its disk copy failed: %s", held.key, e)
         held.host = None
-        self._fill(held, slot, row, tensors)
+        self._fill(held, place, tensors)
         self.on_move("restore", came_from)
 
     def drop(self, held: Held) -> None:
@@ -117,25 +117,27 @@ class Tiers:
 
     # ---- internals --------------------------------------------------------------------------
 
-    def _fill(self, held: Held, slot: int, row, tensors: Tensors) -> None:
+    def _fill(self, held: Held, place: tuple[int, int, Optional[int]], tensors: Tensors) -> None:
         s = held.session
-        self.pool.write(slot, row, s.rule, s.hyper, tensors)
-        held.slot, held.state_row, held.tier = slot, row, "device"
+        self.pool.write(*place, s.rule, s.hyper, tensors)
+        (held.width, held.slot, held.state_row), held.tier = place, "device"
         self.device[held.key] = held
         self.device.move_to_end(held.key)
 
-    def _take_slot(self, held: Held, pinned: set[str]) -> tuple[int, Optional[int]]:
+    def _take_slot(self, held: Held, pinned: set[str]) -> tuple[int, int, Optional[int]]:
+        """(width, slot, state row) for the session, evicting the least recently used one first
+        when every slot is taken."""
         if not self.pool.n_free:
             victim = next((h for k, h in self.device.items() if k not in pinned), None)
             if victim is None:
                 raise overloaded(1.0, "no device slot is free")
             self._evict_to_host(victim, keep=pinned)
-        return self.pool.alloc(held.session.rule)
+        return self.pool.alloc(held.session.rule, len(held.session.classes))
 
     def _release(self, held: Held) -> None:
-        self.pool.release(held.slot, held.state_row, held.session.rule)
+        self.pool.release(held.width, held.slot, held.state_row, held.session.rule)
         self.device.pop(held.key, None)
-        held.slot = held.state_row = None
+        held.width = held.slot = held.state_row = None
 
     def _evict_to_host(self, held: Held, keep: set[str]) -> None:
         tensors = self.tensors_of(held)

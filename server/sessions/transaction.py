@@ -3,8 +3,9 @@
     with store.batch(keys) as txn:          # the store's lock; the sessions brought to device slots
         txn.found, txn.missing              # key -> Session; keys that do not exist
         txn.unavailable                     # key -> why it cannot be served now (the store failed for it)
-        logits = txn.forward(x, slots)      # grouped head forward over txn.slot(key) / txn.base_slot
-        failed = txn.apply(rule, x, y, slots, rows)   # one grouped update; key -> why it was undone
+        w = txn.width(key)                  # the pool of its head (txn.base_width for the base head)
+        logits = txn.forward(x, slots, w)   # grouped head forward over txn.slot(key) / txn.base_slot
+        failed = txn.apply(rule, x, y, slots, rows, w)   # one grouped update; key -> why it was undone
         version = txn.commit(key, ...)      # one applied adapt booked: version + 1
         txn.remember(key, idem, response)   # its Idempotency-Key answer
     txn.errors                              # after exit: key -> why its adapts were not made durable
@@ -46,6 +47,7 @@ log = logging.getLogger("fwserve.store")
 class _Copy:
     """The touched sessions' heads and state rows before one update call (on the device)."""
 
+    width: int
     keys: list[str]
     slots: torch.Tensor  # [U]
     W: torch.Tensor  # [U, C, d]
@@ -59,7 +61,7 @@ class Transaction:
         self._store = store
         self._keys = list(dict.fromkeys(k for k in keys if k))
         self._held: dict[str, Held] = {}
-        self._owner: dict[int, str] = {}
+        self._owner: dict[int, dict[int, str]] = {}  # width -> slot -> key
         self._wal: Optional[WalBuffer] = WalBuffer(store.fingerprint) if store.durability == "wal" else None
         self._before: dict[str, tuple] = {}  # key -> (rule, copy, index, counters, idem keys): the state at entry
         self.found: dict[str, Session] = {}
@@ -75,7 +77,8 @@ class Transaction:
         except BaseException:
             self._store.lock.release()
             raise
-        self._owner = {h.slot: k for k, h in self._held.items()}
+        for k, h in self._held.items():
+            self._owner.setdefault(h.width, {})[h.slot] = k
         self.found = {k: h.session for k, h in self._held.items()}
         self.missing = set(self._keys) - set(self.found) - set(self.unavailable)
         return self
@@ -93,13 +96,16 @@ class Transaction:
 
     # ---- views ------------------------------------------------------------------------------
 
-    @property
-    def heads(self) -> Heads:
-        return self._store.pool.heads
+    def heads(self, width: int) -> Heads:
+        return self._store.pool.heads(width)
 
     @property
     def base_slot(self) -> int:
         return self._store.pool.base_slot
+
+    @property
+    def base_width(self) -> int:
+        return self._store.pool.base_width
 
     @property
     def base_classes(self) -> list[str]:
@@ -108,27 +114,34 @@ class Transaction:
     def slot(self, key: str) -> int:
         return self._held[key].slot
 
+    def width(self, key: Optional[str]) -> int:
+        """The width of the pool holding the session's head (None: the base head)."""
+        return self._held[key].width if key else self._store.pool.base_width
+
     def state_row(self, key: str) -> Optional[int]:
         return self._held[key].state_row
 
     # ---- work -------------------------------------------------------------------------------
 
-    def forward(self, x: torch.Tensor, slots: torch.Tensor, batch=None) -> torch.Tensor:
-        """Grouped head forward: row i scored by slot slots[i] -> [B, C] float32 logits."""
-        h = self.heads
+    def forward(self, x: torch.Tensor, slots: torch.Tensor, width: int, batch=None) -> torch.Tensor:
+        """Grouped head forward: row i scored by slot slots[i] of the width's pool -> [B, width]
+        float32 logits."""
+        h = self.heads(width)
         return kernels.head_forward(x, h.W, h.b, slots, h.n_classes, normalize=h.normalize, batch=batch)
 
     def apply(self, rule: Rule, x: torch.Tensor, y: torch.Tensor, slots: torch.Tensor,
-              state_rows: Optional[torch.Tensor], batch=None, logits=None) -> tuple[int, dict[str, DomainError]]:
-        """One grouped update over rows of sessions of `rule` (all found here) -> (what the rule
+              state_rows: Optional[torch.Tensor], width: int, batch=None,
+              logits=None) -> tuple[int, dict[str, DomainError]]:
+        """One grouped update over rows of sessions of `rule` whose heads are in the width's
+        pool (all found here) -> (what the rule
         reports: sessions reset by a label-free collapse guard, {key: why its rows were undone}).
         `logits`: this call's rows' logits from txn.forward, handed to rules that reuse them."""
-        copy = self._copy(rule, slots, state_rows)
+        copy = self._copy(rule, slots, state_rows, width)
         if self._wal is not None:
-            self._wal.log_steps(x, y, slots, self._owner)
+            self._wal.log_steps(x, y, slots, self._owner.get(width, {}))
         kw = {"logits": logits} if logits is not None and rule.reuses_logits else {}
         try:
-            resets = rule.update(self.heads, x, y, slots, state_rows, batch=batch, **kw)
+            resets = rule.update(self.heads(width), x, y, slots, state_rows, batch=batch, **kw)
         except Exception as e:
             self._put_back(rule, copy, range(len(copy.keys)))
             err = internal(f"the {rule.name} update failed ({type(e).__name__}); nothing was changed")
@@ -178,16 +191,18 @@ class Transaction:
 
     # ---- copies, checks and putting back ----------------------------------------------------
 
-    def _copy(self, rule: Rule, slots: torch.Tensor, state_rows: Optional[torch.Tensor]) -> _Copy:
-        pool = self._store.pool
+    def _copy(self, rule: Rule, slots: torch.Tensor, state_rows: Optional[torch.Tensor], width: int) -> _Copy:
+        pool = self._store.pool.pool(width)
         valid = slots >= 0
         touched, first = _unique_first(slots[valid])
-        keys = [self._owner[s] for s in touched.tolist()]
+        owner = self._owner[width]
+        keys = [owner[s] for s in touched.tolist()]
         rows = state_rows[valid].index_select(0, first) if rule.state and state_rows is not None else None
         state = {}
         if rows is not None:
-            state = {n: t.index_select(0, rows) for n, t in pool.pools[rule.name].tensors.items()}
-        copy = _Copy(keys, touched, pool.W.index_select(0, touched), pool.b.index_select(0, touched), rows, state)
+            state = {n: t.index_select(0, rows) for n, t in pool.states[rule.name].tensors.items()}
+        copy = _Copy(width, keys, touched, pool.W.index_select(0, touched), pool.b.index_select(0, touched), rows,
+                     state)
         for i, key in enumerate(keys):  # the state at entry: the first copy of each session
             if key not in self._before:
                 s = self.found[key]
@@ -195,25 +210,25 @@ class Transaction:
         return copy
 
     def _nonfinite(self, rule: Rule, copy: _Copy) -> list[int]:
-        pool = self._store.pool
+        pool = self._store.pool.pool(copy.width)
         ok = pool.W.index_select(0, copy.slots).isfinite().flatten(1).all(1)
         ok &= pool.b.index_select(0, copy.slots).isfinite().all(1)
         if copy.rows is not None:
-            for name, t in pool.pools[rule.name].tensors.items():
+            for name, t in pool.states[rule.name].tensors.items():
                 v = t.index_select(0, copy.rows).flatten(1)
                 good = ~(v.isnan() | (v == -math.inf)) if name in rule.inf_state else v.isfinite()
                 ok &= good.all(1)
         return (~ok).nonzero().flatten().tolist()
 
     def _put_back(self, rule: Rule, copy: _Copy, which) -> None:
-        pool = self._store.pool
+        pool = self._store.pool.pool(copy.width)
         idx = torch.as_tensor(list(which), dtype=torch.int64, device=copy.slots.device)
         slots = copy.slots.index_select(0, idx)
         pool.W.index_copy_(0, slots, copy.W.index_select(0, idx))
         pool.b.index_copy_(0, slots, copy.b.index_select(0, idx))
         if copy.rows is not None:
             rows = copy.rows.index_select(0, idx)
-            for name, t in pool.pools[rule.name].tensors.items():
+            for name, t in pool.states[rule.name].tensors.items():
                 t.index_copy_(0, rows, copy.state[name].index_select(0, idx))
         if self._wal is not None:
             for i in idx.tolist():

@@ -65,14 +65,15 @@ class WalBuffer:
 
 
 def replay(sess: Session, tensors: dict[str, torch.Tensor], records: list[Record], C: int, d: int,
-           device) -> dict[str, torch.Tensor]:
+           device, head_dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """Apply logged adapts to a copy of the session's tensors; books each record on `sess`.
-    Returns the new tensors (CPU copies)."""
+    Returns the new tensors (CPU copies). `C` and `head_dtype`: the width and storage of the pool
+    the session's head lives in, so every step is computed exactly as it was live."""
     rule, n = sess.rule, len(sess.classes)
     U = 1 + max((len(o) for r in records for _, _, o in r.steps), default=0)
     # Stand-ins share the session's rule and hyper-parameters; they start from zero every call.
     entries = [(rule, sess.hyper, n, tensors)] + [(rule, sess.hyper, 1, _zeros(rule, 1, d))] * (U - 1)
-    heads, _ = scratch_heads(entries, C, d, device)
+    heads, _ = scratch_heads(entries, C, d, device, head_dtype)
     pool = heads.pools.get(rule.name, {})
     for rec in records:
         for x, y, others in rec.steps:
@@ -88,7 +89,7 @@ def replay(sess: Session, tensors: dict[str, torch.Tensor], records: list[Record
                 t[1:].zero_()
         sess.book(rec.n, rec.correct, rec.labelled, rec.t)
         sess.version = rec.version
-    out = {"W": heads.W[0, :n].cpu().clone(), "b": heads.b[0, :n].cpu().clone()}
+    out = {"W": heads.W[0, :n].float().cpu().clone(), "b": heads.b[0, :n].float().cpu().clone()}
     for k, shape in rule.state_shapes(n, d).items():
         out[k] = pool[k][0][tuple(slice(0, s) for s in shape)].cpu().clone()
     return out

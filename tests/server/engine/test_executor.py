@@ -141,13 +141,57 @@ def test_updates_get_the_rounds_forward_logits_of_exactly_their_rows(parts, back
              Pending(AdaptJob("p", xs[4:5], ["b"])),
              Pending(AdaptJob("s2", xs[5:6], ["b"]))])
     (sgd_logits, sgd_expected), = seen["sgd"]
-    assert sgd_logits is not None and sgd_logits.shape == (3, store.C)
+    assert sgd_logits is not None and sgd_logits.shape == (3, 4)  # the 4-wide pool of these heads
     torch.testing.assert_close(sgd_logits, sgd_expected, rtol=1e-5, atol=1e-5)  # rows of s1 then s2
     (tent_logits, tent_expected), = seen["tent"]
     torch.testing.assert_close(tent_logits, tent_expected, rtol=1e-5, atol=1e-5)
     (proto_logits, _), = seen["prototype"]
     assert proto_logits is None  # prototype does not reuse logits: nothing handed in
     assert store.info("s1").version == 1 and store.info("s2").version == 1
+
+
+def test_heads_of_every_width_share_a_batch_as_if_sent_alone(parts, backbone, tmp_path, monkeypatch):
+    """Sessions of 2, 10 and 30 classes (pools 4, 12 and 32 wide) in one batch: one update call
+    per width, and each answer and head exactly what the session gets in a batch of its own."""
+    from server.rules import RULES
+
+    ex, store, metrics = parts
+    widths = {"w2": 2, "w10": 10, "w30": 30, "v10": 10}
+    classes = {k: [f"c{i}" for i in range(n)] for k, n in widths.items()}
+    xs = inputs(backbone, digits(8, seed=91))
+    jobs = lambda: [Pending(AdaptJob(k, xs[2 * i:2 * i + 2], [classes[k][i], classes[k][0]]))  # noqa: E731
+                    for i, k in enumerate(widths)]
+    calls = []
+    original = RULES["sgd"].update
+    monkeypatch.setattr(RULES["sgd"], "update", lambda heads, *a, **kw: (calls.append(heads.W.shape[1]),
+                                                                          original(heads, *a, **kw))[1])
+    for k in widths:
+        store.create("sgd", classes[k], {}, session_id=k)
+    together = run(ex, jobs())
+    assert sorted(calls) == [4, 12, 32]  # one call per width: v10 shares w10's
+
+    alone_store = SessionStore(Settings(snapshot_dir=tmp_path / "alone"), backbone.embed_dim, backbone.head.weight,
+                               backbone.head.bias, backbone.class_names, "cpu", "x", Metrics())
+    alone_ex = Executor(Counting(backbone), alone_store, FeatureCache(64, Metrics()), Metrics(),
+                        Settings(snapshot_dir=tmp_path))
+    try:
+        for k in widths:
+            alone_store.create("sgd", classes[k], {}, session_id=k)
+        for job, first in zip(jobs(), together):
+            (alone,) = run(alone_ex, [job])
+            assert isinstance(alone, AdaptResult) and alone.version == first.version == 1
+            assert [(p.label, p.score) for p in alone.predictions] == [(p.label, p.score) for p in first.predictions]
+        for k in widths:
+            assert _same_head(alone_store, store, k), k
+    finally:
+        alone_store.close()
+
+
+def _same_head(a, b, key) -> bool:
+    from safetensors.torch import load as st_load
+
+    ta, tb = st_load(a.export(key)), st_load(b.export(key))
+    return ta.keys() == tb.keys() and all(ta[n].equal(tb[n]) for n in ta)
 
 
 def test_the_engine_logs_and_exports_the_head_ops_implementation(backbone, tmp_path, caplog):

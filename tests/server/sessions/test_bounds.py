@@ -34,7 +34,8 @@ def store(root: Path, **kw) -> SessionStore:
 
 def adapt(st: SessionStore, key: str, idem=None) -> int:
     with st.batch([key]) as txn:
-        txn.apply(get_rule("sgd"), torch.ones(1, D), torch.tensor([1]), torch.tensor([txn.slot(key)]), None)
+        txn.apply(get_rule("sgd"), torch.ones(1, D), torch.tensor([1]), torch.tensor([txn.slot(key)]), None,
+                  txn.width(key))
         v = txn.commit(key, 1, 0, 1)
         txn.remember(key, idem, {"version": v})
     assert not txn.errors
@@ -88,7 +89,8 @@ def test_a_full_store_refuses_writes_and_recovers(tmp_path):
     before = st.info(key).version
     with st.batch([key]) as txn:  # fills what is left: a log append that does not fit is not acknowledged
         for _ in range(50):
-            txn.apply(get_rule("sgd"), torch.ones(1, D), torch.tensor([1]), torch.tensor([txn.slot(key)]), None)
+            txn.apply(get_rule("sgd"), torch.ones(1, D), torch.tensor([1]), torch.tensor([txn.slot(key)]), None,
+                  txn.width(key))
             txn.commit(key, 1, 0, 1)
     assert txn.errors[key].code == "store_unavailable"
     assert st.info(key).version == before  # dropped and reloaded at its durable version

@@ -62,7 +62,8 @@ def test_what_this_release_writes_carries_format_and_weights(tmp_path):
     meta = codec.read_meta(st.export("s"))
     assert meta["format"] == codec.EXPORT_FORMAT == "fwserve-session/2" and meta["weights"] == "a" * 64
     with st.batch(["s"]) as txn:
-        txn.apply(get_rule("sgd"), torch.ones(1, D), torch.tensor([1]), torch.tensor([txn.slot("s")]), None)
+        txn.apply(get_rule("sgd"), torch.ones(1, D), torch.tensor([1]), torch.tensor([txn.slot("s")]), None,
+                  txn.width("s"))
         txn.commit("s", 1, 0, 1)
     (log_file,) = tmp_path.glob("*.wal")
     (record,) = read_frames(log_file.read_bytes())[0]

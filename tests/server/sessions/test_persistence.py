@@ -87,15 +87,16 @@ def test_none_mode_forgets_and_cleans_up(backbone, tmp_path):
         assert e.value.status == 404
 
 
-def test_wal_replays_a_crash_image_exactly(backbone, tmp_path):
+@pytest.mark.parametrize("head_dtype", ["float32", "bfloat16"])
+def test_wal_replays_a_crash_image_exactly(backbone, tmp_path, head_dtype):
     """Copy the store while the server runs (no shutdown, no compaction): the log replays to the
-    same heads, statistics and predictions."""
-    with live_server(backbone, tmp_path, durability="wal") as srv, Client(srv.url) as c:
+    same heads, statistics and predictions (bfloat16 heads too: replay rounds as the pool did)."""
+    with live_server(backbone, tmp_path, durability="wal", head_dtype=head_dtype) as srv, Client(srv.url) as c:
         state = make_sessions(c, n_adapts=4)
         preds = {sid: c.predict(XS[:3], session_id=sid, top_k=2) for sid in state}
         image = crash_image(tmp_path)
     assert list((image / "snapshots").glob("*.wal"))
-    with live_server(backbone, image, durability="wal") as srv, Client(srv.url) as c:
+    with live_server(backbone, image, durability="wal", head_dtype=head_dtype) as srv, Client(srv.url) as c:
         check_sessions(c, state)
         for sid, p in preds.items():
             q = c.predict(XS[:3], session_id=sid, top_k=2)

@@ -96,16 +96,16 @@ def adapt_round(store: SessionStore, plan: list[tuple[str, torch.Tensor, torch.T
     of every session in the plan, then one commit per session, then the log flush."""
     with store.batch([k for k, _, _ in plan]) as txn:
         assert not txn.missing
-        by_rule: dict[str, list] = {}
+        by_rule: dict[tuple[str, int], list] = {}  # one call per rule and pool width
         for key, x, y in plan:
-            by_rule.setdefault(txn.found[key].rule.name, []).append((key, x, y))
-        for name, items in by_rule.items():
+            by_rule.setdefault((txn.found[key].rule.name, txn.width(key)), []).append((key, x, y))
+        for (name, width), items in by_rule.items():
             rule = RULES[name]
             xs = torch.cat([x for _, x, _ in items])
             ys = torch.cat([y for _, _, y in items])
             slots = torch.tensor([txn.slot(k) for k, x, _ in items for _ in range(len(x))])
             rows = torch.tensor([txn.state_row(k) for k, x, _ in items for _ in range(len(x))]) if rule.state else None
-            txn.apply(rule, xs, ys, slots, rows)
+            txn.apply(rule, xs, ys, slots, rows, width)
             for k, x, y in items:
                 txn.commit(k, len(x), 0, int((y >= 0).sum()))
     assert txn.errors == {}

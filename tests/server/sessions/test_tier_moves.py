@@ -8,7 +8,7 @@ import torch
 
 from server.rules import get_rule
 from server.sessions.session import Held, Session
-from server.sessions.slots import SlotPool
+from server.sessions.slots import SlotPools
 from server.sessions.tiers import Tiers
 
 D = 4
@@ -39,7 +39,7 @@ class FakeDisk:
 
 def setup(slots=2, host=1):
     disk = FakeDisk()
-    tiers = Tiers(SlotPool(slots, 3, D, "cpu", torch.zeros(1, D), torch.zeros(1)), host, disk)
+    tiers = Tiers(SlotPools(slots, 3, D, "cpu", torch.zeros(1, D), torch.zeros(1)), host, disk)
     return tiers, disk
 
 

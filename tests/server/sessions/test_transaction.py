@@ -29,7 +29,7 @@ def adapt(txn, key: str, value: float) -> int:
     rule = get_rule("sgd")
     x = torch.full((1, D), value)
     slots = torch.tensor([txn.slot(key)])
-    txn.apply(rule, x, torch.tensor([1]), slots, None)
+    txn.apply(rule, x, torch.tensor([1]), slots, None, txn.width(key))
     return txn.commit(key, 1, 0, 1)
 
 
