@@ -25,7 +25,7 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server import __version__
-from server.api import v1, v2
+from server.api import v1, v2, versions
 from server.api.context import Api
 from server.api.errors import CODE_HEADER, STATUS_CODES, ApiError, error_body, from_domain
 from server.api.middleware import Guard
@@ -88,6 +88,7 @@ def create_app(settings: Optional[Settings] = None, backbone=None) -> FastAPI:
                        request_duration=engine.metrics.request_duration, auth=api.auth)
     _handlers(app)
     v1.add_routes(app, api)
+    versions.add_routes(app, api)
     v2.add_routes(app, api)
 
     @app.get("/metrics", tags=["ops"], response_class=Response)
