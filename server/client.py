@@ -42,8 +42,8 @@ import httpx
 import numpy as np
 
 from server.api.schemas import (
-    AdaptResponse, InferResponse, ModelMetadata, PredictResponse, ServerMetadata, SessionCreated, SessionInfo,
-    SessionList,
+    AdaptResponse, InferResponse, ModelMetadata, PredictResponse, RolledBack, ServerMetadata, SessionCreated,
+    SessionInfo, SessionList, VersionList,
 )
 
 Label = Union[int, str]
@@ -217,19 +217,23 @@ class _Calls:
     """Request builders shared by the sync and async clients."""
 
     @staticmethod
-    def create_session(rule, classes, hyperparameters, session_id, init) -> _Call:
+    def create_session(rule, classes, hyperparameters, session_id, init, guard=None) -> _Call:
         body: dict[str, Any] = {"rule": rule, "hyperparameters": dict(hyperparameters or {}), "init": init}
         if classes is not None:
             body["classes"] = list(classes)
         if session_id is not None:
             body["id"] = session_id
+        if guard is not None:
+            body["guard"] = dict(guard)
         return _Call("POST", "/v1/sessions", _model(SessionCreated), json=body, session_id=session_id)
 
     @staticmethod
-    def predict(encode, instances, session_id, top_k) -> _Call:
+    def predict(encode, instances, session_id, top_k, version=None) -> _Call:
         body = {"instances": _labelled(instances, None), "top_k": top_k}
         if session_id is not None:
             body["session_id"] = session_id
+        if version is not None:
+            body["version"] = version
         return _Call("POST", "/v1/predict", _model(PredictResponse), session_id=session_id,
                      **_merge(encode("/v1/predict", body)))
 
@@ -249,12 +253,15 @@ class _Calls:
         return _Call("POST", "/v1/adapt", _model(AdaptResponse), session_id=session_id, **kw)
 
     @staticmethod
-    def infer(model, batch, session_id, top_k, datatype, labels, binary, idempotency_key) -> _Call:
+    def infer(model, batch, session_id, top_k, datatype, labels, binary, idempotency_key,
+              session_version=None) -> _Call:
         params: dict[str, Any] = {}
         if top_k != 1:
             params["top_k"] = top_k
         if session_id is not None:
             params["session_id"] = session_id
+        if session_version is not None:
+            params["session_version"] = session_version
         if binary:
             params["binary_data_output"] = True
         entries, blobs = [], []
@@ -300,9 +307,9 @@ class _Api:
 
     def create_session(self, rule: str, classes: Optional[Sequence[str]] = None,
                        hyperparameters: Optional[dict] = None, session_id: Optional[str] = None,
-                       init: str = "zeros"):
-        """-> SessionCreated {id, version}"""
-        return self._do(_Calls.create_session(rule, classes, hyperparameters, session_id, init))
+                       init: str = "zeros", guard: Optional[dict] = None):
+        """-> SessionCreated {id, version}. `guard`: e.g. {"action": "rollback"} (README, "Guards")."""
+        return self._do(_Calls.create_session(rule, classes, hyperparameters, session_id, init, guard))
 
     def get_session(self, session_id: str):
         """-> SessionInfo"""
@@ -316,8 +323,40 @@ class _Api:
         return self._do(_Call("GET", f"/v1/sessions?{q}", _model(SessionList)))
 
     def reset_session(self, session_id: str):
-        """-> SessionCreated {id, version: 0}"""
+        """-> SessionCreated {id, version}: the initial state as a new version"""
         return self._do(_Call("POST", f"/v1/sessions/{session_id}/reset", _model(SessionCreated),
+                              session_id=session_id))
+
+    def versions(self, session_id: str, limit: int = 100, before: Optional[int] = None):
+        """-> VersionList {session_id, version, retained_from, versions (newest first)}"""
+        q = urlencode({k: v for k, v in (("limit", limit), ("before", before)) if v is not None})
+        return self._do(_Call("GET", f"/v1/sessions/{session_id}/versions?{q}", _model(VersionList),
+                              session_id=session_id))
+
+    def rollback(self, session_id: str, version: int, idempotency_key: Optional[str] = None):
+        """-> RolledBack {id, version (the new one), rolled_back_to}. Sent with an Idempotency-Key
+        (`idempotency_key`, else a fresh one), the same on every retry of this call."""
+        return self._do(_Call("POST", f"/v1/sessions/{session_id}/rollback", _model(RolledBack),
+                              json={"version": version}, session_id=session_id,
+                              headers={IDEMPOTENCY_HEADER: idempotency_key or uuid.uuid4().hex}))
+
+    def fork(self, session_id: str, new_id: Optional[str] = None, version: Optional[int] = None,
+             idempotency_key: Optional[str] = None):
+        """-> SessionInfo of a new session made from a retained version (default: the current)."""
+        body = {k: v for k, v in (("id", new_id), ("version", version)) if v is not None}
+        return self._do(_Call("POST", f"/v1/sessions/{session_id}/fork", _model(SessionInfo), json=body,
+                              session_id=session_id,
+                              headers={IDEMPOTENCY_HEADER: idempotency_key or uuid.uuid4().hex}))
+
+    def patch_session(self, session_id: str, guard: Any = ..., frozen: Optional[bool] = None):
+        """-> SessionInfo. `guard`: new settings (a dict), None removes the guard, absent leaves
+        it; `frozen`: False unfreezes, True freezes."""
+        body: dict[str, Any] = {}
+        if guard is not ...:
+            body["guard"] = guard
+        if frozen is not None:
+            body["frozen"] = frozen
+        return self._do(_Call("PATCH", f"/v1/sessions/{session_id}", _model(SessionInfo), json=body,
                               session_id=session_id))
 
     def delete_session(self, session_id: str):
@@ -333,9 +372,11 @@ class _Api:
         return self._do(_Call("PUT", f"/v1/sessions/{session_id}/import", _model(SessionInfo), content=data,
                               headers={"content-type": "application/octet-stream"}, session_id=session_id))
 
-    def predict(self, instances: Sequence[Any], session_id: Optional[str] = None, top_k: int = 1):
-        """-> PredictResponse; without a session the base head answers."""
-        return self._do(_Calls.predict(self._encode, instances, session_id, top_k))
+    def predict(self, instances: Sequence[Any], session_id: Optional[str] = None, top_k: int = 1,
+                version: Optional[int] = None):
+        """-> PredictResponse; without a session the base head answers; with `version`, that
+        retained version of the session (nothing changes)."""
+        return self._do(_Calls.predict(self._encode, instances, session_id, top_k, version))
 
     def predict_episodic(self, instances: Sequence[Any], support: Sequence[Any],
                          labels: Optional[Sequence[Label]] = None, rule: str = "prototype",
@@ -374,13 +415,15 @@ class _Api:
 
     def infer(self, model: str, batch: Any, session_id: Optional[str] = None, top_k: int = 1,
               datatype: str = "FP32", labels: Optional[Sequence[Label]] = None, binary: bool = True,
-              idempotency_key: Optional[str] = None):
+              idempotency_key: Optional[str] = None, session_version: Optional[int] = None):
         """Open Inference Protocol infer -> InferResponse (every output's data filled in).
         `batch`: pixel values [B, H, W] / [B, H, W, C] (sent as `datatype`), or a list of encoded
         images (BYTES). With `labels` (names or indices, one per image) the session adapts:
         the outputs are its pre-update predictions, parameters.session_version its new version.
-        `binary`: the binary tensor extension both ways (False: JSON tensors)."""
-        return self._do(_Calls.infer(model, batch, session_id, top_k, datatype, labels, binary, idempotency_key))
+        `binary`: the binary tensor extension both ways (False: JSON tensors). `session_version`:
+        predict with that retained version of the session."""
+        return self._do(_Calls.infer(model, batch, session_id, top_k, datatype, labels, binary, idempotency_key,
+                                     session_version))
 
     def metrics(self):
         """-> the Prometheus text exposition"""

@@ -9,7 +9,8 @@ settings (``parse``; only ``action`` is required):
     reference       "base" (the backbone's head; sessions with the base classes, the default
                     for them) or a version of the session, pinned (default for other sessions:
                     the version current when the guard is set); its head is kept with the guard
-    collapse_share  0.95   label-free: the top class's share of the session's predictions ...
+    collapse_share  0.5    label-free: the share of the rows its top class takes, at least, to count
+                           as a collapse (and `margin` more of them than the reference gives it)
     entropy_drift   0.5    label-free: |mean normalised entropy, session - reference| (null: off)
     feature_drift   null   label-free: shift of the window's mean feature, in units of the
                            spread of the first window's features (null: off)
@@ -22,17 +23,19 @@ settings (``parse``; only ``action`` is required):
 Labelled adapts: for each labelled example the session's prediction before the update and the
 reference's prediction (shadow predictions: one grouped head_forward over the reference heads per
 round, server/sessions/references.py) are both scored against the label. Over a full window, a
-session more than `margin` below the reference trips the guard. Label-free rows: the session's
-top-class share is at least `collapse_share` and `margin` above the reference's on the same rows
-(a head collapsing, not a stream of one class), or the entropy or feature drift exceeds its
-bound.
+session more than `margin` below the reference trips the guard. Label-free rows: the class the
+session predicts most takes at least `collapse_share` of the rows and `margin` more of them than
+the reference gives that class on the same rows (a head collapsing, not a stream of one class),
+or the entropy or feature drift exceeds its bound.
 
 Actions: ``alert`` logs and counts; ``freeze`` stops adapts (409 session_frozen until PATCH
 unfreezes); ``rollback`` makes the last version that was above the reference current again, as a
 new version. Which version that was is judged on the window's evidence: each retained version is
-scored on the window's examples that came after it (it never learned from them) and the newest one
-scoring at least as well as the reference there (label-free: not collapsed or drifted relative
-to it) is the target; with none, the guard freezes instead. The window starts afresh after every
+scored on the window's labelled examples that came after it (it never learned from their labels)
+and the newest one scoring at least as well as the reference there is the target; label-free, on
+all the window's rows (adapting on a row only makes a version look more skewed), the newest one
+no more concentrated on one class than the reference (by `margin`) and without entropy drift.
+With none, the guard freezes instead. The window starts afresh after every
 trip. The tent rule's own collapse reset (back to the initial head, in its kernel) is the
 default guard of tent sessions and reported as a trip (action ``reset``); a tent session created
 with a guard leaves collapse to the guard.
@@ -51,7 +54,7 @@ import torch
 from server.errors import DomainError, InvalidInput, conflict, invalid
 
 ACTIONS = ("rollback", "freeze", "alert")
-DEFAULTS = {"margin": 0.1, "window": 64, "collapse_share": 0.95, "entropy_drift": 0.5, "feature_drift": None,
+DEFAULTS = {"margin": 0.1, "window": 64, "collapse_share": 0.5, "entropy_drift": 0.5, "feature_drift": None,
             "max_examples": None, "max_step_norm": None, "max_window_norm": None, "max_lr": None}
 STEP_SIZES = ("lr", "beta")  # hyper-parameters max_lr bounds
 MAX_WINDOW = 4096
@@ -235,7 +238,7 @@ class Watch:
 
     @property
     def min_evidence(self) -> int:
-        return max(4, self.cfg["window"] // 4)
+        return max(4, self.cfg["window"] // 2)
 
     def judge(self, trigger: str, rows: list[Row], probs: torch.Tensor) -> bool:
         """Was a version (its predictions `probs` on `rows`, all applied after it) above the reference?"""
@@ -243,9 +246,9 @@ class Watch:
         if trigger == "accuracy":
             mine = sum(p == q.y for p, q in zip(pred, rows)) / len(rows)
             return mine >= sum(q.r_pred == q.y for q in rows) / len(rows)
-        if trigger == "feature_drift":  # the inputs changed: judged by the head's behaviour
-            trigger = "collapse"
-        if _collapsed(rows, pred, self.cfg):
+        # label-free: no more concentrated on one class than the reference on the same rows (within
+        # the margin), and no entropy drift from it
+        if _excess(rows, pred)[1] >= self.cfg["margin"]:
             return False
         if self.cfg["entropy_drift"] is not None:
             ent = normalised_entropy(probs, self.n).tolist()
@@ -258,16 +261,25 @@ def _accuracy(rows) -> tuple[float, float]:
     return (sum(q.s_pred == q.y for q in rows) / len(rows), sum(q.r_pred == q.y for q in rows) / len(rows))
 
 
-def _share(preds: list[int]) -> float:
+def _top(preds: list[int]) -> tuple[int, float]:
+    """The most predicted class and its share."""
     counts: dict[int, int] = {}
     for p in preds:
         counts[p] = counts.get(p, 0) + 1
-    return max(counts.values()) / len(preds)
+    c = max(counts, key=counts.get)
+    return c, counts[c] / len(preds)
+
+
+def _excess(rows: list[Row], preds: list[int]) -> tuple[float, float]:
+    """(share of the session's top class, how much more of the rows the session gives that class
+    than the reference does)."""
+    c, share = _top(preds)
+    return share, share - sum(q.r_pred == c for q in rows) / len(rows)
 
 
 def _collapsed(rows: list[Row], preds: list[int], cfg: dict) -> bool:
-    mine = _share(preds)
-    return mine >= cfg["collapse_share"] and mine - _share([q.r_pred for q in rows]) >= cfg["margin"]
+    share, excess = _excess(rows, preds)
+    return share >= cfg["collapse_share"] and excess >= cfg["margin"]
 
 
 def _entropy_gap(rows: list[Row], ent: list[float]) -> float:

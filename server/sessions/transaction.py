@@ -80,6 +80,7 @@ class Transaction:
         self._evidence: dict[str, tuple] = {}  # key -> the guard's evidence of its next commit
         self._outcomes: dict[str, dict] = {}  # key -> what its guard did in this transaction
         self._trips: list[tuple[str, str, str]] = []  # (key, action, trigger)
+        self._rule_resets: set[str] = set()  # sessions the rule's own safeguard reset, not yet committed
 
     def __enter__(self) -> "Transaction":
         self._store.lock.acquire()
@@ -151,6 +152,7 @@ class Transaction:
         reset_slots = set(resets.tolist()) if isinstance(resets, torch.Tensor) else set()
         for slot in reset_slots:  # the rule's own collapse reset (tent's default guard)
             self._trips.append((self._owner[slot], "reset", "collapse"))
+            self._rule_resets.add(self._owner[slot])
         undone = {copy.keys[i]: diverged(self.found[copy.keys[i]].id) for i in self._nonfinite(rule, copy)}
         for i, err in self._over_limits(copy, slots, reset_slots).items():
             undone.setdefault(copy.keys[i], err)
@@ -171,6 +173,9 @@ class Transaction:
         version = sess.book(n_examples, correct, labelled, t)
         info = {"kind": "adapt", "key_id": actor, "by": "client", "cum": [sess.seen, sess.correct, sess.total]}
         rec = self._wal.commit(key, version, n_examples, correct, labelled, t, info)
+        if key in self._rule_resets:
+            self._rule_resets.discard(key)
+            rec.info["guard"] = self._outcomes[key] = {"trigger": "collapse", "action": "reset", "version": version}
         watch, evidence = self._held[key].watch, self._evidence.pop(key, None)
         if watch is not None and evidence is not None:
             trigger = watch.observe(version, *evidence)
@@ -244,8 +249,10 @@ class Transaction:
         for v, run in self._store.sweep(held, self._wal.pending.get(held.key, [])):
             if limit is not None and v > limit:
                 break
-            idx = [i for i, r in enumerate(rows) if r.version > v]
-            if len(idx) < watch.min_evidence:
+            # labelled: judged on the examples after it (it may have learnt the wrong labels before);
+            # label-free: on the whole window (having adapted on a row only makes it look more skewed)
+            idx = [i for i, r in enumerate(rows) if r.version > v or trigger != "accuracy"]
+            if len(idx) < watch.min_evidence or not any(r.version > v for r in rows):
                 break
             h = run.heads
             sel = torch.tensor(idx, device=xs.device)
@@ -376,6 +383,7 @@ class Transaction:
         self._wal.steps.clear()
         self._outcomes.clear()
         self._trips.clear()
+        self._rule_resets.clear()
 
 
 def _unique_first(slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

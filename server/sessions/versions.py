@@ -163,8 +163,9 @@ class Versions:
         return run.read()
 
     def sweep(self, held: Held, pending: list[Record]):
-        """Every retained version from the oldest on, in order: yields (version, heads holding it in
-        slot 0). For the guard's judgement; runs under the lock."""
+        """Every retained version from the oldest on, in order: yields (version, the Replay holding
+        it: its heads hold the session in slot 0, read() copies its state). For the guard's
+        judgement; runs under the lock."""
         floor = held.history.floor()
         anchors, records = self._history_sources(held, pending)
         below = [v for v in anchors if v <= floor]
@@ -179,10 +180,10 @@ class Versions:
             todo.append(records[v])
         run = Replay(dataclasses.replace(held.session), anchors[a](), todo, self.C, self.d, self.device)
         if a >= floor:
-            yield a, run.heads
-        for heads in run.steps():
+            yield a, run
+        for _ in run.steps():
             if run.sess.version >= floor:
-                yield run.sess.version, heads
+                yield run.sess.version, run
 
     # ---- new versions from a whole state ----------------------------------------------------
 
