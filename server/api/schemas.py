@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, model_validator
 
 from server.keys import SESSION_ID_PATTERN
 
@@ -95,7 +95,7 @@ class SessionCreated(BaseModel):
 
 class SessionPatch(_Body):
     guard: Optional[GuardSpec] = Field(None, description="set or replace the guard; null removes it; absent: as is")
-    frozen: Optional[bool] = Field(None, description="false unfreezes a frozen session; true freezes it")
+    frozen: Optional[StrictBool] = Field(None, description="false unfreezes a frozen session; true freezes it")
 
 
 class RollbackRequest(_Body):
