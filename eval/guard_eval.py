@@ -133,11 +133,11 @@ def accuracy(c, sid: str, images, labels, chunk: int = 100) -> float:
     return correct / len(labels)
 
 
-def arms(sc: Scenario) -> list[tuple[str, Optional[dict], dict]]:
+def arms(sc: Scenario, extra_arms: bool = True) -> list[tuple[str, Optional[dict], dict]]:
     """(name, guard, extra hyper-parameters) of each arm."""
     if sc.rule == "tent":
-        return [("unguarded", None, {"collapse_reset": False}), ("guarded", ROLLBACK, {}),
-                ("tent reset", None, {})]
+        return [("unguarded", None, {"collapse_reset": False}), ("guarded", ROLLBACK, {})] + (
+            [("tent reset", None, {})] if extra_arms else [])
     return [("unguarded", None, {}), ("guarded", ROLLBACK, {})]
 
 
@@ -154,7 +154,6 @@ def run_arm(c, sc: Scenario, data: Data, guard: Optional[dict], attacked: bool, 
     at, outs = 0, []
 
     def feed(xs, ys):
-        nonlocal at
         outs.append(c.adapt(sid, list(xs), ys if sc.labelled else None))
 
     for _ in range(sc.warm):
@@ -187,7 +186,8 @@ def run_arm(c, sc: Scenario, data: Data, guard: Optional[dict], attacked: bool, 
             "frozen": info.frozen}
 
 
-def evaluate(scenarios: list[Scenario], seeds: list[int], held_out: int = 250, server=None) -> list[dict]:
+def evaluate(scenarios: list[Scenario], seeds: list[int], held_out: int = 250, server=None,
+             extra_arms: bool = True) -> list[dict]:
     """Every scenario x seed x stream (attacked, clean) x arm (unguarded, guarded) -> rows."""
     own = server is None
     server = server or InProcessServer()
@@ -197,7 +197,7 @@ def evaluate(scenarios: list[Scenario], seeds: list[int], held_out: int = 250, s
             data = load_data(seed, held_out)
             for sc in scenarios:
                 for attacked in (True, False):
-                    for arm, guard, extra in arms(sc):
+                    for arm, guard, extra in arms(sc, extra_arms):
                         t0 = time.perf_counter()
                         r = run_arm(server.client, sc, data, guard, attacked, seed, extra)
                         rows.append({"scenario": sc.name, "seed": seed, "stream": "attacked" if attacked else "clean",

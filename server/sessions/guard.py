@@ -145,6 +145,44 @@ class Row:
     r_ent: float
 
 
+class Window:
+    """The last `size` rows of one kind, with running sums: a trigger is O(classes) per commit."""
+
+    def __init__(self, size: int, n: int, track_x: bool = False) -> None:
+        self.size, self.rows, self.track_x = size, deque(), track_x
+        self.s_ok = self.r_ok = 0
+        self.s_count, self.r_count = [0] * n, [0] * n
+        self.s_ent = self.r_ent = 0.0
+        self.x_sum: Optional[torch.Tensor] = None
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def full(self) -> bool:
+        return len(self.rows) == self.size
+
+    def push(self, row: Row) -> None:
+        self._add(row, 1)
+        self.rows.append(row)
+        if len(self.rows) > self.size:
+            self._add(self.rows.popleft(), -1)
+
+    def _add(self, q: Row, sign: int) -> None:
+        self.s_ok += sign * (q.s_pred == q.y)
+        self.r_ok += sign * (q.r_pred == q.y)
+        self.s_count[q.s_pred] += sign
+        self.r_count[q.r_pred] += sign
+        self.s_ent += sign * q.s_ent
+        self.r_ent += sign * q.r_ent
+        if self.track_x:
+            x = q.x.float()
+            self.x_sum = sign * x if self.x_sum is None else self.x_sum + sign * x
+
+    def clear(self) -> None:
+        self.__init__(self.size, len(self.s_count), self.track_x)
+
+
 class Watch:
     """A guarded session's running state (in memory: a restart starts the window afresh)."""
 
@@ -153,8 +191,8 @@ class Watch:
         self.ref = ref  # pinned reference: {"W", "b"} (CPU); None: the base head
         self.token = next(_tokens)  # names this reference's content (the reference pool's rows)
         w = cfg["window"]
-        self.labelled: deque[Row] = deque(maxlen=w)
-        self.unlabelled: deque[Row] = deque(maxlen=w)
+        self.labelled = Window(w, n_classes)
+        self.unlabelled = Window(w, n_classes, track_x=cfg["feature_drift"] is not None)
         self.norms: deque[tuple[int, float]] = deque()  # (examples, norm) of recent requests
         self.baseline: Optional[tuple[torch.Tensor, float]] = None  # feature mean, total variance
 
@@ -201,29 +239,30 @@ class Watch:
         s_ent, r_ent = normalised_entropy(s_probs, n).tolist(), normalised_entropy(r_probs, n).tolist()
         for i, lab in enumerate(y):
             row = Row(version, x[i], int(lab), s_pred[i], r_pred[i], s_ent[i], r_ent[i])
-            (self.labelled if lab >= 0 else self.unlabelled).append(row)
+            (self.labelled if lab >= 0 else self.unlabelled).push(row)
         return self.trigger()
 
     def trigger(self) -> Optional[str]:
-        w, c = self.cfg["window"], self.cfg
-        if len(self.labelled) == w:
-            s, r = _accuracy(self.labelled)
-            if s < r - c["margin"]:
-                return "accuracy"
-        if len(self.unlabelled) == w:
-            rows = list(self.unlabelled)
-            if _collapsed(rows, [q.s_pred for q in rows], c):
-                return "collapse"
-            if c["entropy_drift"] is not None and _entropy_gap(rows, [q.s_ent for q in rows]) >= c["entropy_drift"]:
-                return "entropy"
-            if c["feature_drift"] is not None:
-                x = torch.stack([q.x.float() for q in rows])
-                if self.baseline is None:
-                    self.baseline = (x.mean(0), float(x.var(0, unbiased=False).sum()))
-                else:
-                    mu, var = self.baseline
-                    if float((x.mean(0) - mu).norm()) / math.sqrt(max(var, 1e-12)) >= c["feature_drift"]:
-                        return "feature_drift"
+        c, lab, free = self.cfg, self.labelled, self.unlabelled
+        if lab.full and (lab.s_ok - lab.r_ok) / lab.size < -c["margin"]:
+            return "accuracy"
+        if not free.full:
+            return None
+        w = free.size
+        top = max(range(self.n), key=free.s_count.__getitem__)
+        share = free.s_count[top] / w
+        if share >= c["collapse_share"] and share - free.r_count[top] / w >= c["margin"]:
+            return "collapse"
+        if c["entropy_drift"] is not None and abs(free.s_ent - free.r_ent) / w >= c["entropy_drift"]:
+            return "entropy"
+        if c["feature_drift"] is not None:
+            if self.baseline is None:
+                x = torch.stack([q.x.float() for q in free.rows])
+                self.baseline = (x.mean(0), float(x.var(0, unbiased=False).sum()))
+            else:
+                mu, var = self.baseline
+                if float((free.x_sum / w - mu).norm()) / math.sqrt(max(var, 1e-12)) >= c["feature_drift"]:
+                    return "feature_drift"
         return None
 
     def rearm(self) -> None:
@@ -234,7 +273,7 @@ class Watch:
     # ---- judging versions ---------------------------------------------------------------------
 
     def evidence(self, trigger: str) -> list[Row]:
-        return list(self.labelled if trigger == "accuracy" else self.unlabelled)
+        return list((self.labelled if trigger == "accuracy" else self.unlabelled).rows)
 
     @property
     def min_evidence(self) -> int:
@@ -257,10 +296,6 @@ class Watch:
         return True
 
 
-def _accuracy(rows) -> tuple[float, float]:
-    return (sum(q.s_pred == q.y for q in rows) / len(rows), sum(q.r_pred == q.y for q in rows) / len(rows))
-
-
 def _top(preds: list[int]) -> tuple[int, float]:
     """The most predicted class and its share."""
     counts: dict[int, int] = {}
@@ -275,11 +310,6 @@ def _excess(rows: list[Row], preds: list[int]) -> tuple[float, float]:
     than the reference does)."""
     c, share = _top(preds)
     return share, share - sum(q.r_pred == c for q in rows) / len(rows)
-
-
-def _collapsed(rows: list[Row], preds: list[int], cfg: dict) -> bool:
-    share, excess = _excess(rows, preds)
-    return share >= cfg["collapse_share"] and excess >= cfg["margin"]
 
 
 def _entropy_gap(rows: list[Row], ent: list[float]) -> float:

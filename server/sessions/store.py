@@ -22,7 +22,6 @@ replicas racing on one session exactly one wins and the other drops its copy and
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import logging
 import threading

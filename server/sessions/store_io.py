@@ -217,7 +217,7 @@ class StoreIO:
         held = Held(sess, idem=IdempotencyRecords.from_meta(meta, self.idem_max, self._idem_evicted),
                     history=self._new_history())
         held.synced = held.snap_version = sess.version
-        recs = []
+        recs, after = [], 0  # the records after the snapshot, and their bytes (compaction counts them)
         anchors = {sess.version, *stored.archives}
         try:
             for raw in stored.records:
@@ -237,12 +237,13 @@ class StoreIO:
                     raise conflict("weights_mismatch", f"session {split_key(key)[1]!r}: its log was written "
                                    "with other backbone weights")
                 recs.append(rec)
+                after += len(raw)
                 entries.append(Version.of_record(rec, len(raw)))
                 if rec.state is not None:
                     anchors.add(rec.version)
         except codec.CodecError as e:
             raise StoreError(f"session {key}: unreadable log record: {e}") from None
-        held.log_bytes = sum(len(raw) for raw in stored.records)
+        held.log_bytes = after
         if recs:
             tensors = replay(sess, tensors, recs, self.C, self.d, self.device)
             now = time.time()

@@ -21,10 +21,9 @@ from typing import Optional
 
 import torch
 
-from server.errors import DomainError, NotFound, conflict, invalid, store_unavailable, version_conflict
-from server.keys import split_key
+from server.errors import DomainError, NotFound, idempotency_reused, invalid, store_unavailable, version_conflict
 from server.sessions import codec, guard as guards
-from server.sessions.backends import Head, StoreError
+from server.sessions.backends import Head
 from server.sessions.codec import Record
 from server.sessions.history import History, Version
 from server.sessions.idempotency import Idem
@@ -197,8 +196,7 @@ class Versions:
                 if hit is not None:
                     return hit, True
                 if self._reused([(key, idem)]):
-                    raise invalid("idempotency_key_reused", "this Idempotency-Key was used with a different "
-                                  "request; use a new key for a new request")
+                    raise idempotency_reused()
             tensors = self._state_at(held, version)
             at = held.history.entry(version)
             stats = (at.seen, at.correct, at.total) if at else (0, 0, 0)
@@ -331,13 +329,4 @@ class Versions:
         if pinned and ref is None:
             raise invalid("invalid_snapshot", "the export's guard pins a version but carries no reference head")
 
-    def _guard_key(self, key: str) -> str:
-        return split_key(key)[1]
-
-
-def conflict_frozen(session_id: str) -> DomainError:
-    return conflict("session_frozen", f"session {session_id!r} is frozen")
-
-
-__all__ = ["StoreError", "UNSET", "VersionHead", "Versions", "pop_reference", "version_not_found",
-           "version_not_retained"]
+__all__ = ["UNSET", "VersionHead", "Versions", "pop_reference", "version_not_found", "version_not_retained"]

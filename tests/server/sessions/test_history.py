@@ -278,12 +278,6 @@ def test_materialised_versions_are_cached_and_bounded(tmp_path):
 # ---- the backends keep what retention asks -------------------------------------------------------
 
 
-def backends(tmp_path, redis_url=None):
-    yield open_backend(str(tmp_path / "dir"))
-    if redis_url:
-        yield open_backend(redis_url, namespace=f"t{time.monotonic_ns()}")
-
-
 def _snap(inc: str, version: int) -> bytes:
     return codec.encode({"W": torch.full((1,), float(version))}, {"incarnation": inc, "version": version})
 
