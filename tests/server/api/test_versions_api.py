@@ -273,3 +273,24 @@ def test_a_guard_trips_end_to_end(backbone, tmp_path, caplog):
             v.model_dump() for v in listing.versions]
         assert all(state[k].equal(t) for k, t in st_load(c.export_session(sid)).items())
         assert c.get_session(sid).guard["reference"] == good
+
+
+def test_readme_history_block_runs_as_written(backbone, tmp_path):
+    import os
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[3]
+    (block,) = [b for b in re.findall(r"```python\n(.*?)```", (root / "README.md").read_text(), re.S)
+                if "c.rollback(" in b]
+    with live_server(backbone, tmp_path) as srv:
+        p = subprocess.run([sys.executable, "-c", block.replace("http://127.0.0.1:8000", srv.url)], cwd=root,
+                           env={**os.environ, "PYTHONPATH": str(root)}, capture_output=True, text=True, timeout=180)
+        assert p.returncode == 0, p.stdout + p.stderr
+        first, second = p.stdout.splitlines()
+        assert first == "[(4, 'adapt', None), (3, 'adapt', None)]" and second == "2 5"
+        with Client(srv.url) as c:
+            (sid,) = [s.id for s in c.list_sessions().sessions if s.version == 5]
+            assert c.get_session(sid).guard["action"] == "freeze" and len(c.list_sessions().sessions) == 2
