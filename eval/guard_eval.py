@@ -253,8 +253,8 @@ def report(rows: list[dict], command: str, seconds: float) -> str:
              "(reference: the base head), the same burst; `tent-corrupted` is label-free (tent from the base "
              "head, lr 0.5) and meets a stream of corrupted digits that drifts it towards a few classes.", "",
              "## Attacked: held-out accuracy before the attack, right after it, and at the end of the stream", "",
-             "| scenario | seed | unguarded: before / after the attack / end | guarded: before / after the attack / end "
-             "| guard trips (action: to version) |",
+             "| scenario | seed | unguarded: before / after the attack / end "
+             "| guarded: before / after the attack / end | guard trips (action: to version) |",
              "|---|---|---|---|---|"]
     by = {(r["scenario"], r["seed"], r["stream"], r["arm"]): r for r in rows}
     for x in v:

@@ -42,9 +42,10 @@ import httpx
 import numpy as np
 
 from server.api.schemas import (
-    AdaptResponse, InferResponse, ModelMetadata, PredictResponse, RolledBack, ServerMetadata, SessionCreated,
-    SessionInfo, SessionList, VersionList,
+    AdaptResponse, InferResponse, ModelMetadata, PredictResponse, ServerMetadata, SessionCreated, SessionInfo,
+    SessionList,
 )
+from server.client_history import HistoryCalls
 
 Label = Union[int, str]
 
@@ -293,7 +294,7 @@ def _merge(kw: dict) -> dict:
     return {**kw, "headers": dict(kw.get("headers") or {})}
 
 
-class _Api:
+class _Api(HistoryCalls):
     """Method signatures shared by both clients; ``_do`` runs a call (sync or async)."""
 
     v1_encoding = "json"
@@ -308,7 +309,7 @@ class _Api:
     def create_session(self, rule: str, classes: Optional[Sequence[str]] = None,
                        hyperparameters: Optional[dict] = None, session_id: Optional[str] = None,
                        init: str = "zeros", guard: Optional[dict] = None):
-        """-> SessionCreated {id, version}. `guard`: e.g. {"action": "rollback"} (README, "Guards")."""
+        """-> SessionCreated {id, version}; `guard`: e.g. {"action": "rollback"}"""
         return self._do(_Calls.create_session(rule, classes, hyperparameters, session_id, init, guard))
 
     def get_session(self, session_id: str):
@@ -327,37 +328,10 @@ class _Api:
         return self._do(_Call("POST", f"/v1/sessions/{session_id}/reset", _model(SessionCreated),
                               session_id=session_id))
 
-    def versions(self, session_id: str, limit: int = 100, before: Optional[int] = None):
-        """-> VersionList {session_id, version, retained_from, versions (newest first)}"""
-        q = urlencode({k: v for k, v in (("limit", limit), ("before", before)) if v is not None})
-        return self._do(_Call("GET", f"/v1/sessions/{session_id}/versions?{q}", _model(VersionList),
-                              session_id=session_id))
-
-    def rollback(self, session_id: str, version: int, idempotency_key: Optional[str] = None):
-        """-> RolledBack {id, version (the new one), rolled_back_to}. Sent with an Idempotency-Key
-        (`idempotency_key`, else a fresh one), the same on every retry of this call."""
-        return self._do(_Call("POST", f"/v1/sessions/{session_id}/rollback", _model(RolledBack),
-                              json={"version": version}, session_id=session_id,
-                              headers={IDEMPOTENCY_HEADER: idempotency_key or uuid.uuid4().hex}))
-
-    def fork(self, session_id: str, new_id: Optional[str] = None, version: Optional[int] = None,
-             idempotency_key: Optional[str] = None):
-        """-> SessionInfo of a new session made from a retained version (default: the current)."""
-        body = {k: v for k, v in (("id", new_id), ("version", version)) if v is not None}
-        return self._do(_Call("POST", f"/v1/sessions/{session_id}/fork", _model(SessionInfo), json=body,
-                              session_id=session_id,
-                              headers={IDEMPOTENCY_HEADER: idempotency_key or uuid.uuid4().hex}))
-
-    def patch_session(self, session_id: str, guard: Any = ..., frozen: Optional[bool] = None):
-        """-> SessionInfo. `guard`: new settings (a dict), None removes the guard, absent leaves
-        it; `frozen`: False unfreezes, True freezes."""
-        body: dict[str, Any] = {}
-        if guard is not ...:
-            body["guard"] = guard
-        if frozen is not None:
-            body["frozen"] = frozen
-        return self._do(_Call("PATCH", f"/v1/sessions/{session_id}", _model(SessionInfo), json=body,
-                              session_id=session_id))
+    def _session_call(self, method: str, sid: str, path: str, parse, body=None, key: Any = False) -> Any:
+        """A session route's call (server/client_history.py); `key` not False: with an Idempotency-Key."""
+        headers = {} if key is False else {IDEMPOTENCY_HEADER: key or uuid.uuid4().hex}
+        return self._do(_Call(method, f"/v1/sessions/{sid}{path}", parse, json=body, session_id=sid, headers=headers))
 
     def delete_session(self, session_id: str):
         return self._do(_Call("DELETE", f"/v1/sessions/{session_id}", lambda r: None, session_id=session_id))
@@ -374,8 +348,7 @@ class _Api:
 
     def predict(self, instances: Sequence[Any], session_id: Optional[str] = None, top_k: int = 1,
                 version: Optional[int] = None):
-        """-> PredictResponse; without a session the base head answers; with `version`, that
-        retained version of the session (nothing changes)."""
+        """-> PredictResponse; without a session the base head answers; `version`: a retained one"""
         return self._do(_Calls.predict(self._encode, instances, session_id, top_k, version))
 
     def predict_episodic(self, instances: Sequence[Any], support: Sequence[Any],
@@ -420,8 +393,7 @@ class _Api:
         `batch`: pixel values [B, H, W] / [B, H, W, C] (sent as `datatype`), or a list of encoded
         images (BYTES). With `labels` (names or indices, one per image) the session adapts:
         the outputs are its pre-update predictions, parameters.session_version its new version.
-        `binary`: the binary tensor extension both ways (False: JSON tensors). `session_version`:
-        predict with that retained version of the session."""
+        `binary`: the binary tensor extension both ways (False: JSON tensors). `session_version`: a retained one."""
         return self._do(_Calls.infer(model, batch, session_id, top_k, datatype, labels, binary, idempotency_key,
                                      session_version))
 

@@ -177,7 +177,8 @@ class History:
     def unlogged(self, keep_from: int) -> list[dict]:
         """Entries from `keep_from` on that no kept record holds (records up to `keep_from` are
         dropped): a snapshot carries them."""
-        return [e.to_meta() for e in self.entries if e.version >= keep_from and (not e.logged or e.version <= keep_from)]
+        return [e.to_meta() for e in self.entries
+                if e.version >= keep_from and (not e.logged or e.version <= keep_from)]
 
 
 class Ring:

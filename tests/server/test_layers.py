@@ -27,7 +27,8 @@ ALLOWED = {
     "server.keys": set(),
     "server.config": set(),
     "server.logs": set(),
-    "server.client": {"server.api.schemas"},
+    "server.client": {"server.api.schemas", "server.client_history"},
+    "server.client_history": {"server.api.schemas"},
     "kernels": {"kernels.*"},
     "models": {"models.*"},
 }

@@ -77,8 +77,9 @@ class Backend:
         snapshot are dropped. `keep_from` = v (same incarnation, an anchor: a snapshot or state
         record at v): history from version v on is kept: the snapshot this replaces is archived
         when its version is >= v (and differs from `version`), archived snapshots before v and log
-        records up to v are dropped, the rest stay. Another incarnation drops the whole log and every archive. The head's version is
-        never lowered by a put of the same incarnation. -> written?"""
+        records up to v are dropped, the rest stay. Another incarnation drops the whole log and
+        every archive. The head's version is never lowered by a put of the same incarnation.
+        -> written?"""
         raise NotImplementedError
 
     def history(self, key: str) -> Optional[Stored]:
