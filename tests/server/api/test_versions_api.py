@@ -17,6 +17,7 @@ from server.api.auth import hash_key
 from server.client import Client, FwserveError
 from server.sessions import codec
 from tests.server.conftest import BACKBONE, arr, digits, live_server
+from tests.server.redis_server import needs_redis, redis_server, redis_url  # noqa: F401 (fixtures)
 
 KEYS = {"acme": "acme-secret-key-1", "beta": "beta-secret-key-2"}
 LINES = f"acme {hash_key(KEYS['acme'])} sessions=3 id=acme-ci\nbeta {hash_key(KEYS['beta'])} id=beta-ci"
@@ -294,3 +295,20 @@ def test_readme_history_block_runs_as_written(backbone, tmp_path):
         with Client(srv.url) as c:
             (sid,) = [s.id for s in c.list_sessions().sessions if s.version == 5]
             assert c.get_session(sid).guard["action"] == "freeze" and len(c.list_sessions().sessions) == 2
+
+
+@needs_redis
+def test_rollback_is_replicated_like_an_adapt(backbone, tmp_path, redis_url):
+    with live_server(backbone, tmp_path / "a", durability="wal", store=redis_url) as a, \
+            live_server(backbone, tmp_path / "b", durability="wal", store=redis_url) as b, \
+            Client(a.url) as ca, Client(b.url) as cb:
+        sid = ca.create_session("delta", classes=["a", "b"], hyperparameters={"beta": 1.0}).id
+        feed(ca, sid, 2)
+        at2 = ca.predict(PAIRS, session_id=sid).predictions
+        feed(cb, sid, 2, flip=True, start=2)  # B moves the session on; A's copy is stale
+        assert cb.rollback(sid, 2).version == 5  # on B, compare-and-set on the store's head
+        p = ca.predict(PAIRS, session_id=sid)  # A never serves its stale copy
+        assert p.version == 5 and p.predictions == at2
+        assert ca.adapt(sid, PAIRS[:2], ["a", "b"]).version == 6  # nor extends it
+        assert [v.kind for v in cb.versions(sid).versions][:2] == ["adapt", "rollback"]
+        assert ca.predict(PAIRS, session_id=sid, version=4).predictions != at2  # history read from the store

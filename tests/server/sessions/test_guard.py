@@ -266,3 +266,18 @@ def test_a_pinned_reference_scores_with_that_versions_head(tmp_path):
     again = new_store(tmp_path)  # the reference head is kept with the guard
     assert again.info("s").guard["reference"] == 2 and torch.equal(again.held["s"].watch.ref["W"], pinned.W)
     again.close()
+
+
+def test_feature_drift_trips_when_asked_and_not_by_default():
+    cfg = parse({"action": "alert", "window": 16, "feature_drift": 0.5}, classes=CLASSES, base_classes=CLASSES,
+                version=0, hyper={})
+    probs = torch.eye(C)[torch.arange(16) % C]
+    g = torch.Generator().manual_seed(0)
+    w = Watch(cfg, C)
+    assert w.observe(1, torch.randn(16, D, generator=g), [-1] * 16, probs, probs) is None  # the baseline window
+    assert w.observe(2, torch.randn(16, D, generator=g), [-1] * 16, probs, probs) is None  # the same inputs
+    assert w.observe(3, torch.randn(16, D, generator=g) + 3.0, [-1] * 16, probs, probs) == "feature_drift"
+    default = parse({"action": "alert", "window": 16}, classes=CLASSES, base_classes=CLASSES, version=0, hyper={})
+    w = Watch(default, C)
+    for v in (1, 2):
+        assert w.observe(v, torch.randn(16, D, generator=g) + 3.0 * v, [-1] * 16, probs, probs) is None
