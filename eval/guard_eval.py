@@ -284,6 +284,8 @@ def report(rows: list[dict], command: str, seconds: float) -> str:
               f"({sum(x['clean_trips'] == 0 and x['clean_within_1'] for x in v)} of {len(v)} runs)", ""]
     missed = [x for x in v if not (x["attack_tripped"] and x["attack_within_2"] and x["clean_trips"] == 0
                                    and x["clean_within_1"])]
+    if not missed:
+        lines.pop()
     for x in missed:
         lines.append(f"- missed: {x['scenario']} seed {x['seed']}: tripped={x['attack_tripped']}, guarded change "
                      f"{_pts(x['attack_drop_guarded'])}, clean trips {x['clean_trips']}, clean gap "
