@@ -388,14 +388,14 @@ def disk_full(work: Path, n: int, adapts: int, budget: float) -> Tally:
     store = work / "store"
     sessions = [f"df-{s}" for s in range(n)]
     srv = server("--durability", "wal", "--snapshot-dir", str(store), "--wal-compact-records", "1000")
-    try:  # measure what a session and one adapt record take on disk
-        create(srv.url, sessions)
+    try:  # measure what a session and one adapt record take on disk (on a probe session, then gone)
+        create(srv.url, sessions + ["df-probe"])
         base = _du(store)
         with httpx.Client(base_url=srv.url, timeout=30) as c:
-            c.post("/v1/adapt", json=adapt_body("probe", 0, 0) | {"session_id": sessions[0]},
+            c.post("/v1/adapt", json=adapt_body("probe", 0, 0) | {"session_id": "df-probe"},
                    headers={"Idempotency-Key": "probe-key-00000"})
             record = max(1, _du(store) - base)
-            c.post(f"/v1/sessions/{sessions[0]}/reset")
+            c.delete("/v1/sessions/df-probe")
     finally:
         srv.close()
     cap = _du(store) + int(1.25 * n * record * adapts)  # room for every adapt, once the fillers are gone

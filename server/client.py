@@ -46,6 +46,7 @@ from server.api.schemas import (
     SessionList,
 )
 from server.client_codec import HEADER_LENGTH, V1_ENCODINGS, _infer_response, _tensor
+from server.client_history import HistoryCalls
 
 Label = Union[int, str]
 
@@ -148,19 +149,23 @@ class _Calls:
     """Request builders shared by the sync and async clients."""
 
     @staticmethod
-    def create_session(rule, classes, hyperparameters, session_id, init) -> _Call:
+    def create_session(rule, classes, hyperparameters, session_id, init, guard=None) -> _Call:
         body: dict[str, Any] = {"rule": rule, "hyperparameters": dict(hyperparameters or {}), "init": init}
         if classes is not None:
             body["classes"] = list(classes)
         if session_id is not None:
             body["id"] = session_id
+        if guard is not None:
+            body["guard"] = dict(guard)
         return _Call("POST", "/v1/sessions", _model(SessionCreated), json=body, session_id=session_id)
 
     @staticmethod
-    def predict(encode, instances, session_id, top_k) -> _Call:
+    def predict(encode, instances, session_id, top_k, version=None) -> _Call:
         body = {"instances": _labelled(instances, None), "top_k": top_k}
         if session_id is not None:
             body["session_id"] = session_id
+        if version is not None:
+            body["version"] = version
         return _Call("POST", "/v1/predict", _model(PredictResponse), session_id=session_id,
                      **_merge(encode("/v1/predict", body)))
 
@@ -180,12 +185,15 @@ class _Calls:
         return _Call("POST", "/v1/adapt", _model(AdaptResponse), session_id=session_id, **kw)
 
     @staticmethod
-    def infer(model, batch, session_id, top_k, datatype, labels, binary, idempotency_key) -> _Call:
+    def infer(model, batch, session_id, top_k, datatype, labels, binary, idempotency_key,
+              session_version=None) -> _Call:
         params: dict[str, Any] = {}
         if top_k != 1:
             params["top_k"] = top_k
         if session_id is not None:
             params["session_id"] = session_id
+        if session_version is not None:
+            params["session_version"] = session_version
         if binary:
             params["binary_data_output"] = True
         entries, blobs = [], []
@@ -217,7 +225,7 @@ def _merge(kw: dict) -> dict:
     return {**kw, "headers": dict(kw.get("headers") or {})}
 
 
-class _Api:
+class _Api(HistoryCalls):
     """Method signatures shared by both clients; ``_do`` runs a call (sync or async)."""
 
     v1_encoding = "json"
@@ -231,9 +239,9 @@ class _Api:
 
     def create_session(self, rule: str, classes: Optional[Sequence[str]] = None,
                        hyperparameters: Optional[dict] = None, session_id: Optional[str] = None,
-                       init: str = "zeros"):
-        """-> SessionCreated {id, version}"""
-        return self._do(_Calls.create_session(rule, classes, hyperparameters, session_id, init))
+                       init: str = "zeros", guard: Optional[dict] = None):
+        """-> SessionCreated {id, version}; `guard`: e.g. {"action": "rollback"}"""
+        return self._do(_Calls.create_session(rule, classes, hyperparameters, session_id, init, guard))
 
     def get_session(self, session_id: str):
         """-> SessionInfo"""
@@ -247,9 +255,14 @@ class _Api:
         return self._do(_Call("GET", f"/v1/sessions?{q}", _model(SessionList)))
 
     def reset_session(self, session_id: str):
-        """-> SessionCreated {id, version: 0}"""
+        """-> SessionCreated {id, version}: the initial state as a new version"""
         return self._do(_Call("POST", f"/v1/sessions/{session_id}/reset", _model(SessionCreated),
                               session_id=session_id))
+
+    def _session_call(self, method: str, sid: str, path: str, parse, body=None, key: Any = False) -> Any:
+        """A session route's call (server/client_history.py); `key` not False: with an Idempotency-Key."""
+        headers = {} if key is False else {IDEMPOTENCY_HEADER: key or uuid.uuid4().hex}
+        return self._do(_Call(method, f"/v1/sessions/{sid}{path}", parse, json=body, session_id=sid, headers=headers))
 
     def delete_session(self, session_id: str):
         return self._do(_Call("DELETE", f"/v1/sessions/{session_id}", lambda r: None, session_id=session_id))
@@ -264,9 +277,10 @@ class _Api:
         return self._do(_Call("PUT", f"/v1/sessions/{session_id}/import", _model(SessionInfo), content=data,
                               headers={"content-type": "application/octet-stream"}, session_id=session_id))
 
-    def predict(self, instances: Sequence[Any], session_id: Optional[str] = None, top_k: int = 1):
-        """-> PredictResponse; without a session the base head answers."""
-        return self._do(_Calls.predict(self._encode, instances, session_id, top_k))
+    def predict(self, instances: Sequence[Any], session_id: Optional[str] = None, top_k: int = 1,
+                version: Optional[int] = None):
+        """-> PredictResponse; without a session the base head answers; `version`: a retained one"""
+        return self._do(_Calls.predict(self._encode, instances, session_id, top_k, version))
 
     def predict_episodic(self, instances: Sequence[Any], support: Sequence[Any],
                          labels: Optional[Sequence[Label]] = None, rule: str = "prototype",
@@ -305,13 +319,14 @@ class _Api:
 
     def infer(self, model: str, batch: Any, session_id: Optional[str] = None, top_k: int = 1,
               datatype: str = "FP32", labels: Optional[Sequence[Label]] = None, binary: bool = True,
-              idempotency_key: Optional[str] = None):
+              idempotency_key: Optional[str] = None, session_version: Optional[int] = None):
         """Open Inference Protocol infer -> InferResponse (every output's data filled in).
         `batch`: pixel values [B, H, W] / [B, H, W, C] (sent as `datatype`), or a list of encoded
         images (BYTES). With `labels` (names or indices, one per image) the session adapts:
         the outputs are its pre-update predictions, parameters.session_version its new version.
-        `binary`: the binary tensor extension both ways (False: JSON tensors)."""
-        return self._do(_Calls.infer(model, batch, session_id, top_k, datatype, labels, binary, idempotency_key))
+        `binary`: the binary tensor extension both ways (False: JSON tensors). `session_version`: a retained one."""
+        return self._do(_Calls.infer(model, batch, session_id, top_k, datatype, labels, binary, idempotency_key,
+                                     session_version))
 
     def metrics(self):
         """-> the Prometheus text exposition"""

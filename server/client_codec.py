@@ -37,6 +37,8 @@ def _binary_instances(path: str, body: dict) -> dict:
         headers["x-session-id"] = body["session_id"]
     if body.get("top_k", 1) != 1:
         headers["x-top-k"] = str(body["top_k"])
+    if body.get("version") is not None:
+        headers["x-version"] = str(body["version"])
     if path == "/v1/adapt":
         headers["x-labels"] = json.dumps([i.get("label") for i in insts])
     if all("array" in i for i in insts):

@@ -137,6 +137,24 @@ class Settings(BaseSettings):
         "fails like a full disk (503, nothing acknowledged). 0: the disk is the limit.",
     )
 
+    # history: every version addressable (server/sessions/history.py)
+    history_versions: int = Field(
+        64, ge=1, description="Versions of each session kept addressable (predict at a version, rollback, fork), "
+        "the current one included; 1 keeps only the current version (no in-memory history without the log).",
+    )
+    history_max_age_s: float = Field(
+        0.0, ge=0, description="Versions older than this many seconds are no longer addressable (0: no age limit; "
+        "the current version always is).",
+    )
+    history_max_bytes: int = Field(
+        1 << 20, ge=1024, description="Per session: bytes of log records of the addressable versions (wal: in the "
+        "store; none/snapshot: all the in-memory history holds, records and state copies).",
+    )
+    version_cache_entries: int = Field(
+        64, ge=0, description="Materialised version states kept in memory for predicts at a version (0: none).",
+    )
+    version_cache_ttl_s: float = Field(60.0, gt=0, description="Seconds a materialised version state is kept.")
+
     # tenants
     api_keys: Optional[str] = Field(
         None,

@@ -87,7 +87,7 @@ def test_readme_curl_block(live):
 
 
 def test_readme_python_block(live):
-    (block,) = [b for b in _blocks("python") if "server.client" in b]
+    (block,) = [b for b in _blocks("python") if "server.client" in b and "novel" in b]
     code = block.replace("http://127.0.0.1:8000", live.url)
     p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=_env(), capture_output=True, text=True,
                        timeout=180)

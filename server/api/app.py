@@ -25,7 +25,7 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server import __version__
-from server.api import bodies, v1, v2
+from server.api import bodies, v1, v2, versions
 from server.api.context import Api
 from server.api.errors import CODE_HEADER, STATUS_CODES, ApiError, error_body, from_domain
 from server.api.middleware import Guard
@@ -100,6 +100,7 @@ def _build(settings: Settings, engine, buckets=None) -> FastAPI:
                        request_duration=api.metrics.request_duration, auth=api.auth)
     _handlers(app)
     v1.add_routes(app, api)
+    versions.add_routes(app, api)
     v2.add_routes(app, api)
     bodies.add_schemas(app)
 

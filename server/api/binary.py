@@ -8,6 +8,7 @@ request path's cost (no base64, no nested lists, no JSON parse of pixel data).
                                      a 4-byte little-endian length then its bytes)
     X-Session-ID: <id>               the session (predict: absent = the base head)
     X-Top-K: <k>                     predict only (default 1)
+    X-Version: <n>                   predict only: answer from this retained version
     X-Labels: ["7", "5"] or 7,5      adapt only: one label per image (class names, or indices as
                                      JSON numbers); JSON when it starts with "["
     Idempotency-Key                  as on the JSON path
@@ -37,6 +38,7 @@ class BinaryRequest:
     session_id: Optional[str]
     top_k: int
     labels: Optional[list]
+    version: Optional[int] = None  # X-Version: predict at a retained version
 
 
 def parse_headers(headers, adapt: bool) -> BinaryRequest:
@@ -56,6 +58,13 @@ def parse_headers(headers, adapt: bool) -> BinaryRequest:
     top_k = headers.get("x-top-k", "1")
     if not top_k.isdigit() or int(top_k) < 1:
         raise invalid("invalid_binary", "X-Top-K must be a positive integer")
+    version = headers.get("x-version")
+    if version is not None:
+        if adapt or not version.isdigit():
+            raise invalid("invalid_binary", "X-Version is a non-negative integer, on a predict only")
+        if sid is None:
+            raise invalid("invalid_binary", "X-Version needs X-Session-ID")
+        version = int(version)
     labels = None
     if adapt:
         text = headers.get("x-labels")
@@ -64,7 +73,7 @@ def parse_headers(headers, adapt: bool) -> BinaryRequest:
         labels = _labels(text)
         if shape and len(labels) != shape[0]:
             raise invalid("invalid_binary", f"{len(labels)} labels for {shape[0]} images")
-    return BinaryRequest(shape, datatype, sid, int(top_k), labels)
+    return BinaryRequest(shape, datatype, sid, int(top_k), labels, version)
 
 
 def _labels(text: str) -> list:

@@ -79,4 +79,4 @@ def predict_response(r: PredictResult) -> dict:
 def adapt_response(r: AdaptResult) -> dict:
     return {"session_id": r.session_id, "version": r.version, "applied": r.applied,
             "predictions": [_prediction(p, True) for p in r.predictions], "update_seconds": r.update_seconds,
-            "latency_seconds": r.latency_seconds}
+            "latency_seconds": r.latency_seconds, "guard": r.guard}

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, model_validator
 
 from server.keys import SESSION_ID_PATTERN
 
@@ -49,6 +49,26 @@ class AdaptInstance(Instance):
 # --- sessions ------------------------------------------------------------------------------
 
 
+class GuardSpec(_Body):
+    """A session's guard (details and defaults: README, "Guards"); only `action` is required."""
+
+    action: Literal["rollback", "freeze", "alert"]
+    margin: Optional[float] = Field(None, description="accuracy (a fraction) the session may fall below its "
+                                    "reference over a window (default 0.1)")
+    window: Optional[int] = Field(None, description="labelled examples (or label-free predictions) compared "
+                                  "(default 64)")
+    reference: Optional[Union[Literal["base"], StrictInt]] = Field(
+        None, description="'base' (the backbone's head) or a version of the session; default: base for sessions "
+        "with the base classes, else the version current when the guard is set")
+    collapse_share: Optional[float] = Field(None, description="label-free: top-class share of predictions (0.95)")
+    entropy_drift: Optional[float] = Field(None, description="label-free: |entropy gap| to the reference (0.5)")
+    feature_drift: Optional[float] = Field(None, description="label-free: mean-feature shift bound (off)")
+    max_examples: Optional[int] = Field(None, description="examples per adapt request")
+    max_step_norm: Optional[float] = Field(None, description="norm of one request's head change")
+    max_window_norm: Optional[float] = Field(None, description="sum of head-change norms over a window")
+    max_lr: Optional[float] = Field(None, description="ceiling on the rule's lr / beta")
+
+
 class SessionCreate(_Body):
     rule: str = Field(..., description="adaptation rule: sgd, delta, prototype, rls; label-free: t3a, tent")
     classes: Optional[list[str]] = Field(
@@ -59,6 +79,13 @@ class SessionCreate(_Body):
     init: Literal["zeros", "base"] = Field(
         "zeros", description="zeros, or base: start from the backbone's base head (classes must match)"
     )
+    guard: Optional[GuardSpec] = Field(None, description="watch what the session learns; act when it learns harm")
+
+
+class Prequential(BaseModel):
+    correct: int
+    total: int
+    accuracy: Optional[float]
 
 
 class SessionCreated(BaseModel):
@@ -66,10 +93,44 @@ class SessionCreated(BaseModel):
     version: int
 
 
-class Prequential(BaseModel):
-    correct: int
-    total: int
-    accuracy: Optional[float]
+class SessionPatch(_Body):
+    guard: Optional[GuardSpec] = Field(None, description="set or replace the guard; null removes it; absent: as is")
+    frozen: Optional[StrictBool] = Field(None, description="false unfreezes a frozen session; true freezes it")
+
+
+class RollbackRequest(_Body):
+    version: StrictInt = Field(..., ge=0, description="a retained version; its state becomes current as a new version")
+
+
+class RolledBack(BaseModel):
+    id: str
+    version: int = Field(..., description="the new version (history is append-only)")
+    rolled_back_to: int
+
+
+class ForkRequest(_Body):
+    id: Optional[str] = Field(None, pattern=SESSION_ID_PATTERN, description="the new session's id")
+    version: Optional[StrictInt] = Field(None, ge=0, description="a retained version (default: the current one)")
+
+
+class VersionEntry(BaseModel):
+    version: int
+    time: float = Field(..., description="seconds since 1970")
+    kind: Literal["create", "adapt", "reset", "import", "rollback", "fork"]
+    examples: int
+    labelled: int = Field(..., description="examples with a label (0: label-free)")
+    key_id: Optional[str] = Field(None, description="id of the API key that applied it (never the key)")
+    by: Literal["client", "guard"]
+    source: Optional[dict[str, Any]] = Field(None, description="rollback: {version}; fork/import: {session, version}")
+    prequential: Prequential = Field(..., description="statistics so far")
+    guard: Optional[dict[str, Any]] = Field(None, description="what the session's guard did at this version")
+
+
+class VersionList(BaseModel):
+    session_id: str
+    version: int = Field(..., description="the current version")
+    retained_from: int = Field(..., description="the oldest version still addressable")
+    versions: list[VersionEntry] = Field(..., description="newest first")
 
 
 class SessionInfo(BaseModel):
@@ -84,6 +145,8 @@ class SessionInfo(BaseModel):
     tier: Literal["device", "host", "disk"]
     created_at: datetime
     updated_at: datetime
+    frozen: bool = Field(False, description="adapts refused until PATCH unfreezes it")
+    guard: Optional[dict[str, Any]] = Field(None, description="the guard's settings")
 
 
 class SessionSummary(BaseModel):
@@ -135,11 +198,15 @@ class PredictRequest(_Body):
         None, description="episodic head only: label names; default: support labels in order of appearance"
     )
     steps: int = Field(1, ge=1, description="episodic head only: passes over the support set")
+    version: Optional[StrictInt] = Field(None, ge=0, description="answer from this retained version of the "
+                                         "session (changes nothing)")
 
     @model_validator(mode="after")
     def _session_xor_support(self):
         if self.session_id is not None and self.support is not None:
             raise ValueError("give either session_id or support, not both")
+        if self.version is not None and self.session_id is None:
+            raise ValueError("version needs a session_id")
         return self
 
 
@@ -166,6 +233,8 @@ class AdaptResponse(BaseModel):
     predictions: list[PrequentialPrediction] = Field(..., description="made before the update")
     update_seconds: float = Field(..., description="adaptation latency: the head update's kernel time")
     latency_seconds: float = Field(..., description="time from enqueue to result")
+    guard: Optional[dict[str, Any]] = Field(None, description="what the session's guard did after this update "
+                                            "(trigger, action; rollback: to, rollback_version)")
 
 
 # --- Open Inference Protocol v2 --------------------------------------------------------------

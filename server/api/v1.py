@@ -5,12 +5,15 @@
                                         (next_cursor of the page before), ?rule=, ?tier=device|host|disk
     GET    /v1/sessions/{id}            rule, hyper-parameters, classes, version, examples_seen,
                                         prequential {correct, total, accuracy}, tier, created/updated
-    POST   /v1/sessions/{id}/reset      head, state, version and statistics back to the start
+    POST   /v1/sessions/{id}/reset      head, state and statistics back to the start, as a new version
+    GET    /v1/sessions/{id}/versions, POST .../rollback, .../fork, PATCH /v1/sessions/{id}:
+                                        history, rollback, fork, guard (server/api/versions.py)
     DELETE /v1/sessions/{id}            204
     GET    /v1/sessions/{id}/export     application/octet-stream: safetensors (W, b, rule state)
                                         with the session's metadata under "fwserve"
     PUT    /v1/sessions/{id}/import     body = an export (application/octet-stream); 201 new, 200 replaced
-    POST   /v1/predict                  {session_id? | support?, instances, top_k?} -> predictions, version
+    POST   /v1/predict                  {session_id? | support?, instances, top_k?, version?} -> predictions,
+                                        the version that answered (version: a retained one; changes nothing)
     POST   /v1/adapt                    {session_id, instances with label} -> version, applied,
                                         pre-update (prequential) predictions, update_seconds
     GET    /v1/admin/tenants            admin key: tenants, their sessions and quotas
@@ -22,7 +25,8 @@ retry with the same key (and the same body) answers the first response with
 --idempotency-max-keys of them), with the session: in its snapshots and log records, so a
 retry after a restart, or on another replica, is recognised too.
 
-Consistency: every applied adapt is +1 version; an adapt acknowledged before a predict is sent
+Consistency: every applied adapt is +1 version (so is a reset, import or rollback: a version
+names one state for the life of a session id); an adapt acknowledged before a predict is sent
 is visible to it; adapts of one session are applied in arrival order, none lost. A rejected
 request (any 4xx) changes nothing; an adapt request is all-or-nothing.
 """
@@ -88,8 +92,9 @@ def add_routes(app: FastAPI, api: Api) -> None:
         idem = None
         if idempotency_key is not None:
             idem = (idempotency_key, fingerprint(body.model_dump(mode="json")))
+        guard = body.guard.model_dump(exclude_unset=True) if body.guard is not None else None
         info, replayed = await engine.create_session(body.rule, body.classes, body.hyperparameters, body.init,
-                                                     body.id, p.tenant, p.max_sessions, idem)
+                                                     body.id, p.tenant, p.max_sessions, idem, guard, p.key_id)
         if replayed:
             response.headers[REPLAYED] = "true"
             return {"id": info.id, "version": 0}
@@ -112,7 +117,7 @@ def add_routes(app: FastAPI, api: Api) -> None:
 
     @app.post("/v1/sessions/{session_id}/reset", response_model=SessionCreated, tags=["sessions"])
     async def reset_session(session_id: str = SessionId, p: Principal = Depends(who)):
-        info = await engine.reset_session(p.key(session_id))
+        info = await engine.reset_session(p.key(session_id), p.key_id)
         return {"id": info.id, "version": info.version}
 
     @app.delete("/v1/sessions/{session_id}", status_code=204, tags=["sessions"])
@@ -131,7 +136,8 @@ def add_routes(app: FastAPI, api: Api) -> None:
              openapi_extra={"requestBody": {"required": True, "content": {"application/octet-stream": {}}}})
     async def import_session(request: Request, response: Response, session_id: str = SessionId,
                              p: Principal = Depends(who)):
-        info, created = await engine.import_session(p.key(session_id), await request.body(), p.max_sessions)
+        info, created = await engine.import_session(p.key(session_id), await request.body(), p.max_sessions,
+                                                    p.key_id)
         response.status_code = 201 if created else 200
         return dataclasses.asdict(info)
 
@@ -160,7 +166,8 @@ def add_routes(app: FastAPI, api: Api) -> None:
             api.check_top_k(b.top_k)
             inputs = await api.decode(api.decoder.tensor, b.datatype, b.shape, raw, "body", budget,
                                       deadline=deadline, inline=inline)
-            job = PredictJob(inputs, session=p.key(b.session_id), top_k=b.top_k, tenant=p.tenant, deadline=deadline)
+            job = PredictJob(inputs, session=p.key(b.session_id), top_k=b.top_k, tenant=p.tenant, deadline=deadline,
+                             version=b.version)
             session_id = b.session_id
         else:
             body = parse(PredictRequest, raw)
@@ -172,7 +179,7 @@ def add_routes(app: FastAPI, api: Api) -> None:
             session_id = body.session_id
             if body.support is None:
                 job = PredictJob(inputs, session=p.key(body.session_id), top_k=body.top_k, tenant=p.tenant,
-                                 deadline=deadline)
+                                 deadline=deadline, version=body.version)
             else:
                 support = await api.decode(api.decoder.instances, body.support, "support", budget, deadline=deadline,
                                            inline=inline)
@@ -206,6 +213,7 @@ def add_routes(app: FastAPI, api: Api) -> None:
             idem = (idempotency_key, fingerprint({"session_id": session_id,
                                                   "instances": [[x.key, y] for x, y in zip(inputs, labels)]}))
         rec.update(session_key=p.key(session_id), rows=len(inputs))
-        res = await engine.adapt(AdaptJob(p.key(session_id), inputs, labels, idem, tenant=p.tenant, deadline=deadline))
+        res = await engine.adapt(AdaptJob(p.key(session_id), inputs, labels, idem, tenant=p.tenant, deadline=deadline,
+                                          actor=p.key_id))
         rec.update(queue_seconds=res.queue_seconds)
         return json_response(adapt_response(res), headers={REPLAYED: "true"} if res.replayed else None)

@@ -42,7 +42,10 @@ class Pending:
 
     @property
     def session(self) -> Optional[str]:
-        return None if isinstance(self.job, EpisodicJob) else self.job.session
+        """The session whose slot the job uses (a predict at a version brings its own head)."""
+        if isinstance(self.job, EpisodicJob) or getattr(self.job, "view", None) is not None:
+            return None
+        return self.job.session
 
     @property
     def n_rows(self) -> int:

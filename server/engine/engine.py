@@ -12,12 +12,14 @@ errors (server/errors.py) and knows nothing of HTTP.
 
 Engine events are structured log records on the ``fwserve.engine`` logger, their fields in the
 record's extras (``event``: backbone_loading, store_opened, warmup, ready, load_failed,
-checkpoint, checkpoint_failed; session_evicted / session_restored at DEBUG).
+checkpoint, checkpoint_failed, guard_trip; session_evicted / session_restored at DEBUG).
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import hashlib
 import importlib
 import logging
 import threading
@@ -32,11 +34,13 @@ from server.config import Settings
 from server.engine.batcher import Batcher, Pending
 from server.engine.executor import EpisodicSpec, Executor
 from server.engine.feature_cache import FeatureCache
-from server.engine.messages import AdaptJob, AdaptResult, EpisodicJob, Input, Job, ModelInfo, PredictJob, PredictResult
+from server.engine.messages import (
+    AdaptJob, AdaptResult, EpisodicJob, Input, Job, ModelInfo, PredictJob, PredictResult, SessionPatch,
+)
 from server.engine.metrics import Metrics
 from server.errors import Unavailable, invalid, not_ready, timed_out
 from server.rules import RULES, get_rule, scratch_heads
-from server.sessions import SessionInfo, SessionStore, StoreEvents, width_for
+from server.sessions import UNSET, SessionInfo, SessionStore, StoreEvents, width_for
 
 log = logging.getLogger("fwserve.engine")
 
@@ -65,6 +69,13 @@ class _Events(StoreEvents):
     def expired(self, n: int) -> None:
         self.metrics.expired(n)
         log.info("expired %d idle sessions", n, extra={"event": "sessions_expired", "sessions": n})
+
+    def guard_tripped(self, rule: str, action: str, trigger: str, session_key: str, version: int) -> None:
+        self.metrics.guard_trips.labels(rule=rule, action=action).inc()
+        session = hashlib.sha256(session_key.encode()).hexdigest()[:12]  # as the access log names sessions
+        log.warning("guard of a %s session: %s on %s at version %d", rule, action, trigger, version,
+                    extra={"event": "guard_trip", "rule": rule, "action": action, "trigger": trigger,
+                           "session": session, "version": version})
 
 
 class Engine:
@@ -217,6 +228,13 @@ class Engine:
     # ---- jobs -------------------------------------------------------------------------------
 
     async def predict(self, job: PredictJob | EpisodicJob) -> PredictResult:
+        """A predict with a `version` answers from that retained version's head (materialised
+        by the store, cached briefly) and changes nothing."""
+        if isinstance(job, PredictJob) and job.version is not None:
+            if job.session is None:
+                raise invalid("missing_session", "a predict at a version needs a session_id")
+            head = await self._call(self.store.version_head, job.session, job.version)
+            job = dataclasses.replace(job, view=head)
         return await self._run(job)
 
     async def adapt(self, job: AdaptJob) -> AdaptResult:
@@ -271,16 +289,16 @@ class Engine:
 
     async def create_session(self, rule: str, classes: Optional[list[str]], hyperparameters: dict,
                              init: str = "zeros", session_id: Optional[str] = None, tenant: Optional[str] = None,
-                             quota: int = 0, idempotency: Optional[tuple[str, str]] = None
-                             ) -> tuple[SessionInfo, bool]:
+                             quota: int = 0, idempotency: Optional[tuple[str, str]] = None,
+                             guard: Optional[dict] = None, actor: Optional[str] = None) -> tuple[SessionInfo, bool]:
         return await self._call(self.store.create, rule, classes, hyperparameters, init, session_id, tenant, quota,
-                                idempotency)
+                                idempotency, guard, actor)
 
     async def get_session(self, key: str) -> SessionInfo:
         return await self._call(self.store.info, key)
 
-    async def reset_session(self, key: str) -> SessionInfo:
-        return await self._call(self.store.reset, key)
+    async def reset_session(self, key: str, actor: Optional[str] = None) -> SessionInfo:
+        return await self._call(self.store.reset, key, actor)
 
     async def delete_session(self, key: str) -> None:
         await self._call(self.store.delete, key)
@@ -288,8 +306,31 @@ class Engine:
     async def export_session(self, key: str) -> bytes:
         return await self._call(self.store.export, key)
 
-    async def import_session(self, key: str, data: bytes, quota: int = 0) -> tuple[SessionInfo, bool]:
-        return await self._call(self.store.import_, key, data, quota)
+    async def import_session(self, key: str, data: bytes, quota: int = 0,
+                             actor: Optional[str] = None) -> tuple[SessionInfo, bool]:
+        return await self._call(self.store.import_, key, data, quota, actor)
+
+    # ---- versions, guards ---------------------------------------------------------------------
+
+    async def session_versions(self, key: str, limit: int = 100,
+                               before: Optional[int] = None) -> tuple[list[dict], int, int]:
+        """Retained versions, newest first -> (entries, oldest retained version, current version)."""
+        return await self._call(self.store.versions, key, limit, before)
+
+    async def rollback_session(self, key: str, version: int, actor: Optional[str] = None,
+                               idempotency: Optional[tuple[str, str]] = None) -> tuple[dict, bool]:
+        """Version `version`'s state made current as a new version -> ({id, version,
+        rolled_back_to}, replayed)."""
+        return await self._call(self.store.rollback, key, version, actor, idempotency)
+
+    async def fork_session(self, key: str, version: Optional[int], session_id: Optional[str],
+                           tenant: Optional[str], quota: int = 0, actor: Optional[str] = None,
+                           idempotency: Optional[tuple[str, str]] = None) -> tuple[SessionInfo, bool]:
+        return await self._call(self.store.fork, key, version, session_id, tenant, quota, actor, idempotency)
+
+    async def patch_session(self, key: str, patch: SessionPatch) -> SessionInfo:
+        guard = patch.guard if patch.guard_given else UNSET
+        return await self._call(self.store.patch, key, guard, patch.frozen)
 
     async def list_sessions(self, tenant: Optional[str], after: Optional[str] = None, limit: int = 100,
                             rule: Optional[str] = None, tier: Optional[str] = None) -> tuple[list[SessionInfo], bool]:

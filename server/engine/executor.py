@@ -10,7 +10,13 @@
    case is one forward and one update per rule; several adapts of one
    session in one batch become successive rounds, identical to sending them one at a time;
 3. episodic jobs: a throw-away head per job, adapted on its support set (one call per rule per
-   step) and one head forward for all their queries.
+   step) and one head forward for all their queries;
+4. predicts at a version: the engine materialised each job's head; one head forward over all of
+   them (no session slot, nothing changed).
+Guarded sessions (server/sessions/guard.py): an adapt of a frozen session, or beyond its guard's
+size limit, is refused before its round; per round, one more grouped head forward scores the
+guarded updates' rows with their reference heads (the shadow predictions), handed to the
+transaction with the session's own predictions before each commit.
 Futures are resolved only after the transaction has made the batch's adapts durable.
 """
 
@@ -31,6 +37,7 @@ from server.engine.messages import AdaptResult, Input, Prediction, PredictResult
 from server.errors import DomainError, idempotency_reused, internal, invalid, session_not_found
 from server.keys import split_key
 from server.rules import Rule, scratch_heads
+from server.sessions import width_for
 
 log = logging.getLogger("fwserve.executor")
 
@@ -70,7 +77,11 @@ class Executor:
             if i.episodic is not None:
                 support[id(i)] = [next(feats) for _ in i.job.support]
         results: dict[int, object] = {}
-        self._session_jobs([i for i in items if i.episodic is None], rows, results)
+        versioned = [i for i in items if getattr(i.job, "view", None) is not None]
+        self._session_jobs([i for i in items if i.episodic is None and getattr(i.job, "view", None) is None], rows,
+                           results)
+        if versioned:
+            self._versioned_jobs(versioned, rows, results)
         episodic = [i for i in items if i.episodic is not None]
         try:  # episodic heads touch no session: their failure is theirs alone
             self._episodic_jobs(episodic, rows, support, results)
@@ -205,6 +216,9 @@ class Executor:
     def _round(self, txn, width: int, items: list[Pending], rows, ys, results) -> None:
         """One round's jobs whose heads are in the width's pool: one forward, one update per rule."""
         m = self.metrics
+        items = self._admitted(txn, items, ys)
+        if not items:
+            return
         x = torch.stack([f for i in items for f in rows[id(i)]])
         slots = torch.tensor([txn.slot(i.session) if i.session else txn.base_slot
                               for i in items for _ in i.job.inputs], dtype=torch.int64, device=x.device)
@@ -212,6 +226,8 @@ class Executor:
         logits = txn.forward(x, slots, width)
         probs = torch.softmax(logits.float(), dim=1).cpu()
         m.head_predict.observe(time.perf_counter() - t0)
+        guarded = [i.session if id(i) in ys and txn.guarded(i.session) else None for i in items for _ in i.job.inputs]
+        ref_probs = txn.reference_probs(x, guarded) if any(guarded) else None  # one call for the round
 
         at = 0
         by_rule: dict[str, list[Pending]] = defaultdict(list)
@@ -271,16 +287,62 @@ class Executor:
                 res = results[id(i)]
                 labelled = sum(v >= 0 for v in ys[id(i)])
                 correct = sum(bool(p.correct) for p in res.predictions)
-                version = txn.commit(i.session, len(i.job.inputs), correct, labelled)
+                if ref_probs is not None and txn.guarded(i.session):
+                    a, n = first_row[id(i)], len(i.job.inputs)
+                    txn.observe(i.session, torch.stack(rows[id(i)]), ys[id(i)], probs[a:a + n], ref_probs[a:a + n])
+                version = txn.commit(i.session, len(i.job.inputs), correct, labelled,
+                                     actor=getattr(i.job, "actor", None))
                 res.applied = len(i.job.inputs)
                 if i.is_adapt:
                     res.version, res.update_seconds = version, dt
+                    res.guard = txn.guard_outcome(i.session)
                     if i.job.idempotency:
                         res.latency_seconds = time.perf_counter() - i.enqueued
                         txn.remember(i.session, i.job.idempotency, res.to_record())
                 m.prequential_correct.labels(rule=rule_name).inc(correct)
                 m.prequential_total.labels(rule=rule_name).inc(labelled)
                 m.adapted.labels(rule=rule_name).inc(len(i.job.inputs))
+
+    def _admitted(self, txn, items: list[Pending], ys) -> list[Pending]:
+        """The round's items a guard lets through: an adapt of a frozen session (or beyond its
+        guard's size limit) fails alone; a frozen session's predict is answered without its update."""
+        out = []
+        for i in items:
+            if id(i) in ys:
+                err = txn.admit(i.session, len(i.job.inputs), adapt=i.is_adapt)
+                if err is not None:
+                    ys.pop(id(i))
+                    if i.is_adapt:
+                        i.future.set_exception(err)
+                        continue
+            out.append(i)
+        return out
+
+    # ---- predicts at a version ----------------------------------------------------------------
+
+    def _versioned_jobs(self, items: list[Pending], rows, results) -> None:
+        """Each job's materialised head (PredictJob.view) in one scratch head set, one forward."""
+        dev = rows[id(items[0])][0].device
+        # as wide as the sessions' pools: a solo predict at a version computes as the live one did
+        C, d = max(width_for(len(i.job.view.classes)) for i in items), self.store.d
+        W = torch.zeros(len(items), C, d, device=dev)
+        b = torch.zeros(len(items), C, device=dev)
+        for j, i in enumerate(items):
+            v = i.job.view
+            W[j, :len(v.classes)], b[j, :len(v.classes)] = v.W.to(dev), v.b.to(dev)
+        n_classes = torch.tensor([len(i.job.view.classes) for i in items], dtype=torch.int64, device=dev)
+        normalize = torch.tensor([i.job.view.normalize for i in items], dtype=torch.bool, device=dev)
+        x = torch.stack([f for i in items for f in rows[id(i)]])
+        sl = torch.tensor([j for j, i in enumerate(items) for _ in i.job.inputs], dtype=torch.int64, device=dev)
+        t0 = time.perf_counter()
+        probs = torch.softmax(kernels.head_forward(x, W, b, sl, n_classes, normalize=normalize).float(), dim=1).cpu()
+        self.metrics.head_predict.observe(time.perf_counter() - t0)
+        at = 0
+        for i in items:
+            v, n = i.job.view, len(i.job.inputs)
+            results[id(i)] = PredictResult("session", v.session_id, v.version,
+                                           _predictions(probs[at:at + n], v.classes, i.job.top_k))
+            at += n
 
     # ---- episodic jobs ----------------------------------------------------------------------
 

@@ -31,6 +31,8 @@ class PredictJob:
     top_k: int = 1
     tenant: Optional[str] = None  # whose request: the feature cache is kept apart per tenant
     deadline: Optional[float] = None  # time.monotonic() by which it is answered or dropped (504)
+    version: Optional[int] = None  # answer from this retained version of the session (changes nothing)
+    view: Optional[object] = None  # set by the engine: that version's head, materialised
 
 
 @dataclass
@@ -41,6 +43,7 @@ class AdaptJob:
     idempotency: Optional[tuple[str, str]] = None  # (Idempotency-Key, request fingerprint)
     tenant: Optional[str] = None
     deadline: Optional[float] = None
+    actor: Optional[str] = None  # the API key id that sent it (its version's history entry)
 
 
 @dataclass
@@ -100,6 +103,7 @@ class AdaptResult:
     latency_seconds: float = 0.0
     replayed: bool = False  # an Idempotency-Key retry answered from the first response
     queue_seconds: float = 0.0  # time the job waited in the queue before its micro-batch started
+    guard: Optional[dict] = None  # what the session's guard did after this update (trigger, action, ...)
 
     def to_record(self) -> dict:
         """As kept for Idempotency-Key retries (plain JSON data)."""
@@ -112,6 +116,15 @@ class AdaptResult:
     def from_record(cls, record: dict, replayed: bool = True) -> "AdaptResult":
         preds = [Prediction(**{**p, "top_k": [Scored(**t) for t in p["top_k"]]}) for p in record["predictions"]]
         return cls(**{**record, "predictions": preds, "replayed": replayed})
+
+
+@dataclass
+class SessionPatch:
+    """PATCH /v1/sessions/{id}: what to change (a field not given stays as it is)."""
+
+    guard_given: bool = False
+    guard: Optional[dict] = None  # with guard_given: the new guard's settings, None removes it
+    frozen: Optional[bool] = None
 
 
 @dataclass

@@ -125,6 +125,13 @@ class Metrics(StoreEvents):
             ["rule"],
             registry=r,
         )
+        self.guard_trips = Counter(
+            "fwserve_guard_trips",
+            "Session guards that acted, by rule and action (rollback, freeze, alert; reset: the tent rule's own "
+            "collapse reset).",
+            ["rule", "action"],
+            registry=r,
+        )
         # expose every labelled series from the start (0 until observed)
         for tier in ("host", "disk"):
             self.evictions.labels(to_tier=tier)
@@ -135,6 +142,8 @@ class Metrics(StoreEvents):
             for metric in (self.head_update, self.prequential_correct, self.prequential_total, self.adapted,
                            self.label_free_resets):
                 metric.labels(rule=rule)
+            for action in ("rollback", "freeze", "alert"):
+                self.guard_trips.labels(rule=rule, action=action)
         self.ready = Gauge("fwserve_ready", "1 once the backbone is loaded and warmed up.", registry=r)
         self.build_info = Info("fwserve_build", "Build and runtime information.", registry=r)
 

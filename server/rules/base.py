@@ -114,7 +114,8 @@ class Rule:
                state_rows: Optional[torch.Tensor], batch=None) -> int:
         """One grouped kernel call over this rule's rows, in place. y = -1 marks an unlabelled
         row (label-free rules only). `batch`: the kernels.SlotBatch of `slots`, shared by every
-        op the rule calls. Returns how many sessions the rule reset (label-free collapse guards).
+        op the rule calls. Returns the sessions the rule's own safeguard reset (label-free
+        collapse guards): their slots as a tensor, or just how many (an int; 0: none).
         A rule with reuses_logits = True also takes `logits=None`: head_forward's output for
         these rows and heads, which it must treat exactly as its own forward's."""
         raise NotImplementedError(f"rule {self.name!r} defines no update")

@@ -5,7 +5,9 @@ probability >= ``min_confidence``) plus the cross-entropy of labelled rows. Coll
 per-session histogram of predicted classes decays by (1 - 1/collapse_window) per row; once it
 holds at least collapse_window / 2 and one class has at least ``collapse_share`` of it, the head
 goes back to its initial weights (the base head for init="base") and the histogram is cleared.
-Every reset is counted in ``fwserve_label_free_resets``.
+Every reset is counted in ``fwserve_label_free_resets`` and reported as a guard trip (the default
+guard of tent sessions, server/sessions/guard.py). ``collapse_reset`` false keeps the histogram
+but never resets: a session created with a guard gets that, so its guard handles collapse.
 Kernels: kernels.head_forward, kernels.entropy_step.
 """
 
@@ -27,6 +29,8 @@ class Tent(Rule):
                                 help="unlabelled rows count only if their top probability reaches this"),
         "collapse_share": Hyper(0.95, 0.0, 1.0, help="reset when one class holds this share of recent predictions"),
         "collapse_window": Hyper(64.0, 1.0, 1e6, low_open=False, help="predictions the class histogram spans"),
+        "collapse_reset": Hyper(1.0, 0.0, 1.0, low_open=False, flag=True,
+                                help="reset to the initial head on collapse (false: a guard handles it)"),
         "adapt_on_predict": ADAPT_ON_PREDICT,
     }
     state = {"W0": lambda n, d: (n, d), "b0": lambda n, d: (n,), "class_hist": lambda n, d: (n,)}
@@ -43,7 +47,7 @@ class Tent(Rule):
             out["W0"], out["b0"] = head["W"].float().clone(), head["b"].float().clone()
         return out
 
-    def update(self, heads, x, y, slots, state_rows, batch=None, logits=None) -> int:
+    def update(self, heads, x, y, slots, state_rows, batch=None, logits=None):
         h = heads.hyper
         given = logits
         if logits is None:
@@ -54,7 +58,8 @@ class Tent(Rule):
                              batch=batch, logits=given)
         return self._collapse_guard(heads, slots, state_rows, pred)
 
-    def _collapse_guard(self, heads, slots, state_rows, pred) -> int:
+    def _collapse_guard(self, heads, slots, state_rows, pred):
+        """-> 0, or the slots reset (a tensor)."""
         h = heads.hyper
         pool = heads.pools[self.name]
         slot_u, inverse, rows_u = torch.unique(slots, return_inverse=True, return_counts=True)
@@ -67,6 +72,7 @@ class Tent(Rule):
         collapsed = (mass >= window / 2) & (hist.max(1).values >= h["collapse_share"].index_select(0, slot_u) * mass)
         hist[collapsed] = 0.0
         pool["class_hist"].index_copy_(0, state_u, hist)
+        collapsed &= h["collapse_reset"].index_select(0, slot_u) > 0
         if not bool(collapsed.any()):
             return 0
         slot_r, state_r = slot_u[collapsed], state_u[collapsed]
@@ -74,7 +80,7 @@ class Tent(Rule):
         live = torch.arange(C, device=slots.device) < heads.n_classes.index_select(0, slot_r).unsqueeze(1)
         heads.W[slot_r] = torch.where(live.unsqueeze(2), pool["W0"][state_r], heads.W[slot_r])
         heads.b[slot_r] = torch.where(live, pool["b0"][state_r], heads.b[slot_r])
-        return int(collapsed.sum())
+        return slot_r
 
 
 RULE = register(Tent())

@@ -8,7 +8,9 @@ idempotency records), their tiers (device slots, host memory, the store) and the
 
 Modules: session (Session, SessionInfo), slots (slot tensors, one pool per head width), tiers (device/host/disk moves),
 codec (byte formats), wal (log buffering and replay), idempotency, transaction, store (the
-facade), backends/ (directory, redis).
+facade), history (versions, retention, the in-memory ring), versions (listing, materialising,
+rollback, fork, patch), guard (guard settings and the watch), references (reference heads),
+backends/ (directory, redis).
 """
 
 from server.sessions.backends import Backend, StoreError, open_backend
@@ -16,6 +18,7 @@ from server.sessions.session import Session, SessionInfo
 from server.sessions.slots import width_for
 from server.sessions.store import SessionStore, StoreEvents
 from server.sessions.transaction import Transaction
+from server.sessions.versions import UNSET, VersionHead
 
-__all__ = ["Backend", "Session", "SessionInfo", "SessionStore", "StoreError", "StoreEvents", "Transaction",
-           "open_backend", "width_for"]
+__all__ = ["UNSET", "Backend", "Session", "SessionInfo", "SessionStore", "StoreError", "StoreEvents", "Transaction",
+           "VersionHead", "open_backend", "width_for"]

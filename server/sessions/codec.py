@@ -10,7 +10,12 @@ Both are safetensors blobs whose metadata holds one JSON object under ``"fwserve
   head-update call it took part in,
   this session's rows ``x{i}``, ``y{i}`` and the row counts of the other sessions of that call
   (``others``: the torch kernels choose their code path from the call's shape; replay rebuilds
-  it with kernels.replay_slots); plus the adapt's statistics and its Idempotency-Key entry.
+  it with kernels.replay_slots); plus the adapt's statistics, its Idempotency-Key entry and its
+  history entry (``info``: who applied it, the statistics so far, what the guard did).
+- a **state record** (``fwserve-wal-state/1``): a version whose state is not computed from the
+  one before (reset, import, rollback): the whole state as tensors ``s.W``, ``s.b``, ``s.<rule
+  state>``, the statistics it starts from (``stats``), its history entry and Idempotency-Key
+  entry. A release that does not know the format refuses the log instead of misreading it.
 
 Decoding raises ``CodecError`` (a ValueError) on anything that is not such a blob. The /1 formats
 of the first release (no weights fingerprint) are read as well; tests/server/sessions/fixtures
@@ -20,7 +25,7 @@ holds a store and exports written by it.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -29,9 +34,10 @@ from safetensors.torch import save as st_save
 
 EXPORT_FORMAT = "fwserve-session/2"
 RECORD_FORMAT = "fwserve-wal/2"
+STATE_FORMAT = "fwserve-wal-state/1"
 # formats this release reads: /1 (the first release: no weights fingerprint) and /2
 EXPORT_FORMATS = ("fwserve-session/1", EXPORT_FORMAT)
-RECORD_FORMATS = ("fwserve-wal/1", RECORD_FORMAT)
+RECORD_FORMATS = ("fwserve-wal/1", RECORD_FORMAT, STATE_FORMAT)
 
 
 class CodecError(ValueError):
@@ -81,7 +87,8 @@ Step = tuple[torch.Tensor, torch.Tensor, list]  # this session's rows x [m, d], 
 
 @dataclass
 class Record:
-    """One adapt as logged: its head-update steps and statistics."""
+    """One version as logged: an adapt (its head-update steps and statistics) or, with `state`,
+    a state record (the whole state of a reset, import or rollback)."""
 
     version: int
     n: int
@@ -91,14 +98,22 @@ class Record:
     steps: list[Step]
     idem: Optional[dict] = None  # {"key", "fp", "expires", "response"}
     weights: Optional[str] = None  # sha256 of the backbone weights it was computed with (None: a /1 record)
+    info: dict = field(default_factory=dict)  # the version's history entry (server/sessions/history.py)
+    state: Optional[dict[str, torch.Tensor]] = None  # state records: the session's tensors
+    stats: Optional[tuple[int, int, int]] = None  # state records: (seen, correct, total) it starts from
 
     def encode(self, inc: str) -> bytes:
+        meta = {"inc": inc, "v": self.version, "t": self.t, "idem": self.idem, "w": self.weights}
+        if self.info:
+            meta["info"] = self.info
+        if self.state is not None:
+            meta.update(format=STATE_FORMAT, stats=list(self.stats or (0, 0, 0)))
+            return encode({f"s.{k}": v for k, v in self.state.items()}, meta)
         tensors = {}
         for i, (x, y, _) in enumerate(self.steps):
             tensors[f"x{i}"], tensors[f"y{i}"] = x, y
-        meta = {"format": RECORD_FORMAT, "inc": inc, "v": self.version, "n": self.n, "correct": self.correct,
-                "labelled": self.labelled, "t": self.t, "steps": len(self.steps), "idem": self.idem,
-                "others": [o for _, _, o in self.steps], "w": self.weights}
+        meta.update(format=RECORD_FORMAT, n=self.n, correct=self.correct, labelled=self.labelled,
+                    steps=len(self.steps), others=[o for _, _, o in self.steps])
         return encode(tensors, meta)
 
     @classmethod
@@ -108,10 +123,18 @@ class Record:
         if m.get("format") not in RECORD_FORMATS:
             raise CodecError(f"log record format {m.get('format')!r} is none of {RECORD_FORMATS}")
         try:
+            info = m.get("info") or {}
+            if not isinstance(info, dict):
+                raise TypeError
+            if m["format"] == STATE_FORMAT:
+                state = {k[2:]: v for k, v in t.items() if k.startswith("s.")}
+                seen, correct, total = (int(v) for v in m["stats"])
+                return str(m["inc"]), cls(int(m["v"]), 0, 0, 0, float(m["t"]), [], m.get("idem"), m.get("w"),
+                                          info, state, (seen, correct, total))
             k = int(m["steps"])
             others = m.get("others") or [[]] * k
             steps = [(t[f"x{i}"], t[f"y{i}"], [int(c) for c in others[i]]) for i in range(k)]
             return str(m["inc"]), cls(int(m["v"]), int(m["n"]), int(m["correct"]), int(m.get("labelled", m["n"])),
-                                      float(m["t"]), steps, m.get("idem"), m.get("w"))
+                                      float(m["t"]), steps, m.get("idem"), m.get("w"), info)
         except (KeyError, TypeError, ValueError, IndexError):
             raise CodecError("malformed log record") from None

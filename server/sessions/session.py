@@ -1,8 +1,9 @@
 """A session: a client's adaptable head, its rule, classes, version and statistics.
 
 ``Session`` holds the domain fields only. Where its tensors live (tier, slot, host copy), what
-the store has of it (synced and snapshot versions) and its idempotency records are kept beside
-it by the store in a ``Held`` entry, so that nothing outside the sessions package sees them.
+the store has of it (synced and snapshot versions), its idempotency records, its history and
+its guard's running state are kept beside it by the store in a ``Held`` entry, so that nothing
+outside the sessions package sees them.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import torch
 from server.errors import invalid
 from server.keys import split_key
 from server.rules import Rule, get_rule
+from server.sessions.guard import Watch
+from server.sessions.history import History, Retention
 from server.sessions.idempotency import IdempotencyRecords
 
 MAX_LABEL_LEN = 128
@@ -38,7 +41,9 @@ class Session:
     total: int = 0
     created_at: float = field(default_factory=time.time)
     updated_at: float = field(default_factory=time.time)
-    inc: str = ""  # incarnation: new at create, import and reset
+    inc: str = ""  # incarnation: new at create and at an import that starts the session afresh
+    frozen: bool = False  # adapts refused (a guard froze it, or PATCH did)
+    guard: Optional[dict] = None  # the guard's settings (server/sessions/guard.py), None: no guard
 
     @property
     def id(self) -> str:
@@ -79,7 +84,7 @@ class Session:
             "id": self.id, "rule": self.rule.name, "hyperparameters": self.hyper, "classes": self.classes,
             "init": self.init, "version": self.version, "examples_seen": self.seen,
             "prequential_correct": self.correct, "prequential_total": self.total,
-            "created_at": self.created_at, "updated_at": self.updated_at,
+            "created_at": self.created_at, "updated_at": self.updated_at, "frozen": self.frozen, "guard": self.guard,
         }
 
     def info(self, tier: str) -> "SessionInfo":
@@ -88,7 +93,8 @@ class Session:
             init=self.init, version=self.version, examples_seen=self.seen,
             prequential={"correct": self.correct, "total": self.total,
                          "accuracy": self.correct / self.total if self.total else None},
-            tier=tier, created_at=self.created_at, updated_at=self.updated_at,
+            tier=tier, created_at=self.created_at, updated_at=self.updated_at, frozen=self.frozen,
+            guard=dict(self.guard) if self.guard else None,
         )
 
     @classmethod
@@ -108,6 +114,11 @@ class Session:
             setattr(sess, attr, v)
         if sess.correct > sess.total:
             raise invalid("invalid_snapshot", "metadata prequential_correct exceeds prequential_total")
+        sess.frozen = meta.get("frozen") is True
+        guard = meta.get("guard")
+        if guard is not None and not isinstance(guard, dict):
+            raise invalid("invalid_snapshot", "metadata guard must be an object")
+        sess.guard = guard
         now = time.time()
         for attr in ("created_at", "updated_at"):
             t = meta.get(attr, now)
@@ -160,6 +171,8 @@ class SessionInfo:
     tier: str
     created_at: float
     updated_at: float
+    frozen: bool = False
+    guard: Optional[dict] = None
 
 
 @dataclass
@@ -178,6 +191,8 @@ class Held:
     used_at: float = field(default_factory=time.time)  # last request on it (idle expiry)
     use_stored_at: float = 0.0  # when its last use was written to a shared store
     idem: IdempotencyRecords = field(default_factory=IdempotencyRecords)
+    history: History = field(default_factory=lambda: History(Retention()))
+    watch: Optional[Watch] = None  # the guard's running state (a guarded session)
 
     @property
     def key(self) -> str:

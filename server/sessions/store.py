@@ -22,7 +22,6 @@ replicas racing on one session exactly one wins and the other drops its copy and
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import logging
 import threading
@@ -47,6 +46,10 @@ from server.sessions.tiers import Tiers
 from server.sessions.store_io import StoreIO
 from server.sessions.upkeep import Upkeep
 from server.sessions.transaction import Transaction
+from server.sessions import guard as guards
+from server.sessions.history import History, Retention, Version, VersionCache
+from server.sessions.references import ReferencePool
+from server.sessions.versions import Versions, pop_reference
 
 log = logging.getLogger("fwserve.store")
 
@@ -66,8 +69,16 @@ class StoreEvents:
     def expired(self, n: int) -> None:
         """Sessions deleted after --session-ttl-s without use."""
 
+    def guard_tripped(self, rule: str, action: str, trigger: str, session_key: str, version: int) -> None:
+        """A session's guard acted (rollback, freeze, alert; reset: the rule's own collapse reset)."""
 
-class SessionStore(StoreIO, Upkeep):
+
+def _same_kind(a: Session, b: Session) -> bool:
+    """May an import of b be a new version of a (the same tensors' shapes and meaning)?"""
+    return (a.rule.name, a.classes, a.hyper, a.init) == (b.rule.name, b.classes, b.hyper, b.init)
+
+
+class SessionStore(StoreIO, Upkeep, Versions):
     def __init__(self, settings, embed_dim: int, base_W: torch.Tensor, base_b: torch.Tensor,
                  base_classes: list[str], device, backbone_name: str, events: Optional[StoreEvents] = None,
                  backend: Optional[Backend] = None, fingerprint: Optional[str] = None) -> None:
@@ -97,6 +108,9 @@ class SessionStore(StoreIO, Upkeep):
         self.check_heads = self.persistent and backend.shared  # version check on every use
         self.idem_ttl = float(settings.idempotency_ttl_s)
         self.idem_max = int(settings.idempotency_max_bytes)
+        self.retention = Retention(settings.history_versions, settings.history_max_age_s, settings.history_max_bytes)
+        self.version_cache = VersionCache(settings.version_cache_entries, settings.version_cache_ttl_s)
+        self.refs = ReferencePool(self.C, self.d, self.device, self.base_W, self.base_b, self.S + 1)
 
     @property
     def base_slot(self) -> int:
@@ -106,12 +120,15 @@ class SessionStore(StoreIO, Upkeep):
 
     def create(self, rule_name: str, classes: Optional[list[str]], hyper: dict, init: str = "zeros",
                session_id: Optional[str] = None, tenant: Optional[str] = None, quota: int = 0,
-               idem: Optional[Idem] = None) -> tuple[SessionInfo, bool]:
+               idem: Optional[Idem] = None, guard: Optional[dict] = None,
+               actor: Optional[str] = None) -> tuple[SessionInfo, bool]:
         """A new session -> (its info, replayed). `quota`: the tenant's session quota (0: none).
         `idem`: a retry of the creating request answers the same session (replayed) and creates
-        nothing."""
+        nothing. `guard`: its guard's settings (server/sessions/guard.py); `actor`: the API key
+        id that made it (its version 0's history entry)."""
         rule = get_rule(rule_name)
-        hyper = rule.validate(hyper)
+        given = dict(hyper)
+        hyper = rule.validate(given)
         classes = check_classes(self.base_classes if classes is None else classes, self.C)
         if init == "base":
             if not rule.base_init:
@@ -120,6 +137,20 @@ class SessionStore(StoreIO, Upkeep):
             if classes != self.base_classes:
                 raise invalid("invalid_init", "init='base' needs classes equal to the base head's "
                               f"classes {self.base_classes}")
+        cfg = None
+        if guard is not None:
+            cfg = guards.parse(guard, classes=classes, base_classes=self.base_classes, version=0, hyper=hyper)
+            if "collapse_reset" in hyper and "collapse_reset" not in given:
+                hyper["collapse_reset"] = 0.0  # the guard, not the rule's own reset, handles collapse
+        sess = Session("", rule, hyper, classes, init, guard=cfg)
+        tensors = self._initial_tensors(sess)
+        ref = {"W": tensors["W"].clone(), "b": tensors["b"].clone()} if cfg and cfg["reference"] != "base" else None
+        entry = Version(0, time.time(), "create", key_id=actor)
+        return self._admit(sess, tensors, session_id, tenant, quota, idem, entry, ref)
+
+    def _admit(self, sess: Session, tensors, session_id: Optional[str], tenant: Optional[str], quota: int,
+               idem: Optional[Idem], entry: Version, ref: Optional[dict]) -> tuple[SessionInfo, bool]:
+        """Store and place a new session (create, fork) at version 0 under a new incarnation."""
         with self.lock:
             if session_id is None:
                 # with an Idempotency-Key the id derives from it, so a retry finds its session
@@ -135,11 +166,14 @@ class SessionStore(StoreIO, Upkeep):
                     return self._info(old), True
                 raise conflict("session_exists", f"session {session_id!r} already exists")
             self._check_room(tenant, quota)
-            sess = Session(key, rule, hyper, classes, init, inc=new_incarnation())
-            held = Held(sess, idem=self._records())
+            sess.key, sess.inc = key, new_incarnation()
+            sess.created_at = sess.updated_at = entry.t
+            sess.version = 0
+            held = Held(sess, idem=self._records(), history=self._new_history())
+            held.watch = self._watch_of(sess, ref)
+            held.history.add(entry)
             if idem:
                 held.idem.create = {"key": idem[0], "fp": idem[1], "expires": time.time() + self.idem_ttl}
-            tensors = self._initial_tensors(sess)
             if self.persistent:
                 res = self._store_call(self.backend.create, key, sess.inc, self._encode(held, tensors, True),
                                        quota, self.settings.max_sessions)
@@ -149,6 +183,7 @@ class SessionStore(StoreIO, Upkeep):
                     raise quota_exceeded(quota, self.settings.retry_after_s)
                 if res == "limit":
                     raise self._full()
+            self._start_history(held, tensors)
             self.tiers.place(held, tensors)
             self.held[key] = held
             self._gauges()
@@ -156,28 +191,29 @@ class SessionStore(StoreIO, Upkeep):
                 self._record_claims([(key, idem)])
             return self._info(held), False
 
+    def _new_history(self) -> History:
+        return History(self.retention, ring=self.durability != "wal" and self.retention.versions > 1)
+
+    def _start_history(self, held: Held, tensors) -> None:
+        """A session's first anchor: its stored snapshot, or (no log) a copy in the ring."""
+        v = held.session.version
+        held.history.anchors = {v}
+        if held.history.ring is not None:
+            held.history.ring.add_anchor(v, {k: t.clone() for k, t in tensors.items()})
+
     def info(self, key: str) -> SessionInfo:
         with self.lock:
             return self._info(self._get(key))
 
-    def reset(self, key: str) -> SessionInfo:
-        """Back to the initial head and state; version and statistics back to 0. The store is
-        written first (compare-and-set on the head this process holds): a reset never revives a
-        session another replica deleted or moved on."""
+    def reset(self, key: str, actor: Optional[str] = None) -> SessionInfo:
+        """Back to the initial head and state, statistics to 0, as a new version (history is kept).
+        Durable first (a state record, or a snapshot, compare-and-set on the head this process
+        holds): a reset never revives a session another replica deleted or moved on."""
         with self.lock:
             held = self._get(key)
-            fresh = dataclasses.replace(held.session, version=0, seen=0, correct=0, total=0,
-                                        updated_at=time.time(), inc=new_incarnation())
-            tensors = self._initial_tensors(fresh)
-            if self.persistent:
-                data = self._encode(Held(fresh, idem=held.idem), tensors, True)
-                expect = Head(held.session.inc, held.synced)
-                if not self._store_call(self.backend.put, key, fresh.inc, 0, data, expect):
-                    self._lost_race(held)
-            self.tiers.drop(held)
-            held.session, held.synced, held.snap_version = fresh, 0, 0
-            self.tiers.place(held, tensors)
-            self._gauges()
+            sess = held.session
+            entry = Version(sess.version + 1, time.time(), "reset", key_id=actor)
+            self._append_version(held, self._initial_tensors(sess), (0, 0, 0), entry)
             return self._info(held)
 
     def delete(self, key: str) -> None:
@@ -192,6 +228,8 @@ class SessionStore(StoreIO, Upkeep):
             self._store_call(self.backend.unclaim, held.session.tenant, held.idem.keys())
             self.tiers.drop(held)
             self._unhold(held)
+            self.refs.drop(key)
+            self.version_cache.forget(key)
             self._gauges()
 
     def export(self, key: str) -> bytes:
@@ -199,19 +237,37 @@ class SessionStore(StoreIO, Upkeep):
             held = self._get(key)
             return self._encode(held, self.tiers.tensors_of(held))
 
-    def import_(self, key: str, data: bytes, quota: int = 0) -> tuple[SessionInfo, bool]:
-        """Create or replace a session from an export; -> (its info, created)."""
+    def import_(self, key: str, data: bytes, quota: int = 0, actor: Optional[str] = None) -> tuple[SessionInfo, bool]:
+        """Create or replace a session from an export; -> (its info, created). Replacing a session
+        of the same rule, classes, hyper-parameters and init is a new version of it (its history
+        stays); otherwise, or for a new session, the session starts afresh (a new incarnation; a
+        replaced session's versions go on from where they were)."""
         meta, tensors = self._decode(data)
+        ref = pop_reference(tensors)
         sess = Session.from_meta(key, meta, self.C)
         sess.check_tensors(tensors, self.d)
-        sess.updated_at = time.time()
-        sess.inc = new_incarnation()
-        held = Held(sess, idem=self._records())
+        source = {"session": meta.get("id"), "version": sess.version}
+        stats = (sess.seen, sess.correct, sess.total)
         with self.lock:
             self._refresh([key])
             old = self.held.get(key)
+            if old is not None and _same_kind(old.session, sess):
+                o = old.session
+                entry = Version(o.version + 1, time.time(), "import", key_id=actor, source=source,
+                                seen=stats[0], correct=stats[1], total=stats[2])
+                self._append_version(old, tensors, stats, entry)
+                return self._info(old), False
             if old is None:
                 self._check_room(sess.tenant, quota)
+            sess.version = 0 if old is None else old.session.version + 1
+            sess.frozen = False
+            self._check_guard(sess, ref)
+            sess.updated_at = time.time()
+            sess.inc = new_incarnation()
+            held = Held(sess, idem=self._records(), history=self._new_history())
+            held.watch = self._watch_of(sess, ref)
+            held.history.add(Version(sess.version, sess.updated_at, "import", key_id=actor, source=source,
+                                     seen=stats[0], correct=stats[1], total=stats[2]))
             if self.persistent:
                 if old is None and self.backend.count() >= self.settings.max_sessions:
                     raise self._full()
@@ -224,6 +280,9 @@ class SessionStore(StoreIO, Upkeep):
                 held.synced = held.snap_version = sess.version
             if old is not None:
                 self.tiers.drop(old)
+                self.refs.drop(key)
+                self.version_cache.forget(key)
+            self._start_history(held, tensors)
             self.held[key] = held
             self.tiers.place(held, tensors)
             self._gauges()
@@ -304,6 +363,7 @@ class SessionStore(StoreIO, Upkeep):
             raise store_unavailable(f"session {held.key} is missing from the store")
         if not self.persistent:
             meta, tensors = self._decode(stored.snapshot)
+            pop_reference(tensors)
             held.idem = IdempotencyRecords.from_meta(meta, self.idem_max, self._idem_evicted)
             return tensors
         try:
@@ -314,9 +374,12 @@ class SessionStore(StoreIO, Upkeep):
         if (theirs.inc, theirs.version) != (mine.inc, mine.version):
             log.warning("session %s: the store holds version %d, this replica had %d; using the store's",
                         held.key, theirs.version, mine.version)
-            for attr in ("inc", "version", "seen", "correct", "total", "updated_at"):
+            for attr in ("inc", "version", "seen", "correct", "total", "updated_at", "frozen", "guard"):
                 setattr(mine, attr, getattr(theirs, attr))
             held.synced, held.snap_version = fresh.synced, fresh.snap_version
+            held.history, held.watch = fresh.history, fresh.watch
+        elif held.history.ring is None:
+            held.history = fresh.history
         held.idem, held.log_bytes = fresh.idem, fresh.log_bytes
         return tensors
 
@@ -356,6 +419,9 @@ class SessionStore(StoreIO, Upkeep):
 
     def _gauges(self) -> None:
         self.events.tier_counts(self.tiers.counts())
+
+    def _guard_tripped(self, sess: Session, action: str, trigger: str) -> None:
+        self.events.guard_tripped(sess.rule.name, action, trigger, sess.key, sess.version)
 
     def _unhold(self, held: Held) -> None:
         if self.held.get(held.key) is held:

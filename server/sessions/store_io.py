@@ -22,8 +22,10 @@ from server.keys import split_key
 from server.sessions import codec
 from server.sessions.backends import Head, StoreError
 from server.sessions.idempotency import Idem, IdempotencyRecords, claim_conflicts
+from server.sessions.history import Version, anchor_interval
 from server.sessions.session import Held, Session
 from server.sessions.slots import width_for
+from server.sessions.versions import pop_reference
 from server.sessions.wal import WalBuffer, replay
 
 log = logging.getLogger("fwserve.store")
@@ -35,7 +37,7 @@ class StoreIO:
     def _flush(self, wal: Optional[WalBuffer]) -> dict[str, DomainError]:
         """wal: append the transaction's records (one backend call). Sessions whose append failed
         are dropped from memory (the store keeps their last durable state) -> {key: the error}."""
-        if wal is None or not wal.pending:
+        if wal is None or not wal.pending or self.durability != "wal":
             return {}
         batch = {}
         for key, recs in wal.pending.items():
@@ -61,7 +63,54 @@ class StoreIO:
             else:
                 held.synced = held.session.version
                 held.log_bytes += sum(len(r) for r in records)
+                for rec, raw in zip(wal.pending[key], records):
+                    self._remember_version(held, rec, len(raw), True)
         return errors
+
+    def _keep_history(self, wal: Optional[WalBuffer], errors: dict) -> None:
+        """Without the log: the transaction's versions become history entries (and, with the
+        in-memory ring, its records and now and then a state copy)."""
+        if wal is None or self.durability == "wal":
+            return
+        for key, recs in wal.pending.items():
+            held = self.held.get(key)
+            if held is None or key in errors:
+                continue
+            ring = held.history.ring
+            for rec in recs:
+                self._remember_version(held, rec, 0, False)
+                if ring is not None:
+                    ring.add_record(rec)
+            if ring is not None:
+                if held.session.version - ring.last_anchor() >= anchor_interval(self.retention):
+                    ring.add_anchor(held.session.version, self.tiers.tensors_of(held))
+                self._ring_retention(held)
+
+    def _remember_version(self, held: Held, rec, nbytes: int, logged: bool) -> None:
+        entry = Version.of_record(rec, nbytes or 0)
+        entry.logged = logged
+        held.history.add(entry)
+        if rec.state is not None and logged:
+            held.history.anchors.add(rec.version)
+
+    def _ring_retention(self, held: Held) -> None:
+        """Keep the ring within retention: drop what is older than the newest anchor at or before
+        the floor, then whole chunks (an anchor and its records) while over --history-max-bytes."""
+        h, ring = held.history, held.history.ring
+        floor = h.retention.floor(h.entries, time.time())
+        below = [v for v in ring.anchors if v <= floor]
+        if below:
+            ring.drop_before(max(below))
+        starts = ring.chunk_starts()
+        while ring.bytes > h.retention.max_bytes and len(starts) > 1:
+            starts.pop(0)
+            ring.drop_before(starts[0])
+        if ring.bytes > h.retention.max_bytes:  # one chunk alone is too big: keep only the current state
+            ring.drop_before(held.session.version + 1)
+            ring.add_anchor(held.session.version, self.tiers.tensors_of(held))
+        if ring.anchors:
+            first = min(ring.anchors)
+            h.entries = [e for e in h.entries if e.version >= first] or h.entries[-1:]
 
     def _appended_in_doubt(self, batch, error: StoreError, tries: int = 3) -> dict:
         """The append call failed as a whole: ask the store which keys it appended (their head
@@ -86,13 +135,22 @@ class StoreIO:
 
     # ---- snapshots and exports ----------------------------------------------------------------
 
-    def _encode(self, held: Held, tensors, internal: bool = False) -> bytes:
-        """An export; `internal` (store snapshots) adds the key, incarnation and idempotency records."""
+    def _encode(self, held: Held, tensors, internal: bool = False, keep_from: Optional[int] = None) -> bytes:
+        """An export (with its retained history entries); `internal` (store snapshots) adds the
+        key, incarnation, idempotency records, and the entries no kept log record holds (from
+        `keep_from`, default the snapshot's own version). A pinned guard reference travels as
+        tensors guard.W, guard.b."""
         sess = held.session
         meta = {"format": codec.EXPORT_FORMAT, "backbone": self.backbone_name, "embed_dim": self.d,
                 "weights": self.fingerprint, **sess.meta()}
         if internal:
-            meta.update(key=sess.key, incarnation=sess.inc, **held.idem.to_meta())
+            meta.update(key=sess.key, incarnation=sess.inc, **held.idem.to_meta(),
+                        history=held.history.unlogged(sess.version if keep_from is None else keep_from))
+        else:
+            floor = held.history.floor()
+            meta["history"] = [e.to_meta() for e in held.history.entries if e.version >= floor]
+        if held.watch is not None and held.watch.ref is not None:
+            tensors = {**tensors, "guard.W": held.watch.ref["W"], "guard.b": held.watch.ref["b"]}
         return codec.encode(tensors, meta)
 
     def _decode(self, data: bytes) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -122,11 +180,16 @@ class StoreIO:
         """Snapshot the session at its version into the store (compare-and-set on its head); a
         stale copy (another replica moved on) is let go: the caller drops its tensors. -> written?"""
         sess = held.session
-        data = self._encode(held, tensors, True)
-        ok = self._store_call(self.backend.put, held.key, sess.inc, sess.version, data, Head(sess.inc, held.synced))
+        keep_from = held.history.keep_from(sess.version) if self.durability == "wal" else None
+        data = self._encode(held, tensors, True, keep_from)
+        ok = self._store_call(self.backend.put, held.key, sess.inc, sess.version, data, Head(sess.inc, held.synced),
+                              keep_from)
         if ok:
             held.synced = held.snap_version = sess.version
             held.log_bytes = 0
+            if keep_from is not None:  # the store's history changed; without the log it is in memory
+                held.history.anchors.add(sess.version)
+                held.history.trim(keep_from)
         else:
             log.warning("session %s changed in the store since this replica loaded it; dropping the local copy "
                         "(%d unsaved adapts lost)", held.key, sess.version - held.synced)
@@ -134,35 +197,54 @@ class StoreIO:
         return ok
 
     def _materialize(self, key: str, stored) -> tuple[Held, dict[str, torch.Tensor]]:
-        """Snapshot + the log records that follow it (same incarnation, in version order)."""
+        """Snapshot + the log records that follow it (same incarnation, in version order); the
+        history entries and anchors of what the store keeps."""
         try:
             meta, tensors = self._decode(stored.snapshot)
+            ref = pop_reference(tensors)
             sess = Session.from_meta(key, meta, self.C)
             sess.inc = str(meta["incarnation"])
             n = len(sess.classes)
             want = {"W": (n, self.d), "b": (n,), **sess.rule.state_shapes(n, self.d)}
             if {k: tuple(v.shape) for k, v in tensors.items()} != want:
                 raise invalid("invalid_snapshot", f"stored tensors do not match the rule {sess.rule.name!r}")
+            entries = [Version.from_meta(e) for e in meta.get("history") or ()]
         except InvalidInput as e:
             if e.code == "weights_mismatch":  # readable, but not for these weights: say so, do not retry
                 raise conflict("weights_mismatch", e.message) from None
             raise StoreError(f"session {key}: unreadable snapshot in the store: {e.message}") from None
-        except (DomainError, KeyError) as e:
+        except (DomainError, KeyError, TypeError) as e:
             raise StoreError(f"session {key}: unreadable snapshot in the store: {getattr(e, 'message', e)}") from None
-        held = Held(sess, idem=IdempotencyRecords.from_meta(meta, self.idem_max, self._idem_evicted))
+        held = Held(sess, idem=IdempotencyRecords.from_meta(meta, self.idem_max, self._idem_evicted),
+                    history=self._new_history())
         held.synced = held.snap_version = sess.version
-        recs = []
+        recs, after = [], 0  # the records after the snapshot, and their bytes (compaction counts them)
+        anchors = {sess.version, *stored.archives}
         try:
             for raw in stored.records:
+                m = codec.read_meta(raw)
+                if str(m.get("inc")) != sess.inc:
+                    continue
+                v = m.get("v")
+                if isinstance(v, int) and v <= sess.version:  # history before the snapshot: its entry only
+                    entries.append(_entry_of_meta(m, len(raw)))
+                    if m.get("format") == codec.STATE_FORMAT:
+                        anchors.add(v)
+                    continue
+                if v != sess.version + len(recs) + 1:  # a leftover past a gap: never current
+                    continue
                 inc, rec = codec.Record.decode(raw)
-                if inc == sess.inc and rec.version == sess.version + len(recs) + 1:
-                    if rec.weights and self.fingerprint and rec.weights != self.fingerprint:
-                        raise conflict("weights_mismatch", f"session {split_key(key)[1]!r}: its log was written "
-                                       "with other backbone weights")
-                    recs.append(rec)
+                if rec.weights and self.fingerprint and rec.weights != self.fingerprint:
+                    raise conflict("weights_mismatch", f"session {split_key(key)[1]!r}: its log was written "
+                                   "with other backbone weights")
+                recs.append(rec)
+                after += len(raw)
+                entries.append(Version.of_record(rec, len(raw)))
+                if rec.state is not None:
+                    anchors.add(rec.version)
         except codec.CodecError as e:
             raise StoreError(f"session {key}: unreadable log record: {e}") from None
-        held.log_bytes = sum(len(raw) for raw in stored.records)
+        held.log_bytes = after
         if recs:
             tensors = replay(sess, tensors, recs, width_for(len(sess.classes)), self.d, self.device,
                              self.pool.head_dtype)
@@ -170,8 +252,20 @@ class StoreIO:
             for rec in recs:
                 if rec.idem and rec.idem["expires"] > now:
                     held.idem.put(rec.idem["key"], {k: rec.idem[k] for k in ("fp", "expires", "response")})
+                if "frozen" in rec.info:
+                    sess.frozen = bool(rec.info["frozen"])
         held.synced = sess.version
+        for e in sorted(entries, key=lambda e: e.version):
+            held.history.add(e)
+        if not held.history.entries or held.history.current.version != sess.version:
+            held.history.add(Version(sess.version, sess.updated_at, "create" if sess.version == 0 else "adapt",
+                                     seen=sess.seen, correct=sess.correct, total=sess.total))
+        held.history.anchors = {v for v in anchors if v <= sess.version}
+        if held.history.ring is not None:  # snapshot mode: the history in memory starts here
+            held.history.ring.add_anchor(sess.version, {k: t.clone() for k, t in tensors.items()})
+        held.watch = self._watch_of(sess, ref)
         return held, tensors
+
     # ---- Idempotency-Keys ---------------------------------------------------------------------
 
     def _records(self) -> IdempotencyRecords:
@@ -216,3 +310,13 @@ class StoreIO:
         except StoreError as e:
             log.error("store: %s", e)
             raise store_unavailable(e) from None
+
+
+def _entry_of_meta(m: dict, nbytes: int) -> Version:
+    """A history record's entry from its metadata alone (no tensor read)."""
+    info = m.get("info") or {}
+    cum = info.get("cum") or [0, 0, 0]
+    kind = info.get("kind") or ("reset" if m.get("format") == codec.STATE_FORMAT else "adapt")
+    return Version(int(m["v"]), float(m["t"]), str(kind), int(m.get("n", 0)), int(m.get("labelled", m.get("n", 0))),
+                   info.get("key_id"), str(info.get("by") or "client"), info.get("source"), int(cum[0]), int(cum[1]),
+                   int(cum[2]), info.get("guard"), nbytes, True)

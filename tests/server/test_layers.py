@@ -28,8 +28,9 @@ ALLOWED = {
     "server.keys": set(),
     "server.config": set(),
     "server.logs": set(),
-    "server.client": {"server.api.schemas", "server.client_codec"},
+    "server.client": {"server.api.schemas", "server.client_codec", "server.client_history"},
     "server.client_codec": {"server.api.schemas"},
+    "server.client_history": {"server.api.schemas"},
     "kernels": {"kernels.*"},
     "models": {"models.*"},
 }

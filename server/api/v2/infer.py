@@ -7,6 +7,8 @@ Parameters understood:
                     is none); sequence_start / sequence_end are accepted and have no effect: a
                     session outlives its sequence
     top_k           1..--max-top-k (predict only); > 1 adds the top_k_* outputs
+    session_version a retained version of the session to answer from (predict only; changes
+                    nothing); the response's session_version says which version answered
     binary_data_output  HTTP: every output binary unless an output says otherwise
     priority, timeout   Triton scheduling hints, accepted and ignored (--request-timeout-s applies)
 Anything else is refused (422), so a misspelt parameter does not pass silently.
@@ -37,7 +39,8 @@ from server.keys import SESSION_ID_PATTERN
 SESSION_ID = re.compile(SESSION_ID_PATTERN)
 
 IGNORED_PARAMETERS = ("sequence_start", "sequence_end", "priority", "timeout")
-PARAMETERS = ("session_id", "sequence_id", "top_k", "binary_data_output", *IGNORED_PARAMETERS)
+PARAMETERS = ("session_id", "sequence_id", "top_k", "binary_data_output", "session_version",
+              *IGNORED_PARAMETERS)
 OUTPUT_TYPES = {n: t for n, t, _ in OUTPUTS}
 
 
@@ -46,6 +49,7 @@ class Options:
     session_id: Optional[str]
     top_k: int
     binary_output: bool
+    version: Optional[int] = None
 
 
 @dataclass
@@ -87,7 +91,13 @@ def options(params: Optional[dict]) -> Options:
     binary = params.get("binary_data_output", False)
     if not isinstance(binary, bool):
         raise invalid("invalid_parameters", "parameters.binary_data_output must be a boolean")
-    return Options(sid, top_k, binary)
+    version = params.get("session_version")
+    if version is not None:
+        if not isinstance(version, int) or isinstance(version, bool) or version < 0:
+            raise invalid("invalid_parameters", "parameters.session_version must be a non-negative integer")
+        if sid is None:
+            raise invalid("invalid_parameters", "parameters.session_version needs a session_id (or sequence_id)")
+    return Options(sid, top_k, binary, version)
 
 
 def requested_outputs(outputs: Optional[list[dict]]) -> Optional[list[Requested]]:
@@ -150,13 +160,16 @@ async def infer(api: Api, p: Principal, inputs: list[Tensor], opts: Options,
         if opts.top_k > 1:
             raise invalid("invalid_parameters", "top_k applies to predictions; an adapt answers its top-1 "
                           "pre-update predictions")
+        if opts.version is not None:
+            raise invalid("invalid_parameters", "parameters.session_version names a version to predict with; "
+                          "an adapt always updates the current one")
         lab = inputs[labels[0]]
         ys = api.decoder.labels(lab.datatype, lab.shape, lab.data, len(x), f"inputs[{labels[0]}]")
         idem = None
         if idempotency_key is not None:  # the request as content, whatever its encoding (JSON, binary, gRPC)
             idem = (idempotency_key, fingerprint({"session_id": opts.session_id,
                                                   "instances": [[i.key, y] for i, y in zip(x, ys)]}))
-        res = await api.engine.adapt(AdaptJob(key, x, ys, idem, tenant=p.tenant, deadline=deadline))
+        res = await api.engine.adapt(AdaptJob(key, x, ys, idem, tenant=p.tenant, deadline=deadline, actor=p.key_id))
         rec.update(queue_seconds=res.queue_seconds)
         preds = res.predictions
         available = _prediction_outputs(preds, 1)
@@ -164,7 +177,8 @@ async def infer(api: Api, p: Principal, inputs: list[Tensor], opts: Options,
         default = ["label", "label_index", "score", "correct"]
         params = {"session_id": res.session_id, "session_version": res.version, "applied": res.applied}
         return Outcome(_select(available, names or default), params, res.replayed)
-    res = await api.engine.predict(PredictJob(x, session=key, top_k=opts.top_k, tenant=p.tenant, deadline=deadline))
+    res = await api.engine.predict(PredictJob(x, session=key, top_k=opts.top_k, tenant=p.tenant, deadline=deadline,
+                                              version=opts.version))
     rec.update(queue_seconds=res.queue_seconds)
     available = _prediction_outputs(res.predictions, opts.top_k)
     default = ["label", "label_index", "score"] + (["top_k_label", "top_k_index", "top_k_score"]

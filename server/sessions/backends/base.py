@@ -2,15 +2,19 @@
 
 Per session key (``id``, or ``tenant/id`` when API keys are on) a backend holds:
 
-- a **head** ``(incarnation, version)``. The incarnation is a random id given at create,
-  import and reset; the version counts adapts. The pair is the compare-and-set token of the
+- a **head** ``(incarnation, version)``. The incarnation is a random id given at create and at
+  an import that starts a session afresh; the version numbers the session's states (+1 for
+  every adapt, reset, import and rollback). The pair is the compare-and-set token of the
   multi-replica protocol: a replica's copy of a session is current exactly when the store's
   head equals the copy's ``(incarnation, synced version)``.
 - a **snapshot**: the session's encoded state at version ``snap_version``
   (server/sessions/codec.py).
-- a **write-ahead log** (``--durability wal``): one record per adapt after the snapshot, for
-  versions ``snap_version + 1 .. version`` in order. Records are opaque bytes here, except for
+- a **write-ahead log** (``--durability wal``): one record per version, in order, up to
+  ``version``. Those after the snapshot make the current state; those before it are history,
+  kept for retained versions (``put``'s ``keep_from``). Records are opaque bytes here, except for
   their (incarnation, version) header, read with the codec.
+- **archived snapshots**: earlier snapshots kept as history anchors (a retained version is
+  materialised from the nearest snapshot or state record at or before it, plus the log).
 
 Backends raise ``StoreError`` for anything the medium does wrong (disk full, Redis unreachable).
 """
@@ -36,7 +40,9 @@ class Stored:
     version: int
     snap_version: int
     snapshot: bytes
-    records: list[bytes] = field(default_factory=list)  # raw log records after the snapshot (may hold leftovers)
+    records: list[bytes] = field(default_factory=list)  # raw log records (history, then those after the snapshot)
+    archives: list[int] = field(default_factory=list)  # versions of the archived snapshots
+    anchors: dict[int, bytes] = field(default_factory=dict)  # history(): every snapshot blob by version
 
 
 class StoreError(Exception):
@@ -63,11 +69,22 @@ class Backend:
         -> 'ok' | 'exists' | 'tenant_quota' | 'limit'."""
         raise NotImplementedError
 
-    def put(self, key: str, inc: str, version: int, snapshot: bytes, expect=None) -> bool:
-        """Snapshot at `version` becomes the session's state (created if absent); log records up to
-        `version` of the same incarnation are dropped. `expect`: None (unconditional), a Head
-        (only if the session's head equals it) or "absent" (only if there is no such session).
+    def put(self, key: str, inc: str, version: int, snapshot: bytes, expect=None,
+            keep_from: Optional[int] = None) -> bool:
+        """Snapshot at `version` becomes the session's state (created if absent). `expect`: None
+        (unconditional), a Head (only if the session's head equals it) or "absent" (only if there
+        is no such session). `keep_from` None: log records up to `version` and every archived
+        snapshot are dropped. `keep_from` = v (same incarnation, an anchor: a snapshot or state
+        record at v): history from version v on is kept: the snapshot this replaces is archived
+        when its version is >= v (and differs from `version`), archived snapshots before v and log
+        records up to v are dropped, the rest stay. Another incarnation drops the whole log and
+        every archive. The head's version is never lowered by a put of the same incarnation.
         -> written?"""
+        raise NotImplementedError
+
+    def history(self, key: str) -> Optional[Stored]:
+        """Everything kept of one session: its snapshot and archived snapshots (`anchors`,
+        by version) and its whole log (None: no such session)."""
         raise NotImplementedError
 
     def append(self, batch: dict[str, tuple[Head, list[bytes]]]) -> dict[str, str]:

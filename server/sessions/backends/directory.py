@@ -3,7 +3,9 @@ time (an exclusive ``flock``), so it needs no version checks on reads.
 
 Log appends are ``write`` + ``fsync``; snapshots are written to a temporary file, fsynced and
 renamed, then the directory is fsynced. A torn record at the end of a log (a crash in the
-middle of an append, never acknowledged) fails its CRC and is cut off on load.
+middle of an append, never acknowledged) fails its CRC and is cut off on load. An archived
+snapshot is a hard link to the snapshot it was (``<stem>.v<version>.safetensors``), made before
+the new snapshot replaces it, so a crash in between leaves both.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ log = logging.getLogger("fwserve.store")
 
 _FRAME = struct.Struct("<II")  # payload length, crc32(payload)
 _NAME = re.compile(r"^([A-Za-z0-9_-]{1,64})\.([0-9a-f]{40})\.safetensors$")
+_ARCHIVE = re.compile(r"\.v([0-9]{1,16})\.safetensors$")
 
 
 def _tenant_part(tenant: Optional[str]) -> str:
@@ -141,6 +144,17 @@ class DirectoryBackend(Backend):
     def _wal(self, key: str) -> Path:
         return self.root / (self._base(key) + ".wal")
 
+    def _archive(self, key: str, version: int) -> Path:
+        return self.root / f"{self._base(key)}.v{version}.safetensors"
+
+    def _archives(self, key: str) -> dict[int, Path]:
+        out = {}
+        for path in self.root.glob(self._base(key) + ".v*.safetensors"):
+            m = _ARCHIVE.search(path.name)
+            if m:
+                out[int(m.group(1))] = path
+        return out
+
     def _write_atomic(self, path: Path, data: bytes) -> None:
         delta = self._reserve(path, len(data))
         tmp = path.with_suffix(path.suffix + ".tmp")
@@ -205,7 +219,21 @@ class DirectoryBackend(Backend):
             if r_inc == inc and r_v == version + 1:
                 version = r_v
         self._heads[key] = Head(inc, version)
-        return Stored(inc, version, snap_version, snapshot, records)
+        return Stored(inc, version, snap_version, snapshot, records, sorted(self._archives(key)))
+
+    def history(self, key):
+        stored = self.load(key)
+        if stored is None:
+            return None
+        stored.anchors = {stored.snap_version: stored.snapshot}
+        for version, path in self._archives(key).items():
+            try:
+                stored.anchors.setdefault(version, path.read_bytes())
+            except FileNotFoundError:
+                continue
+            except OSError as e:
+                raise StoreError(f"reading {path}: {e}") from e
+        return stored
 
     def create(self, key, inc, snapshot, max_tenant=0, max_total=0):
         if self._snap(key).exists():
@@ -216,6 +244,8 @@ class DirectoryBackend(Backend):
         if max_total and sum(self._counts.values()) >= max_total:
             return "limit"
         self._wal(key).unlink(missing_ok=True)
+        for path in self._archives(key).values():
+            self._unlink(path)
         self._write(key, inc, 0, snapshot)
         return "ok"
 
@@ -231,23 +261,55 @@ class DirectoryBackend(Backend):
             self._counts[t] = self._counts.get(t, 0) + 1
         self._heads[key] = Head(inc, version)
 
-    def put(self, key, inc, version, snapshot, expect=None):
+    def put(self, key, inc, version, snapshot, expect=None, keep_from=None):
         if expect == "absent":
             if self._snap(key).exists():
                 return False
         elif expect is not None and self.heads([key]).get(key) != expect:
             return False
+        head = self._heads.get(key) if keep_from is None else self.heads([key]).get(key)
+        same = isinstance(head, Head) and head.inc == inc
+        if keep_from is not None and same:
+            self._archive_current(key, version, keep_from)
         self._write(key, inc, version, snapshot)
+        for v, path in self._archives(key).items():
+            if keep_from is None or not same or v < keep_from:
+                self._unlink(path)
+        top = max(version, head.version) if same else version
         wal = self._wal(key)
-        if wal.exists():  # records up to `version` are in the snapshot now (the rest: none while we hold the lock)
-            keep = [r for r in read_frames(wal.read_bytes())[0] if codec.record_head(r)[0] == inc
-                    and codec.record_head(r)[1] > version]
+        if wal.exists():  # the history kept, and records after `version` (none while we hold the lock)
+            keep = []
+            for r in read_frames(wal.read_bytes())[0]:
+                r_inc, r_v = codec.record_head(r)
+                if r_inc == inc and (r_v > version or (keep_from is not None and r_v > keep_from)):
+                    keep.append(r)
             if keep:
                 self._write_atomic(wal, b"".join(frame(r) for r in keep))
-                self._heads[key] = Head(inc, version + len(keep))
             else:
-                wal.unlink()
+                self._unlink(wal)
+            top = max([top] + [codec.record_head(r)[1] for r in keep])
+        self._heads[key] = Head(inc, top)
         return True
+
+    def _archive_current(self, key: str, version: int, keep_from: int) -> None:
+        """Keep the snapshot about to be replaced as a history anchor (a hard link: no copy)."""
+        snap = self._snap(key)
+        try:
+            _, current = codec.snapshot_head(_read_head(snap) or b"")
+        except (codec.CodecError, KeyError, ValueError):
+            return
+        if current < keep_from or current == version:
+            return
+        dst = self._archive(key, current)
+        try:
+            delta = self._reserve(dst, snap.stat().st_size)
+            tmp = dst.with_suffix(".tmp")
+            tmp.unlink(missing_ok=True)
+            os.link(snap, tmp)
+            tmp.replace(dst)
+            self._used += delta
+        except OSError as e:
+            raise StoreError(f"archiving {snap.name}: {e}") from e
 
     def append(self, batch):
         failed = {}
@@ -279,7 +341,7 @@ class DirectoryBackend(Backend):
     def delete(self, key):
         path = self._snap(key)
         existed = path.exists()
-        for p in (self._wal(key), path):
+        for p in (self._wal(key), *self._archives(key).values(), path):
             self._unlink(p)
         if existed:
             t = _tenant_part(split_key(key)[0])

@@ -2,8 +2,10 @@
 
 Keys (``{ns}`` is the namespace, ``{t}`` the tenant's storage name)::
 
-    {ns}:{{t}}:s:<id>   hash   inc, ver, snap, snap_ver, t       the session's head, snapshot, last use
-    {ns}:{{t}}:w:<id>   list   log records after the snapshot
+    {ns}:{{t}}:s:<id>   hash   inc, ver, snap, snap_ver, t       the session's head, snapshot, last use;
+                               log_from: the list holds versions log_from+1 .. ver (absent: snap_ver)
+    {ns}:{{t}}:w:<id>   list   log records (retained history, then those after the snapshot)
+    {ns}:{{t}}:h:<id>   hash   version -> archived snapshot (history anchors)
     {ns}:{{t}}:t        set    the tenant's session ids (its quota)
     {ns}:n              string sessions in the store (the global limit, kept outside the scripts)
 
@@ -35,27 +37,52 @@ _CREATE = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 'exists' end
 local mt = tonumber(ARGV[4])
 if mt > 0 and redis.call('SCARD', KEYS[3]) >= mt then return 'tenant_quota' end
-redis.call('HSET', KEYS[1], 'inc', ARGV[1], 'ver', '0', 'snap', ARGV[2], 'snap_ver', '0', 't', ARGV[5])
-redis.call('DEL', KEYS[2])
+redis.call('HSET', KEYS[1], 'inc', ARGV[1], 'ver', '0', 'snap', ARGV[2], 'snap_ver', '0', 't', ARGV[5],
+           'log_from', '0')
+redis.call('DEL', KEYS[2], KEYS[4])
 redis.call('SADD', KEYS[3], ARGV[3])
 return 'ok'
 """
 
-# ARGV: inc, ver, snap, id, expect_inc ('' = unconditional, '-' = only if absent), expect_ver, time
+# ARGV: inc, ver, snap, id, expect_inc ('' = unconditional, '-' = only if absent), expect_ver, time,
+# keep_from ('' = drop the log up to ver and every archive)
 _PUT = """
-local h = redis.call('HMGET', KEYS[1], 'inc', 'ver', 'snap_ver')
+local h = redis.call('HMGET', KEYS[1], 'inc', 'ver', 'snap_ver', 'log_from')
 if ARGV[5] == '-' then
   if h[1] then return 0 end
 elseif ARGV[5] ~= '' then
   if h[1] ~= ARGV[5] or h[2] ~= ARGV[6] then return 0 end
 end
-redis.call('HSET', KEYS[1], 'inc', ARGV[1], 'ver', ARGV[2], 'snap', ARGV[3], 'snap_ver', ARGV[2], 't', ARGV[7])
+local v = tonumber(ARGV[2])
+local ver = ARGV[2]
+local log_from = v
 if h[1] == ARGV[1] then
-  local drop = tonumber(ARGV[2]) - tonumber(h[3])
-  if drop > 0 then redis.call('LTRIM', KEYS[2], drop, -1) end
+  local lf = tonumber(h[4] or h[3])
+  local keep = v
+  if ARGV[8] ~= '' then
+    keep = tonumber(ARGV[8])
+    if h[3] ~= ARGV[2] and tonumber(h[3]) >= keep then
+      redis.call('HSET', KEYS[4], h[3], redis.call('HGET', KEYS[1], 'snap'))
+    end
+    for _, a in ipairs(redis.call('HKEYS', KEYS[4])) do
+      if tonumber(a) < keep then redis.call('HDEL', KEYS[4], a) end
+    end
+  else
+    redis.call('DEL', KEYS[4])
+  end
+  local drop = keep - lf
+  if drop > 0 then
+    redis.call('LTRIM', KEYS[2], drop, -1)
+    lf = keep
+  end
+  if tonumber(h[2]) > v then ver = h[2] end
+  if redis.call('LLEN', KEYS[2]) == 0 then lf = tonumber(ver) end
+  log_from = lf
 else
-  redis.call('DEL', KEYS[2])
+  redis.call('DEL', KEYS[2], KEYS[4])
 end
+redis.call('HSET', KEYS[1], 'inc', ARGV[1], 'ver', ver, 'snap', ARGV[3], 'snap_ver', ARGV[2], 't', ARGV[7],
+           'log_from', string.format('%d', log_from))
 if not h[1] then
   redis.call('SADD', KEYS[3], ARGV[4])
   return 2
@@ -88,7 +115,7 @@ return string.sub(s, 1, 8 + n)
 
 _DELETE = """
 if redis.call('DEL', KEYS[1]) == 1 then
-  redis.call('DEL', KEYS[2])
+  redis.call('DEL', KEYS[2], KEYS[4])
   redis.call('SREM', KEYS[3], ARGV[1])
   return 1
 end
@@ -159,7 +186,7 @@ class RedisBackend(Backend):
     def _k(self, key: str) -> list[str]:
         tenant, sid = split_key(key)
         t = f"{self.ns}:{{{tenant_name(tenant)}}}"
-        return [f"{t}:s:{sid}", f"{t}:w:{sid}", f"{t}:t"]
+        return [f"{t}:s:{sid}", f"{t}:w:{sid}", f"{t}:t", f"{t}:h:{sid}"]
 
     def _call(self, fn, *a, **kw):
         try:
@@ -190,18 +217,30 @@ class RedisBackend(Backend):
         return out
 
     def load(self, key):
-        hk, wk = self._k(key)[:2]
+        return self._read(key, False)
+
+    def history(self, key):
+        return self._read(key, True)
+
+    def _read(self, key, anchors: bool):
+        hk, wk, _, ak = self._k(key)
 
         def run():
             p = self.r.pipeline(transaction=True)
             p.hmget(hk, "inc", "ver", "snap_ver", "snap")
             p.lrange(wk, 0, -1)
+            p.hgetall(ak) if anchors else p.hkeys(ak)
             return p.execute()
 
-        (inc, ver, sv, snap), records = self._call(run)
+        (inc, ver, sv, snap), records, archived = self._call(run)
         if inc is None:
             return None
-        return Stored(inc.decode(), parse_version(ver), parse_version(sv), snap, list(records))
+        stored = Stored(inc.decode(), parse_version(ver), parse_version(sv), snap, list(records))
+        stored.archives = sorted(parse_version(a) for a in archived)
+        if anchors:
+            stored.anchors = {parse_version(a): bytes(b) for a, b in archived.items()}
+            stored.anchors[stored.snap_version] = snap
+        return stored
 
     def create(self, key, inc, snapshot, max_tenant=0, max_total=0):
         if max_total and self.count() >= max_total:  # the global limit: best effort (another slot)
@@ -213,14 +252,15 @@ class RedisBackend(Backend):
             self._call(self.r.incr, f"{self.ns}:n")
         return res
 
-    def put(self, key, inc, version, snapshot, expect=None):
+    def put(self, key, inc, version, snapshot, expect=None, keep_from=None):
         if expect is None:
             exp_inc, exp_ver = "", ""
         elif expect == "absent":
             exp_inc, exp_ver = "-", ""
         else:
             exp_inc, exp_ver = expect.inc, str(expect.version)
-        args = [inc, str(version), snapshot, split_key(key)[1], exp_inc, exp_ver, repr(time.time())]
+        args = [inc, str(version), snapshot, split_key(key)[1], exp_inc, exp_ver, repr(time.time()),
+                "" if keep_from is None else str(keep_from)]
         res = int(self._call(self._put, keys=self._k(key), args=args))
         if res == 2:
             self._call(self.r.incr, f"{self.ns}:n")
@@ -363,7 +403,7 @@ class RedisBackend(Backend):
             if not h:
                 continue
             records = self._call(self.r.lrange, f"{self.ns}:w:{key}", 0, -1)
-            hk, wk, tk = self._k(key)
+            hk, wk, tk = self._k(key)[:3]
 
             def write():
                 p = self.r.pipeline(transaction=True)

@@ -72,16 +72,16 @@ def test_session_lifecycle(server, rule):
         r = c.put(f"/v1/sessions/{sid}-copy/import", content=exported.content,
                   headers={"content-type": "application/octet-stream"})
         assert r.status_code == 201, r.text
-        assert r.json()["version"] == 1 and r.json()["rule"] == rule
+        assert r.json()["version"] == 0 and r.json()["rule"] == rule  # a new session's own first version
         again = c.get(f"/v1/sessions/{sid}-copy/export").content
         for k, v in st_load(again).items():
             assert v.equal(tensors[k]), k
         p2 = c.post("/v1/predict", json={"session_id": f"{sid}-copy", "instances": [arr(xs[0])]}).json()
         assert p2["predictions"] == p["predictions"]
 
-        assert c.post(f"/v1/sessions/{sid}/reset").json() == {"id": sid, "version": 0}
+        assert c.post(f"/v1/sessions/{sid}/reset").json() == {"id": sid, "version": 2}  # a new version
         info = c.get(f"/v1/sessions/{sid}").json()
-        assert info["version"] == 0 and info["examples_seen"] == 0
+        assert info["version"] == 2 and info["examples_seen"] == 0
         assert st_load(c.get(f"/v1/sessions/{sid}/export").content)["W"].abs().sum() == 0
 
         assert c.delete(f"/v1/sessions/{sid}").status_code == 204
@@ -193,11 +193,11 @@ def test_sync_client(server):
         assert p.version == 1 and p.predictions[0].label == "u" and len(p.predictions[0].top_k) == 2
         assert c.get_session(s.id).examples_seen == 2
         data = c.export_session(s.id)
-        assert c.import_session("copied", data).version == 1
-        assert c.reset_session(s.id).version == 0
+        assert c.import_session("copied", data).version == 0
+        assert c.reset_session(s.id).version == 2
         e = c.predict_episodic(xs[:1], xs[:2], ["m", "n"])
         assert e.predictions[0].label == "m"
-        assert c.infer(BACKBONE, np.stack(xs[:2]), session_id="copied").parameters["session_version"] == 1
+        assert c.infer(BACKBONE, np.stack(xs[:2]), session_id="copied").parameters["session_version"] == 0
         assert c.model_metadata(BACKBONE).name == BACKBONE and c.server_metadata().name == "fwserve"
         assert "fwserve_build_info" in c.metrics()
         c.delete_session(s.id)

@@ -52,7 +52,11 @@ def test_a_first_release_export_imports(tmp_path):
     data = (FIXTURES / "s-rls.export.safetensors").read_bytes()
     assert codec.read_meta(data)["format"] == "fwserve-session/1"
     info, created = st.import_("copy", data)
-    assert created and info.version == 3 and info.rule == "rls"
+    # a new session's first version is 0 (versions number one session's states); the export's
+    # statistics and its version come with it (the latter as the history entry's source)
+    assert created and info.version == 0 and info.rule == "rls" and info.examples_seen == 6
+    (entry,) = st.versions("copy")[0]
+    assert entry["kind"] == "import" and entry["source"]["version"] == 3
     st.close()
 
 

@@ -121,9 +121,9 @@ def test_torn_log_tail_is_cut(backbone, tmp_path):
 
 
 def test_wal_compaction(backbone, tmp_path):
-    # every compaction pass folds whatever is logged (a threshold of 1 record)
-    with live_server(backbone, tmp_path, durability="wal", wal_compact_records=1, snapshot_interval_s=0.1) as srv, \
-            Client(srv.url) as c:
+    # every compaction pass folds whatever is logged (a threshold of 1 record; no history kept)
+    with live_server(backbone, tmp_path, durability="wal", wal_compact_records=1, snapshot_interval_s=0.1,
+                     history_versions=1) as srv, Client(srv.url) as c:
         sid = c.create_session("prototype", classes=CLASSES, session_id="compact").id
         feed(c, sid, 0, 7)
         deadline = time.monotonic() + 10

@@ -107,5 +107,6 @@ def test_management_calls_wait_for_an_open_transaction(tmp_path):
         adapt(txn, "s", 1.0)
         assert not done.is_set() and st.info("s").version == 1  # the reset has not run inside the batch
     t.join(30)
-    assert seen == [0] and st.info("s").version == 0
+    # the reset came after the adapt: version 2 (a reset is a new version), statistics back to 0
+    assert seen == [2] and st.info("s").version == 2 and st.info("s").examples_seen == 0
     st.close()
