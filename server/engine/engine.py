@@ -92,7 +92,7 @@ class Engine:
             bb = self.backbone
             device = str(bb.device)
             self.store = SessionStore(s, bb.embed_dim, bb.head.weight, bb.head.bias, bb.class_names, device,
-                                      s.backbone, self.metrics)
+                                      s.backbone, self.metrics, source_stats=getattr(bb, "source_stats", None))
             warn = self.store.backend.durability_warning()
             if s.durability == "wal" and warn:
                 log.warning("%s", warn)
