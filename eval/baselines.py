@@ -17,7 +17,7 @@ import warnings
 
 import numpy as np
 
-REFERENCE_CS = tuple(float(c) for c in np.logspace(-3, 3, 7))
+REFERENCE_CS = tuple(float(c) for c in np.logspace(-5, 3, 9))
 REFERENCE_FOLDS = 5
 
 
@@ -33,6 +33,7 @@ def _logistic_cv(x_train, y_train, x_test, y_test, cs=REFERENCE_CS) -> tuple[flo
         return float("nan"), float("nan")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
+        warnings.simplefilter("ignore", FutureWarning)
         clf = LogisticRegressionCV(Cs=list(cs), cv=StratifiedKFold(folds, shuffle=True, random_state=0),
                                    max_iter=2000).fit(scaler.transform(x_train), y_train)
     return float((clf.predict(scaler.transform(x_test)) == y_test).mean()), float(clf.C_[0])

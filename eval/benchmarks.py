@@ -179,3 +179,24 @@ def episodes(plan: Plan, labels: np.ndarray, rows: np.ndarray, shots: int, seed:
         out.append({"support": np.array(support)[perm], "support_y": np.array(sy)[perm],
                     "query": np.array(query), "query_y": np.array(qy)})
     return out
+
+
+def data_streams(plan: Plan, bank) -> tuple[list[Stream], list[dict]]:
+    """A user's ImageFolder (plan.extra["data_dir"]) as a new-class benchmark: per seed a 60/40
+    split, i.i.d. and class-incremental orders (optionally under one corruption)."""
+    data = _cap(D.image_folder(Path(plan.extra["data_dir"])), plan)
+    corruption = plan.extra.get("data_corruption")
+    if corruption:
+        data = D.corrupted(data, corruption, plan.top_severity, plan.corruption_seed, plan.cache_dir)
+    feats = bank(data.images)
+    key = {"benchmark": "data", "shift": corruption or "none", "severity": plan.top_severity if corruption else None}
+    streams, splits = [], []
+    for seed in range(plan.seeds):
+        stream_rows, test_rows = split_rows(data.labels, seed)
+        splits.append({"key": key, "seed": seed, "features": feats, "labels": data.labels, "images": data.images,
+                       "stream": stream_rows, "test": test_rows, "classes": data.classes})
+        for order in plan.novel_orders:
+            o = D.stream_order(data.labels[stream_rows], order, seed)
+            streams.append(Stream({**key, "order": order, "seed": seed}, feats, data.labels, stream_rows[o], test_rows,
+                                  data.classes, data.images))
+    return streams, splits

@@ -31,7 +31,10 @@ class Method:
 
     labelled: the stream's rows carry their labels (else the rule adapts label-free);
     budget: learn only from the first `budget` labelled rows of each class, then stay frozen
-    ("static after k labels"); steps: passes over an episode's support set."""
+    ("static after k labels"); fit_epochs > 0 (with a budget): learn nothing online; once every
+    class has `budget` labels, take fit_epochs full-batch steps of the rule over those rows (an
+    offline fine-tune, e.g. of the base head with sgd), then stay frozen; steps: passes over an
+    episode's support set."""
 
     name: str
     rule: Optional[str]
@@ -39,6 +42,7 @@ class Method:
     init: str = "zeros"
     labelled: bool = True
     budget: Optional[int] = None
+    fit_epochs: int = 0
     steps: int = 1
 
     @property
@@ -144,6 +148,9 @@ def run_streams(m: Method, streams: list[Stream], base: Base, batch: int = 10,
     correct = [np.zeros(len(s.order), dtype=bool) for s in streams]
     ckpt: list[dict] = [{k: None for k in checkpoints} for _ in streams]
     resets = 0
+    fitting = m.fit_epochs > 0 and m.budget is not None
+    collected: list[list[int]] = [[] for _ in streams]  # fit_epochs: the budgeted rows of each stream
+    fitted = np.zeros(S, dtype=bool)
     steps = max(math.ceil(len(s.order) / batch) for s in streams)
     for t in range(steps):
         parts = [(j, s.order[t * batch:(t + 1) * batch]) for j, s in enumerate(streams)]
@@ -164,7 +171,16 @@ def run_streams(m: Method, streams: list[Stream], base: Base, batch: int = 10,
                 for i, (j, c) in enumerate(zip(slot_np, y_np)):
                     learn[i] = learned[j, c] < m.budget
                     learned[j, c] += learn[i]
-            if learn.any():
+            if fitting:
+                at = 0
+                for j, idx in parts:
+                    collected[j] += [int(v) for v, keep in zip(idx, learn[at:at + len(idx)]) if keep]
+                    at += len(idx)
+                ready = [j for j in range(S) if not fitted[j] and learned[j, :n_cls[j]].min() >= m.budget]
+                if ready:
+                    _fit(rule, heads, state_rows, streams, ready, collected, m.fit_epochs)
+                    fitted[ready] = True
+            elif learn.any():
                 upd = torch.where(torch.from_numpy(learn), slots, -1)
                 y = torch.from_numpy(y_np).long() if m.labelled else torch.full((len(y_np),), -1, dtype=torch.int64)
                 rows = state_rows.index_select(0, slots) if rule.state else None
@@ -179,6 +195,16 @@ def run_streams(m: Method, streams: list[Stream], base: Base, batch: int = 10,
     finals = _accuracy(heads, list(range(S)), streams)
     return [{"correct": correct[j], "final": finals[j], "checkpoints": ckpt[j], "resets": resets if S == 1 else None}
             for j in range(S)]
+
+
+def _fit(rule, heads, state_rows, streams, ready, collected, epochs) -> None:
+    """fit_epochs: full-batch steps of the rule over each ready stream's collected rows."""
+    x = torch.from_numpy(np.concatenate([streams[j].features[collected[j]] for j in ready]))
+    y = torch.from_numpy(np.concatenate([streams[j].labels[collected[j]] for j in ready])).long()
+    slots = torch.from_numpy(np.concatenate([np.full(len(collected[j]), j) for j in ready])).long()
+    batch = kernels.SlotBatch(slots)
+    for _ in range(epochs):
+        rule.update(heads, x, y, slots, state_rows.index_select(0, slots) if rule.state else None, batch=batch)
 
 
 def run_episodes(m: Method, episodes: list[dict], features: np.ndarray, d: int) -> list[float]:

@@ -73,7 +73,7 @@ class FeatureStats(Rule):
     needs_labels = False
     description = ("label-free: re-standardises the session's features with running estimates of their mean "
                    "and variance onto the backbone's source statistics (an affine map folded into the head)")
-    search_space = {"prior_count": (16.0, 128.0), "power": (0.0, 1.0)}
+    search_space = {"prior_count": (0.0, 16.0, 128.0), "power": (0.0, 1.0)}
 
     def init_state(self, n, d, hyper, head=None):
         return stats_state(self, n, d, hyper, head)

@@ -35,7 +35,7 @@ class Lame(Rule):
     needs_labels = False
     description = ("label-free: LAME-style Laplacian output smoothing against a decayed memory of the session's "
                    "recent rows, on feature_stats' re-standardised head")
-    search_space = {"prior_count": (0.0, 16.0), "affinity": (1.0, 4.0), "memory": (20.0, 100.0)}
+    search_space = {"prior_count": (0.0,), "affinity": (1.0, 4.0, 16.0), "memory": (10.0, 50.0)}
 
     def init_state(self, n, d, hyper, head=None):
         return {**stats_state(self, n, d, hyper, head), "M": torch.zeros(n, d)}

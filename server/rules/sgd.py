@@ -21,7 +21,7 @@ class SGD(Rule):
     }
     base_init = True
     description = "one softmax cross-entropy SGD step per adapt request (mean over its instances)"
-    search_space = {"lr": (0.001, 0.003, 0.01, 0.1)}
+    search_space = {"lr": (0.001, 0.003, 0.01, 0.03, 0.1)}
 
     def update(self, heads, x, y, slots, state_rows, batch=None) -> int:
         h = heads.hyper
