@@ -19,6 +19,7 @@ import numpy as np
 
 REFERENCE_CS = tuple(float(c) for c in np.logspace(-5, 3, 9))
 REFERENCE_FOLDS = 5
+REFERENCE_MAX_ITER = 500  # lbfgs iterations per fit (large C on separable folds otherwise runs long)
 
 
 def _logistic_cv(x_train, y_train, x_test, y_test, cs=REFERENCE_CS) -> tuple[float, float]:
@@ -35,7 +36,7 @@ def _logistic_cv(x_train, y_train, x_test, y_test, cs=REFERENCE_CS) -> tuple[flo
         warnings.simplefilter("ignore", ConvergenceWarning)
         warnings.simplefilter("ignore", FutureWarning)
         clf = LogisticRegressionCV(Cs=list(cs), cv=StratifiedKFold(folds, shuffle=True, random_state=0),
-                                   max_iter=2000).fit(scaler.transform(x_train), y_train)
+                                   max_iter=REFERENCE_MAX_ITER).fit(scaler.transform(x_train), y_train)
     return float((clf.predict(scaler.transform(x_test)) == y_test).mean()), float(clf.C_[0])
 
 

@@ -16,7 +16,7 @@ from typing import Optional
 
 import numpy as np
 
-from eval.baselines import REFERENCE_CS, REFERENCE_FOLDS  # noqa: F401  (recorded in the pre-registration)
+from eval.baselines import REFERENCE_CS, REFERENCE_FOLDS, REFERENCE_MAX_ITER  # noqa: F401  (pre-registered)
 from eval.protocol import LABEL_FREE, SHOTS, SUPERVISED
 from eval.stats import BOOTSTRAP, SEED as BOOTSTRAP_SEED, mean_difference, mean_interval, paired_bootstrap, \
     ratio_of_means
@@ -182,7 +182,7 @@ def shift_md(results, reg) -> list[str]:
         body.append([f"{top}, without degenerate"] + [_mean_ci(rows, m, final_error, keep, severity=top, order="iid")
                                                      for m in methods])
     md += [_table(["severity"] + methods, body), ""]
-    base = {(b["shift"]): [] for b in results.get("baselines", []) if b["benchmark"] == "shift"}
+    base = defaultdict(list)
     for b in results.get("baselines", []):
         if b["benchmark"] == "shift" and b["severity"] == top:
             base.setdefault(b["shift"], []).append(b)
@@ -269,13 +269,13 @@ def domain_md(results) -> list[str]:
     return md + [_table(["method"] + orders, body), ""]
 
 
-def novel_md(results) -> list[str]:
-    rows = [r for r in results["streams"] if r["benchmark"] == "novel"]
+def novel_md(results, bench: str = "novel", title: str = "New classes: digits 5-9, never seen by the backbone") -> list[str]:
+    rows = [r for r in results["streams"] if r["benchmark"] == bench]
     md = []
     if rows:
-        bs = [b for b in results.get("baselines", []) if b["benchmark"] == "novel"]
+        bs = [b for b in results.get("baselines", []) if b["benchmark"] == bench]
         ref = bs[0] if bs else None
-        md += ["## New classes: digits 5-9, never seen by the backbone", "",
+        md += [f"## {title}", "",
                "Held-out accuracy (%) after k labels per class, and after the whole stream (final); mean over seeds "
                "[95% interval]." + (f" Reference (cross-validated probe on all {rows[0]['n_stream']} labelled stream "
                                     f"examples): **{_fmt(ref['reference'])}** (C = {ref['reference_C']:g}); pixels LR "
@@ -297,11 +297,11 @@ def novel_md(results) -> list[str]:
                 line.append(_fmt(*mean_interval(pre)) if pre.size else "—")
                 body.append(line)
             if o != "iid":
-                reps = [r["accuracy"] for r in results.get("repeat_previous", []) if r["benchmark"] == "novel"
+                reps = [r["accuracy"] for r in results.get("repeat_previous", []) if r["benchmark"] == bench
                         and r["order"] == o]
                 body.append([o, "*repeat previous*"] + ["—"] * (len(ks) + 1) + [_fmt(np.mean(reps)) if reps else "—"])
         md += [_table(["order", "method"] + [f"after {k}/class" for k in ks] + ["final", "prequential"], body), ""]
-    eps = results.get("episodes") or []
+    eps = results.get("episodes") or [] if bench == "novel" else []
     if eps:
         md += ["Episodes (5-way, supports shuffled, 15 queries per class): accuracy (%), mean [95% interval over "
                "episodes].", ""]
@@ -445,6 +445,7 @@ def markdown(results: dict, cfg: dict) -> str:
                                                   else f"{100 * x['threshold']:g} points"), _miss(x)] for x in t]), ""]
     md += ["## Headline", "", headline(results), ""]
     md += shift_md(results, reg) + shifts_md(results, reg) + domain_md(results) + novel_md(results)
+    md += novel_md(results, "data", "User data (--data): an ImageFolder as new classes")
     return "\n".join(md) + "\n"
 
 
@@ -492,3 +493,38 @@ def write(results: dict, cfg: dict, out: Path, reg: Optional[dict], make_plots: 
     if results["plots"]:
         md += "## Plots\n\n" + "\n".join(f"![{p}]({p})" for p in results["plots"]) + "\n"
     (out / "README.md").write_text(md)
+
+
+# ---- the project README's headline block -----------------------------------------------------------
+
+README_BEGIN, README_END = "<!-- eval-headline:begin -->", "<!-- eval-headline:end -->"
+
+
+def readme_block(results: dict) -> str:
+    return f"{README_BEGIN}\n{headline(results)}\n{README_END}"
+
+
+def update_readme(readme: Path, results_json: Path) -> bool:
+    """Rewrite the block between the markers from results.json; True if it changed."""
+    text = Path(readme).read_text()
+    start, end = text.index(README_BEGIN), text.index(README_END) + len(README_END)
+    new = text[:start] + readme_block(json.loads(Path(results_json).read_text())) + text[end:]
+    Path(readme).write_text(new)
+    return new != text
+
+
+def main(argv=None) -> int:
+    """python -m eval.report [--readme README.md] [--results docs/eval/results.json]: regenerate the
+    project README's headline table from the report's results."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m eval.report")
+    p.add_argument("--readme", type=Path, default=Path("README.md"))
+    p.add_argument("--results", type=Path, default=Path("docs/eval/results.json"))
+    args = p.parse_args(argv)
+    print("updated" if update_readme(args.readme, args.results) else "unchanged", args.readme)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -12,6 +12,7 @@ threshold.
 
 from __future__ import annotations
 
+import warnings
 from typing import Callable
 
 import numpy as np
@@ -36,15 +37,17 @@ def paired_bootstrap(a: np.ndarray, b: np.ndarray, statistic: Callable[[np.ndarr
         a, b = a[None, :], b[None, :]
     if a.shape != b.shape:
         raise ValueError(f"paired cells need equal shapes, got {a.shape} and {b.shape}")
-    estimate = statistic(a, b)
-    rng = np.random.default_rng(seed)
-    nc, ns = a.shape
-    reps = np.empty(replicates)
-    for i in range(replicates):
-        ci = rng.integers(nc, size=nc) if nc > 1 else np.zeros(1, dtype=int)
-        si = rng.integers(ns, size=ns) if ns > 1 else np.zeros(1, dtype=int)
-        reps[i] = statistic(a[np.ix_(ci, si)], b[np.ix_(ci, si)])
-    low, high = np.nanpercentile(reps, [2.5, 97.5])
+    with warnings.catch_warnings():  # all-missing cells give NaN, which is what the report shows
+        warnings.simplefilter("ignore", RuntimeWarning)
+        estimate = statistic(a, b)
+        rng = np.random.default_rng(seed)
+        nc, ns = a.shape
+        reps = np.empty(replicates)
+        for i in range(replicates):
+            ci = rng.integers(nc, size=nc) if nc > 1 else np.zeros(1, dtype=int)
+            si = rng.integers(ns, size=ns) if ns > 1 else np.zeros(1, dtype=int)
+            reps[i] = statistic(a[np.ix_(ci, si)], b[np.ix_(ci, si)])
+        low, high = np.nanpercentile(reps, [2.5, 97.5]) if np.isfinite(reps).any() else (np.nan, np.nan)
     return estimate, float(low), float(high)
 
 

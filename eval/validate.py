@@ -47,7 +47,7 @@ from eval.protocol import LABEL_FREE, SHOTS, SUPERVISED
 from eval.simulate import method
 from server.rules import RULES
 
-FINETUNE_GRID = {"lr": (0.01, 0.1, 1.0), "epochs": (5, 20, 100)}
+FINETUNE_GRID = {"lr": (0.01, 0.1, 1.0), "epochs": (10, 100, 1000)}
 INIT_CHOICES = {"sgd": ("base", "zeros"), "rls": ("zeros", "base")}
 DEGENERATE_STATIC_ERROR = 0.05
 DEGENERATE_REFERENCE_ERROR = 0.40
@@ -83,6 +83,7 @@ class Search:
             score, hypers
         self.results: dict[tuple, float] = {}
         self.extended: list[str] = []
+        self.at_edge: list[str] = []  # numeric axes still at an edge after MAX_EXTENSIONS
 
     def run(self, settings: list[dict]) -> None:
         todo = [s for s in settings if self._key(s) not in self.results]
@@ -107,6 +108,9 @@ class Search:
                 self.space[axis] = tuple(sorted(set(self.space[axis]) | {new}))
                 self.extended.append(f"{axis}={new:g}")
                 self.run([{**b, axis: new}])
+            b = self.best()
+            if _extend(tuple(self.space[axis]), b[axis], self.hypers.get(axis)) is not None:
+                self.at_edge.append(axis)
         return self.best()
 
 
@@ -268,9 +272,11 @@ def main(argv=None) -> int:
         "weights_sha256": bank.weights_sha256, "seeds": args.seeds, "subset": args.subset,
         "settings": settings, **{k: v for k, v in dec.items() if k != "selection"},
         "reference": {"model": "multinomial logistic regression on standardised features",
-                      "C_grid": list(report.REFERENCE_CS), "folds": report.REFERENCE_FOLDS},
+                      "C_grid": list(report.REFERENCE_CS), "folds": report.REFERENCE_FOLDS,
+                      "max_iter": report.REFERENCE_MAX_ITER},
         "targets": report.TARGETS, "bootstrap": {"replicates": report.BOOTSTRAP, "seed": report.BOOTSTRAP_SEED},
         "selection_estimates": dec["selection"], "duration_s": round(time.time() - started, 1),
+        "at_grid_edge": {f"{s.family}/{s.name}": s.at_edge for s in searches if s.at_edge},
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "validation.md").write_text(validation_md(searches, reg, argv))
@@ -294,7 +300,9 @@ def validation_md(searches: list[Search], reg: dict, argv) -> str:
         best = s.best()
         lines += [f"## {s.name} ({'base classes' if s.family == 'base' else 'new classes'})", "",
                   f"chosen: `{json.dumps(best, sort_keys=True)}`" + (f"; extended past the edge: {', '.join(s.extended)}"
-                                                                      if s.extended else ""), "",
+                                                                      if s.extended else "")
+                  + (f"; **still at the edge** after {MAX_EXTENSIONS} extensions: {', '.join(s.at_edge)} (the score "
+                     "still improves there)" if s.at_edge else ""), "",
                   "| setting | score |", "|---|---|"]
         for k, v in sorted(s.results.items(), key=lambda kv: -kv[1]):
             lines.append(f"| `{json.dumps(dict(k), sort_keys=True)}` | {100 * v:.2f}{' **chosen**' if dict(k) == best else ''} |")

@@ -49,7 +49,7 @@ class FeatureStatsT3A(Rule):
     needs_labels = False
     description = ("label-free: t3a's capped, entropy-filtered support head built on features re-standardised "
                    "with the session's running statistics (feature_stats composed with t3a)")
-    search_space = {"prior_count": (0.0, 16.0), "max_entropy": (0.5, 1.0), "supports_per_class": (5, 20)}
+    search_space = {"prior_count": (0.0, 16.0), "max_entropy": (0.5, 1.0), "supports_per_class": (5, 20, 32)}
 
     def init_state(self, n, d, hyper, head=None):
         out = stats_state(self, n, d, hyper, head)
