@@ -197,18 +197,25 @@ def _photos() -> tuple[np.ndarray, ...]:
     return tuple(np.asarray(Image.fromarray(img).convert("L")) for img in load_sample_images().images)
 
 
+def _grey_filter(img: np.ndarray, size: int, reduce) -> np.ndarray:
+    """Grey dilation (reduce=np.max) or erosion (np.min) with a size x size square whose
+    origin is its centre (size // 2), borders padded with the nearest pixel."""
+    lo = size // 2
+    padded = np.pad(img, ((lo, size - 1 - lo), (lo, size - 1 - lo)), mode="edge")
+    h, w = img.shape
+    return reduce(np.stack([padded[i:i + h, j:j + w] for i in range(size) for j in range(size)]), axis=0)
+
+
 def shift_digit(img: np.ndarray, name: str, rng: np.random.Generator) -> np.ndarray:
     """One 28x28 uint8 digit under a realistic shift (SHIFTS)."""
-    from scipy import ndimage
-
     if name == "rotation":
         return np.asarray(Image.fromarray(img).rotate(45, resample=Image.BILINEAR))
     if name == "inversion":
         return 255 - img
     if name == "thicken":
-        return ndimage.grey_dilation(img, size=(3, 3))
+        return _grey_filter(img, 3, np.max)
     if name == "thin":
-        return ndimage.grey_erosion(img, size=(2, 2))
+        return _grey_filter(img, 2, np.min)
     if name == "mnist_m":
         photo = _photos()[int(rng.integers(len(_photos())))]
         r, c = int(rng.integers(photo.shape[0] - SIZE)), int(rng.integers(photo.shape[1] - SIZE))
