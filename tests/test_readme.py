@@ -85,3 +85,16 @@ def test_make_serve_is_ready_within_60_seconds_and_predicts():
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_readme_headline_is_the_evaluation_report():
+    """The README's evaluation headline is generated from docs/eval/results.json
+    (`python -m eval.report`); every number in it comes from the report."""
+    import json
+
+    from eval.report import readme_block
+
+    results = json.loads((ROOT / "docs" / "eval" / "results.json").read_text())
+    assert readme_block(results) in (ROOT / "README.md").read_text()
+    report = (ROOT / "docs" / "eval" / "README.md").read_text()
+    assert readme_block(results).split("\n", 1)[1].rsplit("\n", 1)[0] in report

@@ -41,6 +41,13 @@ def block_size(n: int, cap: int, floor: int = 16) -> int:
     return max(floor, min(triton.next_power_of_2(max(n, 1)), cap))
 
 
+def tile_sizes(num_classes: int, d: int, tile_elements: int = 8192, class_cap: int = 128) -> tuple[int, int]:
+    """(BLOCK_C, BLOCK_D) for a [BLOCK_C, BLOCK_D] fp32 tile of about tile_elements: as many
+    classes as fit so a feature row is read once, then the widest feature block that fits."""
+    block_c = block_size(num_classes, class_cap)
+    return block_c, block_size(d, max(16, tile_elements // block_c))
+
+
 @functools.cache
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count

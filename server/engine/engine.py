@@ -138,7 +138,8 @@ class Engine:
             bb = self.backbone
             device = str(bb.device)
             self.store = SessionStore(s, bb.embed_dim, bb.head.weight, bb.head.bias, bb.class_names, device,
-                                      s.backbone, _Events(self.metrics), fingerprint=bb.fingerprint)
+                                      s.backbone, _Events(self.metrics), fingerprint=bb.fingerprint,
+                                      source_stats=getattr(bb, "source_stats", None))
             warn = self.store.backend.durability_warning()
             if s.durability == "wal" and warn:
                 log.warning("%s", warn, extra={"event": "durability_warning"})

@@ -36,7 +36,7 @@ from server.engine.batcher import Pending
 from server.engine.messages import AdaptResult, Input, Prediction, PredictResult, Scored
 from server.errors import DomainError, idempotency_reused, internal, invalid, session_not_found
 from server.keys import split_key
-from server.rules import Rule, scratch_heads
+from server.rules import RULES, Rule, scratch_heads
 from server.sessions import width_for
 
 log = logging.getLogger("fwserve.executor")
@@ -393,8 +393,9 @@ def _inputs(item: Pending) -> list[Input]:
 def _label_indices(sess, labels: list) -> list[int]:
     """Adapt labels -> class indices; -1 for a missing label (label-free rules only)."""
     if sess.rule.needs_labels and any(lab is None for lab in labels):
+        label_free = ", ".join(name for name, rule in RULES.items() if not rule.needs_labels)
         raise invalid("missing_label", f"rule {sess.rule.name!r} needs a label on every instance "
-                      "(the label-free rules are t3a and tent)")
+                      f"(the label-free rules are {label_free})")
     return [-1 if lab is None else sess.label_index(lab) for lab in labels]
 
 

@@ -8,8 +8,13 @@
 | rls       | W x + b                | rls_step           | lambda (1.0): P starts as I/lambda  | P       |
 | t3a       | W x/||x|| (cosine to supports) | support_step | temperature (10), supports_per_class (20), max_entropy (0.5) | supports |
 | tent      | W x + b                | entropy_step       | lr (0.001), min_confidence (0.9), collapse_share (0.95), collapse_window (64) | initial head, class histogram |
+| feature_stats | W0 x' + b0, folded into W x + b | feature_stats_step, standardized_head | prior_count (16), window (1e9), power (1) | initial head, source and running feature statistics |
+| feature_stats_t3a | t3a's support head on x', folded | + standardize_features, support_step | the above and t3a's | both |
 
-t3a and tent are label-free: instances without a label adapt them, and with the flag
+x' = the session's features re-standardised from its running mean / variance onto the
+backbone's source statistics (server/rules/feature_stats.py).
+
+t3a, tent, feature_stats and feature_stats_t3a are label-free: instances without a label adapt them, and with the flag
 hyper-parameter ``adapt_on_predict`` every ``/v1/predict`` of the session adapts it on its own
 instances (the predictions are made before the update).
 
@@ -25,6 +30,7 @@ from server.rules.base import (
     ADAPT_ON_PREDICT, RULES, Heads, Hyper, Rule, get_rule, per_slot_hyper, register, scratch_heads,
 )
 from server.rules import delta, prototype, rls, sgd, t3a, tent  # noqa: E402,F401  (registers the built-in rules)
+from server.rules import feature_stats, feature_stats_t3a, lame  # noqa: E402,F401
 
 __all__ = ["ADAPT_ON_PREDICT", "RULES", "Heads", "Hyper", "Rule", "get_rule", "per_slot_hyper", "register",
            "scratch_heads"]

@@ -17,7 +17,7 @@ class Delta(Rule):
     normalize = True
     hyper = {"beta": Hyper(0.5, 0.0, 2.0, help="step size on unit-norm keys (1 stores a row exactly)")}
     description = "delta rule / LMS on unit-norm features, instances one by one"
-    search_space = {"beta": (0.1, 0.5)}
+    search_space = {"beta": (0.03, 0.1, 0.3, 1.0)}
 
     def update(self, heads, x, y, slots, state_rows, batch=None) -> int:
         kernels.delta_step(x, y, slots, heads.W, heads.n_classes, heads.hyper["beta"], batch=batch)

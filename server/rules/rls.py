@@ -24,7 +24,7 @@ class RLS(Rule):
     state = {"P": lambda n, d: (d, d)}
     base_init = True
     description = "recursive least squares onto one-hot targets (online ridge regression)"
-    search_space = {"lambda": (1.0, 10.0, 100.0)}
+    search_space = {"lambda": (0.1, 1.0, 10.0, 100.0, 1000.0, 10000.0)}
 
     def init_state(self, n, d, hyper, head=None):
         return {"P": torch.eye(d, dtype=torch.float32) / hyper["lambda"]}

@@ -23,7 +23,7 @@ class SGD(Rule):
     base_init = True
     reuses_logits = True
     description = "one softmax cross-entropy SGD step per adapt request (mean over its instances)"
-    search_space = {"lr": (0.001, 0.003, 0.01, 0.1)}
+    search_space = {"lr": (0.001, 0.003, 0.01, 0.03, 0.1)}
 
     def check_together(self, hyper):
         # W is scaled by 1 - lr * weight_decay each step: beyond 1 it flips sign and grows

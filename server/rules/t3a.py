@@ -53,7 +53,7 @@ class T3A(Rule):
     reuses_logits = True
     description = ("label-free: cosine head over per-class supports of confidently pseudo-labelled "
                    "features, filtered by entropy and capped per class (T3A)")
-    search_space = {"max_entropy": (0.2, 0.5, 1.0), "supports_per_class": (5, 20)}
+    search_space = {"max_entropy": (0.2, 0.5, 1.0), "supports_per_class": (5, 20, 32)}
 
     def init_state(self, n, d, hyper, head=None):
         supports = torch.zeros(n, SUPPORT_CAPACITY, d)

@@ -39,7 +39,8 @@ class Tent(Rule):
     reuses_logits = True
     description = ("label-free: entropy minimisation on the head (TENT, head only) with confidence "
                    "filtering and a reset when predictions collapse onto one class")
-    search_space = {"lr": (0.001, 0.003, 0.01), "min_confidence": (0.5, 0.9)}
+    search_space = {"lr": (0.001, 0.003, 0.01, 0.03), "min_confidence": (0.0, 0.5, 0.9),
+                    "collapse_window": (64.0, 1e6)}  # 1e6: the guard never fires
 
     def init_state(self, n, d, hyper, head=None):
         out = {"W0": torch.zeros(n, d), "b0": torch.zeros(n), "class_hist": torch.zeros(n)}

@@ -81,9 +81,15 @@ def _same_kind(a: Session, b: Session) -> bool:
 class SessionStore(StoreIO, Upkeep, Versions):
     def __init__(self, settings, embed_dim: int, base_W: torch.Tensor, base_b: torch.Tensor,
                  base_classes: list[str], device, backbone_name: str, events: Optional[StoreEvents] = None,
-                 backend: Optional[Backend] = None, fingerprint: Optional[str] = None) -> None:
+                 backend: Optional[Backend] = None, fingerprint: Optional[str] = None,
+                 source_stats: Optional[dict[str, torch.Tensor]] = None) -> None:
         self.settings, self.backbone_name = settings, backbone_name
         self.fingerprint = fingerprint  # sha256 of the backbone weights: recorded in everything stored
+        # the backbone's source feature statistics ({"mean", "var"} [d]) or None: handed to a rule's
+        # init_state with the base head as head["feature_mean"], head["feature_var"] (init="base")
+        self.source_stats = ({"feature_mean": source_stats["mean"].detach().float().cpu().clone(),
+                              "feature_var": source_stats["var"].detach().float().cpu().clone()}
+                             if source_stats is not None else {})
         self.events = events or StoreEvents()
         self.d = embed_dim
         self.S = settings.max_device_sessions
@@ -412,9 +418,11 @@ class SessionStore(StoreIO, Upkeep, Versions):
     def _initial_tensors(self, sess: Session) -> dict[str, torch.Tensor]:
         n, d = len(sess.classes), self.d
         t = {"W": torch.zeros(n, d), "b": torch.zeros(n)}
+        head_extra = {}
         if sess.init == "base":
             t["W"], t["b"] = self.base_W.clone(), self.base_b.clone()
-        t.update(sess.rule.init_state(n, d, sess.hyper, head=dict(t)))
+            head_extra = self.source_stats
+        t.update(sess.rule.init_state(n, d, sess.hyper, head={**t, **head_extra}))
         return t
 
     def _gauges(self) -> None:

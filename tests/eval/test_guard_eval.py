@@ -14,11 +14,13 @@ from tests.server.conftest import backbone, live_server  # noqa: F401 (the share
 
 
 def test_guards_undo_attacks_and_cost_nothing_on_clean_streams(backbone, tmp_path):
-    by_name = {s.name: s for s in ge.SCENARIOS}  # the report's scenarios, shorter, with a window of 32
-    scenarios = [replace(by_name["novel-rls"], warm=12, attack=6, recovery=12, window=32),
-                 replace(by_name["tent-corrupted"], attack=24, window=32)]
+    by_name = {s.name: s for s in ge.SCENARIOS}
+    # novel-rls as the report runs it (with a window of 32 and a shorter stream, the few examples
+    # that judge each version let a rollback land on a version that has not recovered); the
+    # label-free attack shorter, with a window of 32
+    scenarios = [by_name["novel-rls"], replace(by_name["tent-corrupted"], attack=24, window=32)]
     with live_server(backbone, tmp_path, max_wait_ms=1.0) as srv, Client(srv.url) as c:
-        rows = ge.evaluate(scenarios, [0], held_out=150, server=SimpleNamespace(client=c), extra_arms=False)
+        rows = ge.evaluate(scenarios, [0], held_out=100, server=SimpleNamespace(client=c), extra_arms=False)
     verdicts = ge.verdicts(rows)
     assert len(verdicts) == 2
     for v in verdicts:

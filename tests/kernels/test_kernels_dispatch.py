@@ -65,13 +65,16 @@ def test_public_ops_survive_loading_the_triton_launchers():
 
     import triton
 
-    for name in ("common", "forward", "sgd", "delta", "prototype", "rls", "support", "entropy"):
+    for name in ("common", "forward", "sgd", "delta", "prototype", "rls", "support", "entropy", "feature_stats",
+                 "affinity"):
         launcher = importlib.import_module(f"kernels.triton.{name}")
         assert launcher.triton is triton and hasattr(triton, "jit")
     kernels.head_forward(torch.zeros(1, 4), torch.zeros(1, 2, 4), torch.zeros(1, 2),
                          torch.zeros(1, dtype=torch.int64), torch.tensor([2]), impl="triton")
     for op in kernels.ops.__all__:
         assert getattr(kernels, op) is getattr(kernels.ops, op), op
+    for op in kernels.label_free_ops.__all__:
+        assert getattr(kernels, op) is getattr(kernels.label_free_ops, op), op
     from kernels import head_forward
 
     assert head_forward is kernels.ops.head_forward

@@ -30,15 +30,19 @@ PROFILES = {
     "large_per_row": ([60] + [2] * 15, "per_row", LARGE),
 }
 MAX_REPLAYS = 4  # sessions replayed per live call (the busiest one among them)
-OPS = ["sgd", "delta", "prototype", "rls", "support", "entropy"]
+OPS = ["sgd", "delta", "prototype", "rls", "support", "entropy", "feature_stats", "standardized_head", "affinity"]
 SLOT_STATE = {"W", "b"}  # indexed by slot; every other state tensor by state row
 STATE = {
     "sgd": ["W", "b"], "delta": ["W"], "prototype": ["W", "sums", "counts"], "rls": ["W", "P"],
     "support": ["W", "supports", "support_priority"], "entropy": ["W", "b"],
+    "feature_stats": ["mean", "var", "count"], "standardized_head": ["W", "b"], "affinity": ["W", "b", "M"],
 }
+# state an op reads but does not write (replayed like its state)
+READ = {"standardized_head": ["mean", "var", "src_mean", "src_var", "V", "c0"], "affinity": ["mean", "var"]}
 HYPER = {
     "sgd": ["lr", "weight_decay"], "delta": ["beta"], "prototype": ["temperature"], "rls": [],
     "support": ["capacity", "temperature"], "entropy": ["lr", "min_confidence"],
+    "feature_stats": ["window"], "standardized_head": ["power"], "affinity": ["lam", "memory"],
 }
 
 
@@ -59,6 +63,14 @@ def run_op(op: str, t: dict, impl: str = "torch") -> None:
                              t["n_classes"], h["capacity"], h["temperature"], impl=impl)
     elif op == "entropy":
         kernels.entropy_step(x, y, slots, t["W"], t["b"], t["n_classes"], h["lr"], h["min_confidence"], impl=impl)
+    elif op == "feature_stats":
+        kernels.feature_stats_step(x, slots, rows, t["count"], t["mean"], t["var"], h["window"], impl=impl)
+    elif op == "standardized_head":
+        kernels.standardized_head(slots, rows, t["mean"], t["var"], t["src_mean"], t["src_var"], t["V"], t["c0"],
+                                  t["W"], t["b"], t["n_classes"], h["power"], impl=impl)
+    elif op == "affinity":
+        kernels.affinity_step(x, slots, rows, t["M"], t["mean"], t["var"], t["W"], t["b"], t["n_classes"], h["lam"],
+                              h["memory"], impl=impl)
     else:
         raise ValueError(op)
 
@@ -66,7 +78,8 @@ def run_op(op: str, t: dict, impl: str = "torch") -> None:
 def _hyper(op: str, n: int, g: torch.Generator, K: int) -> dict[str, torch.Tensor]:
     u = torch.rand(n, generator=g)
     values = {"lr": 0.05 + 0.5 * u, "weight_decay": 0.02 * u, "beta": 0.2 + 0.8 * u, "temperature": 5.0 + 10 * u,
-              "capacity": torch.randint(1, K + 1, (n,), generator=g).float(), "min_confidence": 0.02 + 0.1 * u}
+              "capacity": torch.randint(1, K + 1, (n,), generator=g).float(), "min_confidence": 0.02 + 0.1 * u,
+              "window": 5.0 + 100 * u, "power": u, "lam": 3.0 * u, "memory": 1.0 + 30 * u}
     return {k: values[k] for k in HYPER[op]}
 
 
@@ -78,9 +91,13 @@ def _state(op: str, S: int, R: int, g: torch.Generator, dims: tuple[int, int, in
         "P": torch.eye(D).repeat(R, 1, 1) / (0.5 + torch.rand(R, 1, 1, generator=g)),
         "supports": torch.nn.functional.normalize(torch.randn(R, C, K, D, generator=g), dim=3),
         "support_priority": torch.rand(R, C, K, generator=g),
+        "count": torch.randint(0, 40, (R, 1), generator=g).float(), "mean": torch.randn(R, D, generator=g),
+        "var": 0.1 + torch.rand(R, D, generator=g), "src_mean": torch.randn(R, D, generator=g),
+        "src_var": 0.1 + torch.rand(R, D, generator=g), "V": torch.randn(R, C, D, generator=g),
+        "c0": torch.randn(R, C, generator=g), "M": 0.3 * torch.randn(R, C, D, generator=g),
     }
     full["support_priority"][torch.rand(R, C, K, generator=g) < 0.4] = float("inf")
-    return {k: full[k] for k in STATE[op]}
+    return {k: full[k] for k in STATE[op] + READ.get(op, [])}
 
 
 def live_call(op: str, counts: list[int], g: torch.Generator, skipped: int = 3,
@@ -122,7 +139,7 @@ def replay_call(op: str, before: dict, slot: int, others: list[int], g: torch.Ge
              n_classes=torch.cat([before["n_classes"][slot:slot + 1], torch.randint(1, C + 1, (U - 1,), generator=g)]))
     stand_in_hyper = _hyper(op, U, g, K)
     t["hyper"] = {k: torch.cat([v[slot:slot + 1], stand_in_hyper[k][1:]]) for k, v in before["hyper"].items()}
-    for name in STATE[op]:
+    for name in STATE[op] + READ.get(op, []):
         src = before[name][slot if name in SLOT_STATE else state_row]
         t[name] = torch.zeros((U,) + tuple(src.shape))
         t[name][0] = src
@@ -137,7 +154,9 @@ def _clone(t: dict) -> dict:
 
 def _assert_replay_matches(op: str, before: dict, after: dict, slot: int, replayed: dict, seed: int) -> None:
     state_row = int(before["state_of_slot"][slot])
-    assert not torch.equal(after["W"][slot], before["W"][slot]), f"{op}: slot {slot} was not updated, seed={seed}"
+    first = STATE[op][0]
+    where = slot if first in SLOT_STATE else state_row
+    assert not torch.equal(after[first][where], before[first][where]), f"{op}: slot {slot} was not updated, seed={seed}"
     for name in STATE[op]:
         live = after[name][slot if name in SLOT_STATE else state_row]
         assert torch.equal(replayed[name][0], live), (

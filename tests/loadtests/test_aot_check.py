@@ -14,7 +14,10 @@ from loadtests import aot_check
 
 ROOT = Path(__file__).resolve().parents[2]
 KERNELS = {"_head_forward_kernel", "_softmax_grad_kernel", "_grad_apply_kernel", "_entropy_grad_kernel",
-           "_delta_kernel", "_prototype_kernel", "_support_kernel", "_rls_gain_kernel", "_rls_step_kernel"}
+           "_delta_kernel", "_prototype_kernel", "_support_kernel", "_rls_gain_kernel", "_rls_step_kernel",
+           # the label-free rules on frozen features
+           "_feature_stats_kernel", "_standardize_kernel", "_standardized_head_kernel", "_affinity_assign_kernel",
+           "_affinity_merge_kernel"}
 
 
 def _tools_present() -> bool:
@@ -38,7 +41,8 @@ def test_every_kernel_compiles_for_sm90_without_stack_or_spills_at_default_shape
     rows = report["rows"]
     assert {r["kernel"] for r in rows} == KERNELS, "a kernel was not launched by any op"
     assert {r["op"] for r in rows} >= {"head_forward", "sgd_step", "entropy_step", "delta_step", "prototype_step",
-                                       "support_step", "rls_step"}
+                                       "support_step", "rls_step", "feature_stats_step", "standardize_features",
+                                       "standardized_head", "affinity_step"}
     assert {(r["C"], r["heads"]) for r in rows} == {(64, "fp32"), (64, "bf16")}  # the server width
     for r in rows:
         assert r["error"] is None, r

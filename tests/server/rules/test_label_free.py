@@ -17,6 +17,8 @@ from tests.server.conftest import arr, digits
 D, C = 16, 4
 MU = 3.0 * torch.eye(C, D)  # source class means
 W0, B0 = MU.clone(), -(MU**2).sum(1) / 2  # the Bayes head for the source: the "base head"
+# the source's feature statistics (classes equally likely, unit noise), as the backbone's come with its base head
+SOURCE = {"feature_mean": MU.mean(0), "feature_var": 1.0 + MU.var(0, unbiased=False)}
 
 
 def one_session(rule_name: str, hyper: dict | None = None):
@@ -24,7 +26,7 @@ def one_session(rule_name: str, hyper: dict | None = None):
     rule = RULES[rule_name]
     hp = rule.validate(hyper or {})
     head = {"W": W0.clone(), "b": B0.clone()} if rule.base_init else {"W": torch.zeros(C, D), "b": torch.zeros(C)}
-    state = rule.init_state(C, D, hp, head=dict(head))
+    state = rule.init_state(C, D, hp, head={**head, **SOURCE} if rule.base_init else dict(head))
     heads, _ = scratch_heads([(rule, hp, C, {**head, **state})], C, D, "cpu")
     return rule, heads
 
@@ -117,6 +119,57 @@ def test_tent_reset_restores_the_initial_head_and_confidence_filter_skips_unsure
     assert torch.equal(heads.pools["tent"]["class_hist"][0], torch.zeros(C))
 
 
+def test_feature_stats_undoes_an_offset_and_scale_of_the_features():
+    """Source features under x -> 0.5 x + o (o towards class 0): after a stream the session's head
+    on raw features scores like the base head on the source, and the statistics are the stream's."""
+    g = torch.Generator().manual_seed(3)
+    Y = torch.randint(0, C, (400,), generator=g)
+    X = MU[Y] + torch.randn(400, D, generator=g)
+    offset = torch.zeros(D)
+    offset[0], offset[1] = 2.0, -1.0
+    shifted = 0.5 * X + offset
+    source_acc = float(((X @ W0.T + B0).argmax(1) == Y).float().mean())
+    static = float(((shifted @ W0.T + B0).argmax(1) == Y).float().mean())
+    acc, _, preds, heads = stream("feature_stats", shifted, Y, False, {"prior_count": 0.0})
+    adapted = float((preds[200:] == Y[200:]).float().mean())
+    assert static < source_acc - 0.2 and adapted > source_acc - 0.05, (static, adapted, source_acc)
+    pool = heads.pools["feature_stats"]
+    torch.testing.assert_close(pool["mean"][0], shifted.mean(0), atol=1e-4, rtol=0)
+    torch.testing.assert_close(pool["var"][0], shifted.var(0, unbiased=False), atol=1e-4, rtol=1e-4)
+    assert float(pool["count"][0, 0]) == 400.0
+
+
+def test_feature_stats_ignore_labels_and_need_source_statistics():
+    from server.errors import InvalidInput
+
+    X, Y = shifted_stream(seed=2)
+    _, _, with_labels, _ = stream("feature_stats", X, Y, True)
+    _, _, without, _ = stream("feature_stats", X, Y, False)
+    assert torch.equal(with_labels, without)
+    with pytest.raises(InvalidInput) as e:
+        RULES["feature_stats"].init_state(C, D, RULES["feature_stats"].validate({}), head={"W": W0, "b": B0})
+    assert e.value.code == "missing_source_stats"
+
+
+def test_lame_memory_follows_the_recent_rows_and_forgets_older_ones():
+    """A run of class 0, then a run of class 1: the memory's class-0 part decays at (1 - 1/memory)
+    per row, and the affinity term then favours class 1 for class-1 rows."""
+    g = torch.Generator().manual_seed(4)
+    runs = [MU[torch.full((160,), c)] + torch.randn(160, D, generator=g) for c in (0, 1)]
+    rule, heads = one_session("lame", {"affinity": 4.0, "memory": 20.0})
+    pool = heads.pools["lame"]
+    norms = []
+    for X in runs:
+        for i in range(0, len(X), 8):
+            slots = torch.zeros(8, dtype=torch.int64)
+            rule.update(heads, X[i:i + 8], torch.full((8,), -1), slots, slots)
+        norms.append(float(pool["M"][0, 0].norm()))
+    assert norms[1] < 0.05 * norms[0]
+    u = (runs[1] - pool["mean"][0]) / pool["var"][0].sum().sqrt()
+    term = u @ pool["M"][0].T  # [rows, C]: the memory's affinity per class
+    assert float((term.argmax(1) == 1).float().mean()) > 0.9
+
+
 def test_t3a_drops_uncertain_rows_and_caps_supports():
     rule, heads = one_session("t3a", {"supports_per_class": 3, "max_entropy": 0.3})
     pool = heads.pools["t3a"]
@@ -134,7 +187,10 @@ def test_t3a_drops_uncertain_rows_and_caps_supports():
 # ---- over HTTP ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("rule", ["t3a", "tent"])
+LABEL_FREE = ["t3a", "tent", "feature_stats", "feature_stats_t3a", "lame"]
+
+
+@pytest.mark.parametrize("rule", LABEL_FREE)
 def test_unlabelled_adapt_over_http(server, rule):
     xs = digits(6, seed=3)
     with Client(server.url) as c:
@@ -167,7 +223,7 @@ def test_supervised_rules_still_need_labels(server):
         assert e.value.code == "invalid_hyperparameter"
 
 
-@pytest.mark.parametrize("rule", ["t3a", "tent"])
+@pytest.mark.parametrize("rule", LABEL_FREE)
 def test_adapt_on_predict(server, rule):
     xs = digits(4, seed=4)
     with Client(server.url) as c:
@@ -194,7 +250,7 @@ def test_collapse_resets_are_counted_in_the_metrics(server):
         assert server.metric("fwserve_label_free_resets_total", 'rule="tent"') >= before + 1
 
 
-@pytest.mark.parametrize("rule", ["t3a", "tent"])
+@pytest.mark.parametrize("rule", LABEL_FREE)
 def test_episodic_heads_accept_label_free_rules(server, rule):
     xs = digits(4, seed=6)
     with Client(server.url) as c:

@@ -47,14 +47,16 @@ def test_a_rule_from_one_file_is_served_end_to_end(backbone, tmp_path, toy_rule)
         assert c.predict(xs, session_id="copy", top_k=2).predictions == before.predictions
 
 
-@pytest.mark.parametrize("name", ["sgd", "delta", "prototype", "rls", "t3a", "tent"])
+@pytest.mark.parametrize("name", ["sgd", "delta", "prototype", "rls", "t3a", "tent", "feature_stats",
+                                  "feature_stats_t3a", "lame"])
 def test_built_in_rules_follow_the_contract(name):
     rule = get_rule(name)
     assert isinstance(rule, Rule) and rule.name == name and rule.description
     hyper = rule.validate({})
     assert set(hyper) == set(rule.hyper)
     n, d = 3, 8
-    state = rule.init_state(n, d, hyper, head={"W": torch.randn(n, d), "b": torch.randn(n)})
+    state = rule.init_state(n, d, hyper, head={"W": torch.randn(n, d), "b": torch.randn(n),
+                                               "feature_mean": torch.randn(d), "feature_var": torch.rand(d) + 0.5})
     for k, shape in rule.state_shapes(n, d).items():
         assert tuple(state[k].shape) == shape and state[k].dtype == torch.float32, k
     assert {k for k in state if k not in ("W", "b")} == set(rule.state)
