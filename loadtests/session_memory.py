@@ -5,11 +5,12 @@
 
 1. server: a real `fwserve serve` (the bundled backbone, d = 128, float32 heads) holding N
    10-class sgd sessions, all on the device tier: (RSS after creating them over HTTP - RSS of
-   an empty server at the default settings) / N, so memory reserved up front counts. With --compare-root, the same measurement of the server in
+   an empty server at the default settings) / N, so memory reserved up front counts; with
+   --history-versions 1 (the target counts no history), then again with the default history. With --compare-root, the same measurement of the server in
    another checkout (an earlier commit), side by side.
 2. slope: the session store in a child process, sessions created directly, RSS and the slot
-   pools' bytes read at four levels up to --slope sessions; the least-squares slope per session
-   and the extrapolation to 1M sessions, at d = 128 float32 and at d = 768 bfloat16 (the pools'
+   pools' bytes read at four levels up to --slope sessions; the least-squares slope of RSS per
+   session, the pools' bytes per session at the top level, and the extrapolation to 1M sessions, at d = 128 float32 and at d = 768 bfloat16 (the pools'
    bytes are what a GPU would hold; the rest stays in host memory).
 3. latency: the engine in process with 100 and then --slope sessions resident on the device
    tier, predicts spread uniformly over them (features cached: the session-dependent part of a
@@ -107,19 +108,21 @@ class _Server:
             self.proc.wait(60)
 
 
-def server_per_session(root: Path, n: int, log=print) -> dict:
+def server_per_session(root: Path, n: int, extra: tuple[str, ...] = (), log=print) -> dict:
     """(RSS of a server holding n sessions - RSS of an empty server at the default settings) / n:
-    what the sessions cost, including whatever the server reserves for them up front."""
+    what the sessions cost, including whatever the server reserves for them up front. `extra`:
+    more flags for both servers."""
     import httpx
 
-    empty_srv = _Server(root, [])
+    empty_srv = _Server(root, list(extra))
     try:
         time.sleep(1.0)
         empty = rss(empty_srv.proc.pid)
     finally:
         empty_srv.stop()
     limit = str(n + 64)
-    srv = _Server(root, ["--max-device-sessions", limit, "--max-sessions", limit, "--tenant-max-sessions", limit])
+    srv = _Server(root, ["--max-device-sessions", limit, "--max-sessions", limit, "--tenant-max-sessions", limit,
+                         *extra])
     try:
         before = rss(srv.proc.pid)
         asyncio.run(_create(srv.url, n, "m"))
@@ -130,10 +133,10 @@ def server_per_session(root: Path, n: int, log=print) -> dict:
                         if line.startswith("fwserve_sessions{") and 'tier="device"' in line)
     finally:
         srv.stop()
-    out = {"root": str(root), "sessions": n, "rss_empty_default_mib": empty / 2**20,
+    out = {"root": str(root), "flags": list(extra), "sessions": n, "rss_empty_default_mib": empty / 2**20,
            "rss_sized_before_mib": before / 2**20, "rss_full_mib": full / 2**20,
            "kb_per_session": (full - empty) / n / 1000, "on_device": on_device}
-    log(f"server ({root}): empty at the defaults {out['rss_empty_default_mib']:.0f} MiB; sized for {n} sessions "
+    log(f"server ({root}{' ' + ' '.join(extra) if extra else ''}): empty at the defaults {out['rss_empty_default_mib']:.0f} MiB; sized for {n} sessions "
         f"{out['rss_sized_before_mib']:.0f} MiB before and {out['rss_full_mib']:.0f} MiB after creating them: "
         f"{out['kb_per_session']:.2f} KB per session ({on_device:.0f} on the device tier)")
     return out
@@ -150,7 +153,7 @@ from server.config import Settings
 from server.sessions import SessionStore
 n, d, dtype = int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 s = Settings(snapshot_dir=Path(sys.argv[5]), max_device_sessions=n + 16, max_sessions=n + 16,
-             tenant_max_sessions=n + 16, head_dtype=dtype)
+             tenant_max_sessions=n + 16, head_dtype=dtype, history_versions=1)
 store = SessionStore(s, d, torch.zeros(5, d), torch.zeros(5), [str(i) for i in range(5)], "cpu", "mem")
 classes = [str(i) for i in range(10)]
 points, made = [], 0
@@ -178,7 +181,9 @@ def slope(n: int, d: int, dtype: str, log=print) -> dict:
         raise RuntimeError(r.stderr[-2000:])
     points = json.loads(r.stdout.strip().splitlines()[-1])
     total = _fit([(m, b) for m, b, _, _ in points])
-    device = _fit([(m, p) for m, _, p, _ in points])
+    # the pools' bytes at the top level over its sessions: with the unused tail a grown pool holds
+    # (on a GPU that memory is allocated; on the host untouched rows are not resident)
+    device = points[-1][2] / points[-1][0]
     out = {"d": d, "head_dtype": dtype, "points": points, "bytes_per_session": total,
            "device_bytes_per_session": device, "host_bytes_per_session": total - device,
            "million_gib": 1e6 * total / 2**30, "million_device_gb": 1e6 * device / 1e9,
@@ -241,7 +246,12 @@ def main(argv=None) -> int:
     skip = set(filter(None, args.skip.split(",")))
     res: dict = {"command": "python -m loadtests.session_memory " + " ".join(argv if argv is not None else sys.argv[1:])}
     if "server" not in skip:
-        res["server"] = server_per_session(ROOT, args.sessions)
+        # the target counts no history: without a log, each session's version history (predict at
+        # a version, rollback) is kept in memory, measured on its own next
+        res["server"] = server_per_session(ROOT, args.sessions, ("--history-versions", "1"))
+        res["server_default_history"] = h = server_per_session(ROOT, args.sessions)
+        print(f"the in-memory version history (--history-versions 64, the default) adds "
+              f"{h['kb_per_session'] - res['server']['kb_per_session']:.2f} KB per new session")
         if args.compare_root:
             res["server_compare"] = server_per_session(args.compare_root.resolve(), args.sessions)
             print(f"ratio: {res['server']['kb_per_session'] / res['server_compare']['kb_per_session']:.2f}x the "
