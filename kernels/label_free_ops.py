@@ -12,28 +12,14 @@ references (the definitions) kernels/label_free_reference.py.
 
 from __future__ import annotations
 
-import importlib
-
 import torch
 
 from . import label_free_torch as torch_path
-from .dispatch import check_bias, check_state, per_slot, resolve_impl
-from .dispatch import HEAD_DTYPES
+from .dispatch import HEAD_DTYPES, check_bias, check_state, per_slot, resolve_impl
+from .ops import _batch_for, _triton
 from .slot_batch import SlotBatch
 
 __all__ = ["feature_stats_step", "standardize_features", "standardized_head", "affinity_step"]
-
-
-def _triton(module: str):
-    return importlib.import_module(f"{__package__}.triton.{module}")
-
-
-def _batch_for(slots: torch.Tensor, batch: SlotBatch | None) -> SlotBatch:
-    if batch is None:
-        return SlotBatch(slots)
-    if not isinstance(batch, SlotBatch):
-        raise TypeError(f"batch must be a kernels.SlotBatch, got {type(batch).__name__}")
-    return batch.check_for(slots)
 
 
 def _check_rows(x: torch.Tensor, slots: torch.Tensor, state_rows: torch.Tensor, d: int) -> None:
