@@ -323,7 +323,7 @@ def test_redis_backend_keeps_history_from_keep_from(redis_url):
 
 def test_every_rule_replays_a_history_with_state_records(tmp_path):
     """A crash image of a log holding resets and rollbacks replays to the live state, every rule."""
-    st = new_store(tmp_path / "live", "wal", wal_compact_records=1000, max_device_sessions=8)
+    st = new_store(tmp_path / "live", "wal", wal_compact_records=1000, max_device_sessions=16)  # every rule at once
     keys = []
     for i, rule in enumerate(sorted(RULES)):
         st.create(rule, CLASSES, {}, session_id=f"s{i}")

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from server.errors import Unavailable
-from server.rules import get_rule
+from server.rules import get_rule, per_slot_hyper
 from server.sessions.slots import MIN_ROWS, SlotPools, width_for
 
 S, C, D = 3, 40, 8
@@ -99,7 +99,9 @@ def test_memory_follows_the_sessions_not_the_limits():
     for _ in range(100):
         small.alloc(rule, 10)
     per_session = (small.nbytes() - empty) / small.pool(12).capacity
-    assert per_session < 12 * D * 4 + 12 * 4 + 64  # one 12-wide head and its per-slot scalars
+    # one 12-wide head (W, b) and its per-slot scalars: classes (int64), normalize (bool), and one
+    # float32 per registered per-slot hyper-parameter
+    assert per_session <= 12 * D * 4 + 12 * 4 + 8 + 1 + 4 * len(per_slot_hyper())
 
 
 def test_bfloat16_storage_rounds_once_and_reads_back_as_float32():
