@@ -12,7 +12,7 @@ import torch
 import kernels
 from server.client import Client, FwserveError
 from server.rules import RULES, scratch_heads
-from tests.server.conftest import arr, digits
+from tests.server.conftest import arr, backbone, digits, live_server  # noqa: F401 (the shared backbone fixture)
 
 D, C = 16, 4
 MU = 3.0 * torch.eye(C, D)  # source class means
@@ -256,3 +256,20 @@ def test_episodic_heads_accept_label_free_rules(server, rule):
     with Client(server.url) as c:
         r = c.predict_episodic(xs[:2], xs, labels=["a", "b", "a", "b"], rule=rule)
         assert r.head == "episodic" and len(r.predictions) == 2
+
+
+def test_label_free_rules_on_bfloat16_heads(backbone, tmp_path):
+    """With --head-dtype bfloat16 every label-free rule adapts from the base head and answers
+    finite scores, as with float32 storage (the statistics and supports stay float32 state)."""
+    xs = digits(8, seed=5)
+    with live_server(backbone, tmp_path, head_dtype="bfloat16") as srv, Client(srv.url) as c:
+        for rule in LABEL_FREE:
+            sid = c.create_session(rule, init="base").id
+            base = [p.label for p in c.predict(xs, session_id=sid).predictions]
+            out = c.adapt(sid, xs[:6])
+            assert out.version == 1 and out.applied == 6, rule
+            after = c.predict(xs, session_id=sid)
+            assert after.version == 1, rule
+            assert all(math.isfinite(p.score) and 0.0 <= p.score <= 1.0 for p in after.predictions), rule
+            assert all(p.label in c.get_session(sid).classes for p in after.predictions), rule
+            assert len(base) == len(after.predictions)
