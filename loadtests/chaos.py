@@ -242,9 +242,7 @@ def stream(url: str, sessions: list[str], adapts: int, tally: Tally, progress: C
                         tally.notes.append(f"{sid}#{i}: {r.status_code} {r.text[:200]}")
                         break  # a client error: retrying the same request cannot help
                     time.sleep(min(1.0, 0.05 * (attempt + 1)))
-                else:
-                    pass
-                if acked[sid] < i + 1:
+                if acked[sid] < i + 1:  # out of attempts or time: what is left stays unacknowledged
                     with lock:
                         tally.unacknowledged += adapts - i
                     return
