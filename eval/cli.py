@@ -16,10 +16,8 @@ from __future__ import annotations
 
 import argparse
 import shlex
-import socket
 import sys
 import tempfile
-import threading
 import time
 from contextlib import contextmanager
 from dataclasses import asdict
@@ -71,31 +69,16 @@ def parser() -> argparse.ArgumentParser:
 def in_process_server(backbone):
     """The real app under uvicorn in a daemon thread on a free port, serving `backbone` (a
     models.Backbone, source statistics included); yields its URL."""
-    import uvicorn
-
     from server.api import create_app
-    from server.client import Client
     from server.config import Settings
+    from server.threaded import ThreadedServer
 
     with tempfile.TemporaryDirectory(prefix="fwserve-eval-") as tmp:
         settings = Settings(snapshot_dir=Path(tmp) / "snapshots", feature_cache_size=200_000, max_wait_ms=2.0,
                             max_queue_size=4096, request_timeout_s=300.0, log_level="warning", torch_threads=1)
         app = create_app(settings, backbone=backbone)
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", 0))
-        url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-        server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
-        thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-        thread.start()
-        try:
-            with Client(url) as c:
-                c.wait_ready(timeout=300)
-            yield url
-        finally:
-            server.should_exit = True
-            thread.join(30)
-            sock.close()
+        with ThreadedServer(app).start(300, why=lambda: app.state.engine.load_error) as srv:
+            yield srv.url
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -28,10 +28,8 @@ the attack; on clean streams no guard trips and guarded accuracy is within 1 poi
 from __future__ import annotations
 
 import argparse
-import socket
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -100,28 +98,20 @@ class InProcessServer:
     """The fwserve app under uvicorn on a free port, in a thread of this process."""
 
     def __init__(self, **settings) -> None:
-        import uvicorn
-
         from server.api import create_app
         from server.client import Client
         from server.config import Settings
+        from server.threaded import ThreadedServer
 
         self._tmp = tempfile.TemporaryDirectory()
         s = Settings(snapshot_dir=Path(self._tmp.name), **{"max_wait_ms": 1.0, "log_level": "warning", **settings})
         self.app = create_app(s)
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-        self.thread.start()
-        self.client = Client(f"http://127.0.0.1:{self.sock.getsockname()[1]}", timeout=120)
-        self.client.wait_ready(300)
+        self.server = ThreadedServer(self.app).start(300, why=lambda: self.app.state.engine.load_error)
+        self.client = Client(self.server.url, timeout=120)
 
     def close(self) -> None:
         self.client.close()
-        self.server.should_exit = True
-        self.thread.join(30)
-        self.sock.close()
+        self.server.stop()
         self._tmp.cleanup()
 
 

@@ -22,7 +22,6 @@ import socket
 import statistics
 import subprocess
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -31,32 +30,10 @@ import numpy as np
 
 
 def _serve(app):
-    import uvicorn
+    from server.threaded import ThreadedServer
 
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="error"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            if httpx.get(url + "/v2/health/ready").status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline:
-            raise RuntimeError("server not ready: " + str(app.state.runtime.load_error))
-        time.sleep(0.05)
-
-    def stop():
-        server.should_exit = True
-        thread.join(30)
-        sock.close()
-
-    return url, stop
+    srv = ThreadedServer(app, log_level="error").start(120, why=lambda: app.state.engine.load_error)
+    return srv.url, srv.stop
 
 
 def _pct(xs: list[float], q: float) -> float:

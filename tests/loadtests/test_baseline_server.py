@@ -7,20 +7,17 @@ from __future__ import annotations
 
 import base64
 import io
-import socket
-import threading
-import time
 
 import httpx
 import numpy as np
 import pytest
 import torch
-import uvicorn
 from PIL import Image
 
 from kernels import reference
 from loadtests.baseline_server import create_app
 from models import bundled_weights, load_backbone, preprocess
+from server.threaded import ThreadedServer
 
 BACKBONE = "fwserve-mnist-vit"
 
@@ -33,26 +30,8 @@ def backbone():
 @pytest.fixture(scope="module")
 def baseline(backbone):
     app = create_app(backbone)
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            if httpx.get(url + "/v2/health/ready").status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        assert time.monotonic() < deadline and thread.is_alive(), "baseline server did not start"
-        time.sleep(0.05)
-    with httpx.Client(base_url=url, timeout=30) as client:
+    with ThreadedServer(app).start(30) as srv, httpx.Client(base_url=srv.url, timeout=30) as client:
         yield client, app.state.baseline
-    server.should_exit = True
-    thread.join(10)
-    sock.close()
 
 
 def images(n: int, seed: int) -> np.ndarray:

@@ -9,17 +9,16 @@ from __future__ import annotations
 
 import re
 import socket
-import threading
 import time
 from contextlib import contextmanager
 
 import httpx
 import numpy as np
 import pytest
-import uvicorn
 
 from server.api import create_app
 from server.config import Settings
+from server.threaded import ThreadedServer
 
 BACKBONE = "fwserve-mnist-vit"
 
@@ -31,32 +30,18 @@ def backbone():
     return load_backbone(BACKBONE, random_init=bundled_weights(BACKBONE) is None)
 
 
-class LiveServer:
-    def __init__(self, app, sock: socket.socket) -> None:
-        self.app = app
+class LiveServer(ThreadedServer):
+    """The app under uvicorn in a thread (server/threaded.py), with what tests read of it."""
+
+    def __init__(self, app) -> None:
+        super().__init__(app)
         self.engine = app.state.engine
-        self.port = sock.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
 
     def start(self, timeout: float = 60.0) -> "LiveServer":
-        self.thread.start()
-        deadline = time.monotonic() + timeout
-        with httpx.Client(base_url=self.url, timeout=5) as c:
-            while True:
-                try:
-                    if c.get("/v2/health/ready").status_code == 200:
-                        return self
-                except httpx.TransportError:
-                    pass
-                if time.monotonic() > deadline or not self.thread.is_alive():
-                    raise RuntimeError(f"server did not become ready: {self.engine.load_error}")
-                time.sleep(0.05)
+        return super().start(timeout, why=lambda: self.engine.load_error)
 
     def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(15)
+        super().stop(join_s=15)
 
     def client(self, **kw) -> httpx.Client:
         return httpx.Client(base_url=self.url, timeout=kw.pop("timeout", 30), **kw)
@@ -148,16 +133,11 @@ def live_server(backbone, tmp_path, api_workers: int = 1, **overrides):
             srv.stop()
         return
     settings = Settings(snapshot_dir=tmp_path / "snapshots", **{"max_wait_ms": 5.0, **overrides})
-    app = create_app(settings, backbone=backbone)
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    srv = LiveServer(app, sock).start()
+    srv = LiveServer(create_app(settings, backbone=backbone)).start()
     try:
         yield srv
     finally:
         srv.stop()
-        sock.close()
 
 
 @pytest.fixture(scope="module")

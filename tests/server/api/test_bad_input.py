@@ -200,8 +200,6 @@ class GatedBackbone:
 
 def test_not_ready_until_loaded(backbone, tmp_path):
     """Before the backbone is loaded and warmed up: live 200, ready 503, API 503."""
-    import socket
-
     import httpx
 
     from server.api import create_app
@@ -211,9 +209,7 @@ def test_not_ready_until_loaded(backbone, tmp_path):
     gate = threading.Event()
     app = create_app(Settings(snapshot_dir=tmp_path / "snap"), backbone=GatedBackbone(backbone, gate))
     rt = app.state.engine
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    srv = LiveServer(app, sock)
+    srv = LiveServer(app)
     srv.thread.start()
     try:
         with srv.client() as c:
@@ -236,4 +232,3 @@ def test_not_ready_until_loaded(backbone, tmp_path):
     finally:
         gate.set()
         srv.stop()
-        sock.close()
