@@ -28,6 +28,7 @@ the attack; on clean streams no guard trips and guarded accuracy is within 1 poi
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 import time
@@ -123,12 +124,12 @@ def accuracy(c, sid: str, images, labels, chunk: int = 100) -> float:
     return correct / len(labels)
 
 
-def arms(sc: Scenario, extra_arms: bool = True) -> list[tuple[str, Optional[dict], dict]]:
+def arms(sc: Scenario, extra_arms: bool = True, guard: dict = ROLLBACK) -> list[tuple[str, Optional[dict], dict]]:
     """(name, guard, extra hyper-parameters) of each arm."""
     if sc.rule == "tent":
-        return [("unguarded", None, {"collapse_reset": False}), ("guarded", ROLLBACK, {})] + (
+        return [("unguarded", None, {"collapse_reset": False}), ("guarded", guard, {})] + (
             [("tent reset", None, {})] if extra_arms else [])
-    return [("unguarded", None, {}), ("guarded", ROLLBACK, {})]
+    return [("unguarded", None, {}), ("guarded", guard, {})]
 
 
 def run_arm(c, sc: Scenario, data: Data, guard: Optional[dict], attacked: bool, seed: int,
@@ -177,7 +178,7 @@ def run_arm(c, sc: Scenario, data: Data, guard: Optional[dict], attacked: bool, 
 
 
 def evaluate(scenarios: list[Scenario], seeds: list[int], held_out: int = 250, server=None,
-             extra_arms: bool = True) -> list[dict]:
+             extra_arms: bool = True, guard: dict = ROLLBACK) -> list[dict]:
     """Every scenario x seed x stream (attacked, clean) x arm (unguarded, guarded) -> rows."""
     own = server is None
     server = server or InProcessServer()
@@ -187,9 +188,9 @@ def evaluate(scenarios: list[Scenario], seeds: list[int], held_out: int = 250, s
             data = load_data(seed, held_out)
             for sc in scenarios:
                 for attacked in (True, False):
-                    for arm, guard, extra in arms(sc, extra_arms):
+                    for arm, arm_guard, extra in arms(sc, extra_arms, guard):
                         t0 = time.perf_counter()
-                        r = run_arm(server.client, sc, data, guard, attacked, seed, extra)
+                        r = run_arm(server.client, sc, data, arm_guard, attacked, seed, extra)
                         rows.append({"scenario": sc.name, "seed": seed, "stream": "attacked" if attacked else "clean",
                                      "arm": arm, **r, "seconds": time.perf_counter() - t0})
     finally:
@@ -231,13 +232,13 @@ def _arc(r: dict) -> str:
     return f"{_pct(r['before'])} / {_pct(r['mid'])} / {_pct(r['after'])} ({_pts(r['after'] - r['before'])})"
 
 
-def report(rows: list[dict], command: str, seconds: float) -> str:
+def report(rows: list[dict], command: str, seconds: float, guard: dict = ROLLBACK) -> str:
     v = verdicts(rows)
     lines = ["# Guards under attack", "",
              f"Command: `{command}` ({seconds:.0f} s, CPU). Made by `eval/guard_eval.py`; every number comes from "
              "a real server and the bundled backbone on the project's MNIST split (held-out images no stream "
-             "contains). Arms differ only in their guard: none, or `{\"action\": \"rollback\"}` with the default "
-             "margin (0.1) and window (64).", "",
+             f"contains). Arms differ only in their guard: none, or `{json.dumps(guard)}` (defaults for every "
+             "setting not given: margin 0.1, window 64).", "",
              "Scenarios (the module docstring has the details): `novel-rls` learns digits 5-9 and pins a good "
              "version as its reference, then a burst of wrong labels; `base-sgd` adapts the base head on 0-4 "
              "(reference: the base head), the same burst; `tent-corrupted` is label-free (tent from the base "
@@ -283,12 +284,20 @@ def report(rows: list[dict], command: str, seconds: float) -> str:
     lines += ["", "## Reading it", "",
               "- \"Within 2 points\" is read as \"at most 2 points below\": a session that goes on learning from "
               "correct data after the attack may end above where it was, which is no harm.",
-              "- A burst of wrong labels is invisible while it lasts: the session and its reference are both "
-              "scored against the wrong labels. The guard sees the harm once correct labels come back (the "
-              "session falls below its reference) and rolls back to the newest retained version that scored at "
-              "least as well as the reference on the examples after it: a version from before the burst, or one "
-              "early in it that had learnt little. Unguarded sessions keep the damage until enough correct "
-              "labels wash it out; a rule with a long memory (rls) keeps it longest.",
+              ("- With `label_conflict` the guard sees a burst of wrong labels while it lasts: once that share "
+               "of the window's labels contradicts the reference's predictions it trips, and rolls back to the "
+               "newest version from before the first contradicted label (so 'after the attack' is measured on "
+               "a session that already undid it). On clean streams the reference's own error rate stays below "
+               "the threshold, so it never trips there."
+               if guard.get("label_conflict") is not None else
+               "- A burst of wrong labels is invisible while it lasts to the accuracy trigger: the session and its "
+               "reference are both scored against the wrong labels. The guard sees the harm once correct labels "
+               "come back (the session falls below its reference) and rolls back to the newest retained version "
+               "that scored at least as well as the reference on the examples after it: a version from before "
+               "the burst, or one early in it that had learnt little. Unguarded sessions keep the damage until "
+               "enough correct labels wash it out; a rule with a long memory (rls) keeps it longest. "
+               "`label_conflict` (off by default) catches the burst while it lasts: "
+               "[guards_label_conflict.md](guards_label_conflict.md)."),
               "- Label-free, the guard compares the session's predictions with its reference's on the same rows: "
               "it trips when the session concentrates on one class while the reference does not (a stream of "
               "one class alone does not trip it), and rolls back to a version that was not more concentrated. "
@@ -305,12 +314,16 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--held-out", type=int, default=250, help="held-out images per scenario")
     ap.add_argument("--quick", action="store_true", help="one seed, 100 held-out images")
+    ap.add_argument("--guard", type=json.loads, default=ROLLBACK,
+                    help='the guarded arm\'s guard, JSON (default {"action": "rollback"})')
     args = ap.parse_args(argv)
     seeds, held = ([args.seeds[0]], 100) if args.quick else (args.seeds, args.held_out)
     t0 = time.perf_counter()
-    rows = evaluate(SCENARIOS, seeds, held)
-    cmd = "python -m eval.guard_eval" + (" --quick" if args.quick else "")
-    text = report(rows, cmd, time.perf_counter() - t0)
+    rows = evaluate(SCENARIOS, seeds, held, guard=args.guard)
+    cmd = "python -m eval.guard_eval" + (" --quick" if args.quick else "") + (
+        f" --guard '{json.dumps(args.guard)}'" if args.guard != ROLLBACK else "") + (
+        f" --out {args.out}" if args.out != "docs/eval/guards.md" else "")
+    text = report(rows, cmd, time.perf_counter() - t0, args.guard)
     if args.out == "-":
         sys.stdout.write(text)
     else:

@@ -63,6 +63,8 @@ class GuardSpec(_Body):
     collapse_share: Optional[float] = Field(None, description="label-free: top-class share of predictions (0.95)")
     entropy_drift: Optional[float] = Field(None, description="label-free: |entropy gap| to the reference (0.5)")
     feature_drift: Optional[float] = Field(None, description="label-free: mean-feature shift bound (off)")
+    label_conflict: Optional[float] = Field(None, description="labelled: share of the window's labels the reference "
+                                            "predicts otherwise (off)")
     max_examples: Optional[int] = Field(None, description="examples per adapt request")
     max_step_norm: Optional[float] = Field(None, description="norm of one request's head change")
     max_window_norm: Optional[float] = Field(None, description="sum of head-change norms over a window")

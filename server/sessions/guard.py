@@ -14,6 +14,10 @@ settings (``parse``; only ``action`` is required):
     entropy_drift   0.5    label-free: |mean normalised entropy, session - reference| (null: off)
     feature_drift   null   label-free: shift of the window's mean feature, in units of the
                            spread of the first window's features (null: off)
+    label_conflict  null   labelled: the share of the window's labels the reference predicts
+                           otherwise, at least (null: off). It sees a burst of wrong labels while
+                           it lasts; set it well above the reference's own error rate (a stream
+                           that really moved away from the reference trips it too)
     max_examples    null   examples per adapt request
     max_step_norm   null   norm of one request's head change (W and b, Frobenius), measured from
                            the transaction's copies before the update
@@ -26,7 +30,9 @@ round, server/sessions/references.py) are both scored against the label. Over a 
 session more than `margin` below the reference trips the guard. Label-free rows: the class the
 session predicts most takes at least `collapse_share` of the rows and `margin` more of them than
 the reference gives that class on the same rows (a head collapsing, not a stream of one class),
-or the entropy or feature drift exceeds its bound.
+or the entropy or feature drift exceeds its bound. With `label_conflict` set, labelled examples
+also trip it when too many of their labels contradict the reference's predictions; its rollback
+goes to the newest version from before the first contradicted label in the window.
 
 Actions: ``alert`` logs and counts; ``freeze`` stops adapts (409 session_frozen until PATCH
 unfreezes); ``rollback`` makes the last version that was above the reference current again, as a
@@ -55,9 +61,11 @@ from server.errors import DomainError, InvalidInput, conflict, invalid
 
 ACTIONS = ("rollback", "freeze", "alert")
 DEFAULTS = {"margin": 0.1, "window": 64, "collapse_share": 0.5, "entropy_drift": 0.5, "feature_drift": None,
+            "label_conflict": None,
             "max_examples": None, "max_step_norm": None, "max_window_norm": None, "max_lr": None}
 STEP_SIZES = ("lr", "beta")  # hyper-parameters max_lr bounds
 MAX_WINDOW = 4096
+LABELLED_TRIGGERS = ("accuracy", "label_conflict")
 _tokens = itertools.count(1)
 
 
@@ -97,6 +105,7 @@ def parse(spec, *, classes: list[str], base_classes: list[str], version: int, hy
            "collapse_share": _number(spec, "collapse_share", 0.0, 1.0, False, low_open=True),
            "entropy_drift": _number(spec, "entropy_drift", 0.0, 1.0, True, low_open=True),
            "feature_drift": _number(spec, "feature_drift", 0.0, 1e6, True, low_open=True),
+           "label_conflict": _number(spec, "label_conflict", 0.0, 1.0, True, low_open=True),
            "max_examples": _number(spec, "max_examples", 1, 1e9, True, integer=True),
            "max_step_norm": _number(spec, "max_step_norm", 0.0, 1e12, True, low_open=True),
            "max_window_norm": _number(spec, "max_window_norm", 0.0, 1e12, True, low_open=True),
@@ -144,13 +153,18 @@ class Row:
     s_ent: float
     r_ent: float
 
+    @property
+    def conflicts(self) -> bool:
+        """A label the reference predicts otherwise."""
+        return self.y >= 0 and self.r_pred != self.y
+
 
 class Window:
     """The last `size` rows of one kind, with running sums: a trigger is O(classes) per commit."""
 
     def __init__(self, size: int, n: int, track_x: bool = False) -> None:
         self.size, self.rows, self.track_x = size, deque(), track_x
-        self.s_ok = self.r_ok = 0
+        self.s_ok = self.r_ok = self.conflicts = 0
         self.s_count, self.r_count = [0] * n, [0] * n
         self.s_ent = self.r_ent = 0.0
         self.x_sum: Optional[torch.Tensor] = None
@@ -171,6 +185,7 @@ class Window:
     def _add(self, q: Row, sign: int) -> None:
         self.s_ok += sign * (q.s_pred == q.y)
         self.r_ok += sign * (q.r_pred == q.y)
+        self.conflicts += sign * q.conflicts
         self.s_count[q.s_pred] += sign
         self.r_count[q.r_pred] += sign
         self.s_ent += sign * q.s_ent
@@ -246,6 +261,8 @@ class Watch:
         c, lab, free = self.cfg, self.labelled, self.unlabelled
         if lab.full and (lab.s_ok - lab.r_ok) / lab.size < -c["margin"]:
             return "accuracy"
+        if c["label_conflict"] is not None and lab.full and lab.conflicts / lab.size >= c["label_conflict"]:
+            return "label_conflict"
         if not free.full:
             return None
         w = free.size
@@ -273,7 +290,7 @@ class Watch:
     # ---- judging versions ---------------------------------------------------------------------
 
     def evidence(self, trigger: str) -> list[Row]:
-        return list((self.labelled if trigger == "accuracy" else self.unlabelled).rows)
+        return list((self.labelled if trigger in LABELLED_TRIGGERS else self.unlabelled).rows)
 
     @property
     def min_evidence(self) -> int:
@@ -281,6 +298,8 @@ class Watch:
 
     def judge(self, trigger: str, rows: list[Row], probs: torch.Tensor) -> bool:
         """Was a version (its predictions `probs` on `rows`, all applied after it) above the reference?"""
+        if trigger == "label_conflict":  # any version from before the conflicting labels (the caller's limit)
+            return True
         pred = probs[:, :self.n].argmax(1).tolist()
         if trigger == "accuracy":
             mine = sum(p == q.y for p, q in zip(pred, rows)) / len(rows)

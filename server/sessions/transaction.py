@@ -258,7 +258,10 @@ class Transaction:
         rows = watch.evidence(trigger)
         if not rows:
             return None
-        limit = min(r.version for r in rows) - 1 if trigger == "feature_drift" else None
+        # versions from before the evidence: the window's first row (feature drift) or its first
+        # label the reference contradicts (label conflict)
+        limit = {"feature_drift": lambda: min(r.version for r in rows) - 1,
+                 "label_conflict": lambda: min(r.version for r in rows if r.conflicts) - 1}.get(trigger, lambda: None)()
         xs = torch.stack([r.x for r in rows]).to(self._store.device)
         best = None
         for v, run in self._store.sweep(held, self._wal.pending.get(held.key, [])):

@@ -239,6 +239,12 @@ def test_guard_set_replaced_and_removed_with_patch(server):
         assert info.guard["action"] == "rollback" and info.guard["reference"] == "base" and info.guard["window"] == 64
         info = c.patch_session(sid, guard={"action": "alert", "margin": 0.2})
         assert info.guard["action"] == "alert" and info.guard["margin"] == 0.2
+        assert info.guard["label_conflict"] is None  # off unless asked for
+        info = c.patch_session(sid, guard={"action": "rollback", "label_conflict": 0.5})
+        assert info.guard["label_conflict"] == 0.5
+        with pytest.raises(FwserveError) as e:
+            c.patch_session(sid, guard={"action": "rollback", "label_conflict": 2})
+        assert e.value.status == 422 and c.get_session(sid).guard["label_conflict"] == 0.5
         assert c.patch_session(sid, guard=None).guard is None
         assert c.patch_session(sid).guard is None  # nothing given: nothing changed
 

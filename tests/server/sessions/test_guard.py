@@ -96,7 +96,8 @@ GUARD = {"action": "rollback", "window": 16}
     ({"action": "freeze", "color": "red"}, "unknown guard settings"),
     ({"action": "freeze", "reference": 3}, "reference"), ({"action": "freeze", "reference": True}, "reference"),
     ({"action": "freeze", "max_step_norm": -1}, "max_step_norm"), ({"action": "freeze", "max_lr": 0.01}, "max_lr"),
-    ({"action": "freeze", "entropy_drift": "high"}, "number"),
+    ({"action": "freeze", "entropy_drift": "high"}, "number"), ({"action": "freeze", "label_conflict": 1.5}, "label_conflict"),
+    ({"action": "freeze", "label_conflict": 0}, "label_conflict"),
 ])
 def test_bad_guard_settings_are_refused_and_nothing_is_made(tmp_path, spec, says):
     st = new_store(tmp_path)
@@ -281,3 +282,34 @@ def test_feature_drift_trips_when_asked_and_not_by_default():
     w = Watch(default, C)
     for v in (1, 2):
         assert w.observe(v, torch.randn(16, D, generator=g) + 3.0 * v, [-1] * 16, probs, probs) is None
+
+
+CONFLICT = {"action": "rollback", "window": 16, "label_conflict": 0.4, "margin": 1.0}  # the accuracy trigger off
+
+
+def test_label_conflict_trips_during_a_burst_and_rolls_back_to_before_it(tmp_path):
+    """A burst of labels the base head predicts otherwise trips the guard while it lasts (the
+    accuracy trigger, off here, sees it only once correct labels return)."""
+    trips = Trips()
+    st = new_store(tmp_path, events=trips)
+    st.create("sgd", CLASSES, {"lr": 0.5}, init="base", session_id="s", guard=CONFLICT)
+    states, outcomes = attack(st, "s", clean_first=6, burst=4, after=0)
+    assert outcomes, "the burst did not trip the guard"
+    out = outcomes[0]
+    assert out["trigger"] == "label_conflict" and out["action"] == "rollback"
+    assert 6 < out["version"] <= 6 + 4  # during the burst
+    assert out["to"] == 6  # the last version before the first contradicted label
+    assert torch.equal(states[out["rollback_version"]]["W"], states[6]["W"])
+    assert ("sgd", "rollback", "label_conflict") in trips.seen
+    st.close()
+
+
+def test_label_conflict_stays_quiet_on_clean_labels_and_is_off_by_default(tmp_path):
+    st = new_store(tmp_path)
+    st.create("sgd", CLASSES, {"lr": 0.5}, init="base", session_id="on", guard=CONFLICT)
+    st.create("sgd", CLASSES, {"lr": 0.5}, init="base", session_id="off", guard={**CONFLICT, "label_conflict": None})
+    _, quiet = attack(st, "on", clean_first=12, burst=0, after=0)
+    assert quiet == []
+    _, outcomes = attack(st, "off", clean_first=6, burst=4, after=0)
+    assert all(o["trigger"] != "label_conflict" for o in outcomes)
+    st.close()
