@@ -87,7 +87,8 @@ def head_forward(x, W, b, slots, n_classes, normalize=None, impl="auto", *,
 
 
 def sgd_step(x, y, slots, W, b, n_classes, lr, weight_decay=0.0, impl="auto", *,
-             batch: SlotBatch | None = None, logits: torch.Tensor | None = None) -> None:
+             batch: SlotBatch | None = None, logits: torch.Tensor | None = None,
+             feature_rates: torch.Tensor | None = None, bias_rate: float | torch.Tensor | None = None) -> None:
     """One SGD step on softmax cross-entropy, in place; the mean over each slot's rows.
 
     For every slot s with rows R_s (n_s = |R_s| > 0), all rows seeing the heads as they were
@@ -95,25 +96,50 @@ def sgd_step(x, y, slots, W, b, n_classes, lr, weight_decay=0.0, impl="auto", *,
         p_i  = softmax over live classes of (W_s x_i + b_s)
         G_W  = sum_{i in R_s} (p_i - onehot(y_i)) x_i^T / n_s
         G_b  = sum_{i in R_s} (p_i - onehot(y_i))       / n_s
-        W_s <- W_s - lr_s * (G_W + weight_decay_s * W_s)
-        b_s <- b_s - lr_s * G_b                            (the bias is not decayed)
+        W_s <- W_s - lr_s * (G_W * r[None, :] + weight_decay_s * W_s)   (the decay is not scaled by r)
+        b_s <- b_s - lr_s * rho * G_b                                   (the bias is not decayed)
+    r = feature_rates: optional float32 [d] on W's device, default all ones; rho = bias_rate:
+    optional float or float32 tensor [1] on W's device, default 1. A Meta-SGD step: a learned
+    rate per feature, shared by all sessions of a rule, times the per-slot lr. r = ones and
+    rho = 1 give the plain step (bit for bit on the torch path); None for both runs the plain
+    step's code with no extra work.
     Masked classes get no gradient and no decay; slots without rows are untouched.
     logits: see the module docstring (used by the Triton path only).
     """
     check_batch(x, slots, W, y)
-    S, C, _ = W.shape
+    S, C, d = W.shape
     check_bias(b, (S, C))
     check_logits(logits, x.shape[0], C)
+    if feature_rates is not None:
+        if (not isinstance(feature_rates, torch.Tensor) or feature_rates.dtype != torch.float32
+                or feature_rates.dim() != 1 or feature_rates.shape[0] != d or feature_rates.device != W.device):
+            got = (f"{tuple(feature_rates.shape)} {feature_rates.dtype} on {feature_rates.device}"
+                   if isinstance(feature_rates, torch.Tensor) else type(feature_rates).__name__)
+            raise ValueError(f"feature_rates must be a float32 [d]={d} tensor on {W.device}, got {got}")
+    if bias_rate is not None:
+        if isinstance(bias_rate, torch.Tensor):
+            if (bias_rate.dtype != torch.float32 or bias_rate.numel() != 1 or bias_rate.dim() > 1
+                    or bias_rate.device != W.device):
+                raise ValueError(f"bias_rate must be a float or a float32 tensor [1] on {W.device}, got "
+                                 f"{tuple(bias_rate.shape)} {bias_rate.dtype} on {bias_rate.device}")
+        elif isinstance(bias_rate, (int, float)) and not isinstance(bias_rate, bool):
+            bias_rate = float(bias_rate)
+        else:
+            raise ValueError(f"bias_rate must be a float or a float32 tensor [1], got {type(bias_rate).__name__}")
     lr, weight_decay = per_slot(lr, S, W.device), per_slot(weight_decay, S, W.device)
     batch = _batch_for(slots, batch)
     checks = checks_enabled()
     if checks:
         check_indices("sgd_step", slots, S, y=y, n_classes=n_classes)
     if resolve_impl(impl, x, "sgd_step") == "triton":
+        if bias_rate is not None:  # the kernel reads rho through a pointer: a float becomes a tensor once, here
+            bias_rate = (bias_rate.reshape(1) if isinstance(bias_rate, torch.Tensor)
+                         else torch.full((1,), bias_rate, dtype=torch.float32, device=W.device))
         _triton("sgd").sgd_step_triton(x, y, slots, W, b, n_classes, lr, weight_decay, batch=batch, logits=logits,
-                                       checks=checks)
+                                       checks=checks, feature_rates=feature_rates, bias_rate=bias_rate)
     else:
-        torch_ops.sgd_step_torch(x, y, slots, W, b, n_classes, lr, weight_decay, batch=batch)
+        torch_ops.sgd_step_torch(x, y, slots, W, b, n_classes, lr, weight_decay, batch=batch,
+                                 feature_rates=feature_rates, bias_rate=bias_rate)
 
 
 def delta_step(x, y, slots, W, n_classes, beta, impl="auto", *, batch: SlotBatch | None = None) -> None:

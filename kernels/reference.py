@@ -78,19 +78,24 @@ def head_forward_ref(x, W, b, slots, n_classes, normalize=None) -> torch.Tensor:
     return out
 
 
-def sgd_step_ref(x, y, slots, W, b, n_classes, lr, weight_decay=0.0):
+def sgd_step_ref(x, y, slots, W, b, n_classes, lr, weight_decay=0.0, *, feature_rates=None, bias_rate=None):
     """One SGD step on the softmax cross-entropy, mini-batch mean per slot.
 
     For every slot s with n_rows_s > 0, using the heads as they were before the call:
         p_i = softmax(W_s[:n_s] x_i + b_s[:n_s])                  (over the live classes)
         g_i = p_i - onehot(y_i)                                    [n_s]
-        W_s[:n_s] <- W_s[:n_s] - lr_s * (sum_i g_i x_i^T / n_rows_s + wd_s * W_s[:n_s])
-        b_s[:n_s] <- b_s[:n_s] - lr_s *  sum_i g_i       / n_rows_s
-    Masked classes (c >= n_s) and slots without rows are untouched (no weight decay either).
-    The bias is not decayed. Returns (W, b) as new float64 tensors.
+        G_W = sum_i g_i x_i^T / n_rows_s,  G_b = sum_i g_i / n_rows_s
+        W_s[:n_s] <- W_s[:n_s] - lr_s * (G_W * r[None, :] + wd_s * W_s[:n_s])
+        b_s[:n_s] <- b_s[:n_s] - lr_s * rho * G_b
+    r = feature_rates [d] (default all ones) and rho = bias_rate (a float or a tensor [1],
+    default 1): Meta-SGD's learned per-feature rates, shared by all slots; the decay is not
+    scaled by r. Masked classes (c >= n_s) and slots without rows are untouched (no weight
+    decay either). The bias is not decayed. Returns (W, b) as new float64 tensors.
     """
     x, W, b = _f64(x), _f64(W), _f64(b)
     lr, wd = per_slot(lr, W.shape[0]), per_slot(weight_decay, W.shape[0])
+    r = torch.ones(W.shape[2], dtype=torch.float64) if feature_rates is None else _f64(feature_rates).reshape(-1)
+    rho = 1.0 if bias_rate is None else float(bias_rate)  # a float or a one-element tensor
     for s, rows in _rows_by_slot(slots).items():
         n = int(n_classes[s])
         xs = x[rows]
@@ -98,8 +103,8 @@ def sgd_step_ref(x, y, slots, W, b, n_classes, lr, weight_decay=0.0):
         g = p - torch.nn.functional.one_hot(y[rows].cpu().long(), n).to(torch.float64)
         grad_W = g.T @ xs / len(rows)
         grad_b = g.sum(0) / len(rows)
-        W[s, :n] -= lr[s] * (grad_W + wd[s] * W[s, :n])
-        b[s, :n] -= lr[s] * grad_b
+        W[s, :n] -= lr[s] * (grad_W * r[None, :] + wd[s] * W[s, :n])
+        b[s, :n] -= lr[s] * rho * grad_b
     return W, b
 
 

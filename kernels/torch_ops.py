@@ -104,9 +104,14 @@ def gathered_logits(x, W, b, n_classes, seg: SlotBatch):
     return xr, heads, live, logits.masked_fill_(~live[seg.seg], float("-inf"))
 
 
-def sgd_step_torch(x, y, slots, W, b, n_classes, lr, weight_decay, batch=None) -> None:
+def sgd_step_torch(x, y, slots, W, b, n_classes, lr, weight_decay, batch=None, feature_rates=None,
+                   bias_rate=None) -> None:
     """lr, weight_decay: float32 [S]. One gather of the touched heads, a batched GEMM for the
-    logits, the decay and the gradient step fused into one in-place batched GEMM, one copy back."""
+    logits, the decay and the gradient step fused into one in-place batched GEMM, one copy back.
+    feature_rates (float32 [d]) / bias_rate (a float or float32 [1]), the Meta-SGD rates: the
+    gradient's column j is scaled by r[j] by scaling the rows fed to the update GEMM (the
+    logits use the unscaled rows; G_W r[None, :] = sum_i g_i (x_i * r)^T / n), the bias step by
+    rho. None skips the multiply, so the plain step runs exactly today's operations."""
     seg = _batch(slots, batch)
     if seg.num_rows == 0:
         return
@@ -121,9 +126,11 @@ def sgd_step_torch(x, y, slots, W, b, n_classes, lr, weight_decay, batch=None) -
     wd_u = weight_decay.index_select(0, seg.slot)
     if bool((wd_u != 0).any()):
         heads.mul_(torch.where(live, 1.0 - lr_u.unsqueeze(1) * wd_u.unsqueeze(1), 1.0).unsqueeze(2))
-    _add_grouped_outer(heads, step, xr, seg)
+    # The rates scale after the logits were taken: [N, d] and [U, C] multiplies, never a head.
+    _add_grouped_outer(heads, step, xr if feature_rates is None else xr * feature_rates, seg)
     _store_heads(W, seg.slot, heads)
-    _add_bias(b, seg.slot, step.new_zeros((seg.num_segments, C)).index_add_(0, seg.seg, step))
+    bias_step = step.new_zeros((seg.num_segments, C)).index_add_(0, seg.seg, step)
+    _add_bias(b, seg.slot, bias_step if bias_rate is None else bias_step * bias_rate)
 
 
 def delta_step_torch(x, y, slots, W, n_classes, beta, batch=None) -> None:

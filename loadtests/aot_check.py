@@ -187,6 +187,9 @@ def launch_every_op(C: int, d: int, x_dtype: str, head_dtype: str, sink: list, b
         "head_forward (cosine)": lambda: forward.head_forward_triton(x, W, b, slots, n,
                                                                      normalize=torch.ones(S, dtype=torch.bool)),
         "sgd_step": lambda: sgd.sgd_step_triton(x, y, slots, W, b, n, h, h, logits=logits),
+        # the Meta-SGD step (per-feature rates): the apply kernel's HAS_RATES variant
+        "sgd_step (rates)": lambda: sgd.sgd_step_triton(x, y, slots, W, b, n, h, h, logits=logits,
+                                                        feature_rates=torch.ones(d), bias_rate=torch.ones(1)),
         "entropy_step": lambda: entropy.entropy_step_triton(x, y, slots, W, b, n, h, h, logits=logits),
         "delta_step": lambda: delta.delta_step_triton(x, y, slots, W, n, h),
         "prototype_step": lambda: prototype.prototype_step_triton(x, y, slots, rows, torch.empty(R, C, d),

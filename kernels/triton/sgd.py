@@ -12,6 +12,11 @@ Three stages, none of which reads a head more than its stage needs:
      grad_logits^T x over the slot's rows with tl.dot, divides by the slot's row count and
      applies W -= lr * (G + wd * W), b -= lr * sum(grad_logits) / n: the one read and the
      one write of each touched head block.
+     Per-feature rates (Meta-SGD, HAS_RATES): W -= lr * (G * r[None, :] + wd * W) and
+     b -= lr * rho * G_b. r [d] and rho [1] are float32 device tensors shared by every slot;
+     a work item loads its BLOCK_D entries of r once, after the row loop, so the rows'
+     tl.dot is the same as without rates. Without them the kernel is compiled without the
+     loads (a constexpr flag), so the plain step costs nothing extra.
 Every row's logits are the heads as they were before the call: mini-batch semantics.
 Heads may be bf16: the update is computed in fp32 and rounded once on store.
 Math: kernels.ops.sgd_step, kernels.reference.sgd_step_ref.
@@ -85,14 +90,16 @@ def _softmax_grad_kernel(
 @triton.jit
 def _grad_apply_kernel(
     x_ptr, grad_ptr, flags_ptr, W_ptr, b_ptr, order_ptr, sorted_slots_ptr, seg_end_ptr, segs_ptr, num_segs_ptr,
-    n_classes_ptr, lr_ptr, wd_ptr, err_ptr,
+    n_classes_ptr, lr_ptr, wd_ptr, rates_ptr, bias_rate_ptr, err_ptr,
     num_slots, num_classes, d, num_programs,
-    HAS_FLAGS: tl.constexpr, HAS_DECAY: tl.constexpr, CHECKS: tl.constexpr,
+    HAS_FLAGS: tl.constexpr, HAS_DECAY: tl.constexpr, HAS_RATES: tl.constexpr, CHECKS: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """W_s -= lr_s (sum_i g_i x_i^T / m_s + wd_s W_s), b_s -= lr_s sum_i g_i / m_s, per work
     item (slot, class block, feature block); m_s = the slot's rows, or (HAS_FLAGS) the rows
-    whose flag is 1 (entropy_step: the rows that count; a slot with none is left as it is)."""
+    whose flag is 1 (entropy_step: the rows that count; a slot with none is left as it is).
+    HAS_RATES: the gradient's column j is scaled by r[j] (rates_ptr, [d]) and the bias step by
+    rho (bias_rate_ptr, [1]); the decay is not scaled."""
     class_blocks = tl.cdiv(num_classes, BLOCK_C)
     feature_blocks = tl.cdiv(d, BLOCK_D)
     tiles = class_blocks * feature_blocks
@@ -130,6 +137,10 @@ def _grad_apply_kernel(
                 counted = (end - start).to(tl.float32)
             if counted > 0:
                 step = tl.load(lr_ptr + slot) / counted
+                if HAS_RATES:
+                    # Scaling the summed tile (not every row) is one multiply per weight. Lanes past
+                    # d are never stored; other=0 keeps them 0 like the masked x they summed.
+                    grad_W = grad_W * tl.load(rates_ptr + offs_d, mask=in_d, other=0.0)[None, :]
                 tile_mask = live[:, None] & in_d[None, :]
                 w_ptrs = W_ptr + slot * num_classes * d + offs_c[:, None] * d + offs_d[None, :]
                 w = tl.load(w_ptrs, mask=tile_mask, other=0.0).to(tl.float32)
@@ -141,11 +152,18 @@ def _grad_apply_kernel(
                 if tile % feature_blocks == 0:
                     b_ptrs = b_ptr + slot * num_classes + offs_c
                     bias = tl.load(b_ptrs, mask=live, other=0.0).to(tl.float32)
-                    tl.store(b_ptrs, (bias - step * grad_b).to(b_ptr.dtype.element_ty), mask=live)
+                    if HAS_RATES:
+                        bias_step = step * tl.load(bias_rate_ptr) * grad_b
+                    else:
+                        bias_step = step * grad_b
+                    tl.store(b_ptrs, (bias - bias_step).to(b_ptr.dtype.element_ty), mask=live)
 
 
-def launch_grad_apply(x, grad_logits, flags, W, b, n_classes, lr, weight_decay, batch, checks, op) -> None:
-    """Stage 2 for sgd_step and entropy_step (flags: the rows that count, or None for all)."""
+def launch_grad_apply(x, grad_logits, flags, W, b, n_classes, lr, weight_decay, batch, checks, op, *,
+                      feature_rates=None, bias_rate=None) -> None:
+    """Stage 2 for sgd_step and entropy_step (flags: the rows that count, or None for all).
+    feature_rates: contiguous float32 [d], bias_rate: float32 [1], both on W's device, or None;
+    when only one is given the other is 1 (the kernel has one flag for both)."""
     S, C, d = W.shape
     segs, num_segs = batch.segments()
     cfg = apply_config(C, d)
@@ -153,21 +171,31 @@ def launch_grad_apply(x, grad_logits, flags, W, b, n_classes, lr, weight_decay, 
     programs = num_programs(x.device, x.shape[0] * tiles)
     errors = error_counter(x.device)
     has_decay = weight_decay is not None
+    has_rates = feature_rates is not None or bias_rate is not None
+    if has_rates:
+        if feature_rates is None:
+            feature_rates = torch.ones(d, dtype=torch.float32, device=W.device)
+        if bias_rate is None:
+            bias_rate = torch.ones(1, dtype=torch.float32, device=W.device)
     _grad_apply_kernel[(programs,)](
         x, grad_logits, flags if flags is not None else grad_logits, W, b, batch.order, batch.sorted_slots,
-        batch.seg_end, segs, num_segs, n_classes, lr, weight_decay if has_decay else lr, errors,
+        batch.seg_end, segs, num_segs, n_classes, lr, weight_decay if has_decay else lr,
+        # Unused pointer arguments get a float32 tensor of the call (lr), as for the decay.
+        feature_rates if has_rates else lr, bias_rate if has_rates else lr, errors,
         S, C, d, programs,
-        HAS_FLAGS=flags is not None, HAS_DECAY=has_decay, CHECKS=checks, **cfg,
+        HAS_FLAGS=flags is not None, HAS_DECAY=has_decay, HAS_RATES=has_rates, CHECKS=checks, **cfg,
     )
     raise_if_flagged(errors, op, checks)
 
 
 def sgd_step_triton(x, y, slots, W, b, n_classes, lr, weight_decay, grad_logits=None, batch=None, logits=None,
-                    checks=None) -> None:
+                    checks=None, feature_rates=None, bias_rate=None) -> None:
     """Launcher; lr and weight_decay are float32 [S]. `logits`: the call's head_forward logits
     (computed here when absent). `grad_logits` (float32 [B, C]) lets tests hand in a poisoned
-    scratch buffer: stage 1 writes every element of it."""
-    B, (S, C, d) = x.shape[0], W.shape
+    scratch buffer: stage 1 writes every element of it. feature_rates (float32 [d]) and
+    bias_rate (float32 [1]), on W's device: the Meta-SGD rates (kernels.ops.sgd_step checks
+    them), or None for the plain step."""
+    B, C = x.shape[0], W.shape[1]
     if B == 0:
         return
     checks = checks_on(checks)
@@ -178,4 +206,7 @@ def sgd_step_triton(x, y, slots, W, b, n_classes, lr, weight_decay, grad_logits=
     if grad_logits is None:
         grad_logits = torch.empty((B, C), dtype=torch.float32, device=x.device)
     _softmax_grad_kernel[(B,)](logits.contiguous(), y, slots, grad_logits, C, **softmax_config(C))
-    launch_grad_apply(x, grad_logits, None, W, b, n_classes, lr, weight_decay, batch, checks, "sgd_step")
+    if feature_rates is not None:
+        feature_rates = feature_rates.contiguous()
+    launch_grad_apply(x, grad_logits, None, W, b, n_classes, lr, weight_decay, batch, checks, "sgd_step",
+                      feature_rates=feature_rates, bias_rate=bias_rate)
