@@ -14,6 +14,7 @@ from torch import nn
 from models.checkpoint import load_into, read_state_dict
 from models.config import DEFAULT_BACKBONE, ViTConfig, get_config
 from models.preprocess import preprocess
+from models.rule_params import RuleParams, bundled_rule_params
 from models.source_stats import load_source_stats
 from models.vit import VisionTransformer
 
@@ -31,6 +32,10 @@ class Backbone:
         self.device = torch.device(device)
         # {"mean", "var"} [d] of the features on the training images (models/source_stats.py), or None
         self.source_stats = source_stats
+        # learned rules' parameters trained for exactly these weights (models/rule_params.py):
+        # rule -> RuleParams; files made for other weights: rule -> why they were refused
+        self.rule_params: dict[str, RuleParams] = {}
+        self.rule_params_refused: dict[str, str] = {}
 
     @property
     def embed_dim(self) -> int:
@@ -91,14 +96,16 @@ def load_backbone(
     weights: a timm-layout checkpoint; by default the bundled weights of `name`, if it has any.
     random_init: skip loading (seeded random weights), e.g. to benchmark a ViT-S at real size.
     The source feature statistics beside the weights, when there are any for exactly these
-    weights, come with the backbone (`Backbone.source_stats`; None otherwise).
+    weights, come with the backbone (`Backbone.source_stats`; None otherwise), and so do the
+    learned rules' parameters trained for them (`Backbone.rule_params`; a file trained for
+    other weights is refused, with the reason in `Backbone.rule_params_refused`).
     overrides: config fields to change, e.g. img_size=384 (position embeddings are resampled).
     """
     cfg = get_config(name)
     if overrides:
         cfg = cfg.with_overrides(**overrides)
     model = VisionTransformer(cfg, init=False)
-    stats = None
+    stats, path = None, None
     if random_init:
         model.reset_parameters(seed=seed)
     else:
@@ -108,4 +115,7 @@ def load_backbone(
         load_into(model, read_state_dict(path))
         if not overrides:
             stats = load_source_stats(path)
-    return Backbone(model, device=device, source_stats=stats)
+    bb = Backbone(model, device=device, source_stats=stats)
+    if path is not None and not overrides:
+        bb.rule_params, bb.rule_params_refused = bundled_rule_params(path, lambda: bb.fingerprint)
+    return bb

@@ -143,9 +143,10 @@ def hash_key(argv: Sequence[str]) -> int:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     usage = (
-        "usage: fwserve {serve,train-backbone} [args]\n\n"
+        "usage: fwserve {serve,train-backbone,train-rule,eval,hash-key} [args]\n\n"
         "  serve           run the HTTP server (fwserve serve --help lists every setting)\n"
         "  train-backbone  train the bundled backbone (fwserve train-backbone --help)\n"
+        "  train-rule      meta-train a learned rule (meta_sgd, hyper) for the backbone (fwserve train-rule --help)\n"
         "  eval            the evaluation report: benchmarks through the rules, offline or over HTTP (fwserve eval --help)\n"
         "  hash-key        print the sha256:... form of an API key read from stdin (for --api-keys)\n"
     )
@@ -169,6 +170,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         rc = train_backbone.main(rest)
         return int(rc or 0)
+    if cmd == "train-rule":
+        from eval import train_rule
+
+        return int(train_rule.main(rest) or 0)
     print(f"fwserve: unknown command {cmd!r}\n{usage}", end="", file=sys.stderr)
     return 2
 

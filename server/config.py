@@ -51,6 +51,10 @@ class Settings(BaseSettings):
         None, ge=1, description="torch.set_num_threads for CPU inference; default: torch's choice."
     )
     warmup: bool = Field(True, description="Run one warm-up batch before reporting ready.")
+    rule_params: str = Field(
+        "", description="Comma-separated learned rules' parameter files (fwserve train-rule) to load beside those "
+        "found next to the weights; a file trained for other backbone weights stops the server with an error.",
+    )
     rule_modules: str = Field(
         "", description="Comma-separated Python modules imported at start; each registers adaptation rules "
         "(server.rules.register) that sessions may then use.",
@@ -252,6 +256,9 @@ class Settings(BaseSettings):
     @property
     def rule_module_list(self) -> list[str]:
         return [m.strip() for m in self.rule_modules.split(",") if m.strip()]
+
+    def rule_param_files(self) -> list[str]:
+        return [m.strip() for m in self.rule_params.split(",") if m.strip()]
 
     def shutdown_grace(self) -> float:
         return self.shutdown_grace_s if self.shutdown_grace_s is not None else self.request_timeout_s + 30.0

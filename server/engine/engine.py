@@ -137,9 +137,11 @@ class Engine:
                                               random_init=s.random_init)
             bb = self.backbone
             device = str(bb.device)
+            learned, refused = learned_rule_params(bb, s.rule_param_files())
             self.store = SessionStore(s, bb.embed_dim, bb.head.weight, bb.head.bias, bb.class_names, device,
                                       s.backbone, _Events(self.metrics), fingerprint=bb.fingerprint,
-                                      source_stats=getattr(bb, "source_stats", None))
+                                      source_stats=getattr(bb, "source_stats", None), learned=learned,
+                                      learned_refused=refused)
             warn = self.store.backend.durability_warning()
             if s.durability == "wal" and warn:
                 log.warning("%s", warn, extra={"event": "durability_warning"})
@@ -182,6 +184,8 @@ class Engine:
             self.backbone.features(pixels.expand(n, -1, -1, -1).contiguous())
         items = [Pending(PredictJob([Input(None, pixels)]))]
         for rule in RULES.values():
+            if rule.learned and rule.name not in store.learned:
+                continue
             job = EpisodicJob([Input(None, pixels)], [Input(None, pixels)] * 2, [0, 1], rule.name, classes=["a", "b"])
             items.append(self._pending(job))
         for item in items:
@@ -190,7 +194,7 @@ class Engine:
         for item in items:
             item.future.result()
         for width in sorted({width_for(n) for n in range(1, store.C + 1)}):  # every pool a head can land in
-            warm_head_ops(width, store.d, store.device, self.settings.max_batch_size)
+            warm_head_ops(width, store.d, store.device, self.settings.max_batch_size, store.learned)
 
     def _maintenance_loop(self) -> None:
         """Every --snapshot-interval-s: snapshot: write changed sessions; wal: compact long logs.
@@ -245,7 +249,10 @@ class Engine:
         """Queue entry for a job; episodic heads are resolved (and rejected) here, before queueing."""
         if not isinstance(job, EpisodicJob):
             return Pending(job)
-        return Pending(job, episodic=resolve_episodic(job, self.model.max_classes, self.settings.max_episodic_steps))
+        spec = resolve_episodic(job, self.model.max_classes, self.settings.max_episodic_steps)
+        if self.store is not None:
+            self.store.check_trained(spec.rule)
+        return Pending(job, episodic=spec)
 
     async def _run(self, job: Job, conflict_retries: int = 3):
         """Queue a job and wait for its result: Unavailable when the queue is full, TimedOut when
@@ -342,13 +349,36 @@ class Engine:
         return await self._call(lambda: {t: self.store.tenant_count(t) for t in tenants})
 
 
-def warm_head_ops(C: int, d: int, device, max_rows: int) -> None:
+def learned_rule_params(bb, files: list[str]) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, str]]:
+    """The learned rules' parameters for this backbone: those found beside its weights, then the
+    files given with --rule-params (one trained for other weights stops the start with its
+    reason). -> (rule -> tensors, rule -> why a file beside the weights was refused)."""
+    from models import load_rule_params
+
+    params = dict(getattr(bb, "rule_params", {}) or {})
+    refused = dict(getattr(bb, "rule_params_refused", {}) or {})
+    for path in files:
+        p = load_rule_params(path, bb.fingerprint)  # RuleParamsMismatch: the start fails with its message
+        params[p.rule] = p
+        refused.pop(p.rule, None)
+    for name, p in params.items():
+        log.info("learned rule %s: parameters from %s", name, p.path,
+                 extra={"event": "rule_params_loaded", "rule": name, "path": str(p.path)})
+    for name, why in refused.items():
+        log.warning("learned rule %s is unavailable: %s", name, why, extra={"event": "rule_params_refused", "rule": name})
+    return {name: p.tensors for name, p in params.items()}, refused
+
+
+def warm_head_ops(C: int, d: int, device, max_rows: int, learned: Optional[dict] = None) -> None:
     """Each rule's forward and update on throw-away heads as wide as one of the store's pools
-    (C classes), over two sessions, at 1, 2 and max_rows rows."""
+    (C classes), over two sessions, at 1, 2 and max_rows rows (learned rules: when loaded)."""
     g = torch.Generator().manual_seed(0)
     for rule in RULES.values():
+        if rule.learned and rule.name not in (learned or {}):
+            continue
         hyper = rule.validate({})
-        heads, state_rows = scratch_heads([(rule, hyper, C, None), (rule, hyper, 2, None)], C, d, device)
+        heads, state_rows = scratch_heads([(rule, hyper, C, None), (rule, hyper, 2, None)], C, d, device,
+                                          learned=learned)
         for rows in sorted({1, 2, max_rows}):
             slots = torch.arange(rows, dtype=torch.int64, device=device) % 2
             x = torch.randn(rows, d, generator=g).to(device)

@@ -12,7 +12,7 @@ Adding a rule: one module with a ``Rule`` subclass, registered with ``register(M
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, ClassVar, Optional
 
 import torch
@@ -32,6 +32,9 @@ class Heads:
     normalize: torch.Tensor  # [S] bool
     hyper: dict[str, torch.Tensor]  # name -> [S] float32 (per-slot hyper-parameters)
     pools: dict[str, dict[str, torch.Tensor]]  # rule name -> state name -> [R, ...]
+    # learned rules' meta-trained parameters, shared by every slot: rule name -> name -> a tensor
+    # on the heads' device, or a float for one-element parameters (read without a device sync)
+    learned: dict[str, dict[str, torch.Tensor | float]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -82,6 +85,9 @@ class Rule:
     description: ClassVar[str] = ""
     # hyper-parameter values the offline validation tries (python -m eval.validate): name -> values
     search_space: ClassVar[dict[str, tuple]] = {}
+    # names of the meta-trained tensors the rule needs (models/rule_params.py), found in
+    # heads.learned[rule.name]; a rule with any cannot be used until they are loaded
+    learned: ClassVar[tuple[str, ...]] = ()
 
     def __repr__(self) -> str:
         return f"<rule {self.name}>"
@@ -121,6 +127,32 @@ class Rule:
         raise NotImplementedError(f"rule {self.name!r} defines no update")
 
 
+def learned_tensors(heads: Heads, rule: Rule) -> dict[str, torch.Tensor | float]:
+    """A learned rule's parameters on the heads' device (check_trained has let it in)."""
+    try:
+        return heads.learned[rule.name]
+    except KeyError:
+        raise invalid("rule_not_trained", f"rule {rule.name!r} has no trained parameters here") from None
+
+
+def check_trained(rule: Rule, learned: dict, refused: Optional[dict[str, str]] = None) -> None:
+    """InvalidInput unless a learned rule's parameters are loaded (`learned`: rule -> tensors)."""
+    if not rule.learned or rule.name in learned:
+        return
+    why = (refused or {}).get(rule.name) or (
+        f"this backbone has no trained parameters for it; make them with `fwserve train-rule {rule.name}` "
+        "(they are found beside the weights, or given with --rule-params)")
+    raise invalid("rule_not_trained", f"rule {rule.name!r} cannot be used: {why}")
+
+
+def device_learned(learned: Optional[dict[str, dict[str, torch.Tensor]]], device) -> dict:
+    """The learned parameters (rule -> name -> tensor) as float32 tensors on `device`; a
+    one-element tensor becomes a float."""
+    return {r: {k: (float(t) if not isinstance(t, torch.Tensor) or t.numel() == 1
+                    else t.to(device=device, dtype=torch.float32).contiguous()) for k, t in ts.items()}
+            for r, ts in (learned or {}).items()}
+
+
 RULES: dict[str, Rule] = {}
 
 
@@ -148,13 +180,15 @@ def per_slot_hyper() -> dict[str, float]:
 
 
 def scratch_heads(entries: list[tuple[Rule, dict, int, Optional[dict[str, torch.Tensor]]]], C: int, d: int,
-                  device, head_dtype: torch.dtype = torch.float32) -> tuple[Heads, list[int]]:
+                  device, head_dtype: torch.dtype = torch.float32,
+                  learned: Optional[dict[str, dict[str, torch.Tensor]]] = None) -> tuple[Heads, list[int]]:
     """Heads for a few sessions outside any slot pool: slot i holds entries[i] =
     (rule, hyper, classes, tensors). `tensors` ({"W", "b", state...}, CPU or device) starts the
     head where it is; None starts it at zero with the rule's initial state. Every registered
     per-slot hyper-parameter gets a tensor; each rule's state rows are compact and returned as
     state_rows[i] (episodic heads, log replay, offline validation). `head_dtype`: W and b storage
-    (log replay matches the pool the session lives in)."""
+    (log replay matches the pool the session lives in). `learned`: the learned rules' parameters
+    (rule -> name -> tensor), moved to `device`."""
     E = len(entries)
     defaults = per_slot_hyper()
     heads = Heads(
@@ -165,6 +199,7 @@ def scratch_heads(entries: list[tuple[Rule, dict, int, Optional[dict[str, torch.
         hyper={k: torch.tensor([float(h.get(k, v)) for _, h, _, _ in entries], device=device)
                for k, v in defaults.items()},
         pools={},
+        learned=device_learned(learned, device),
     )
     state_rows, members = [], {}
     for _i, (rule, _, _, _) in enumerate(entries):

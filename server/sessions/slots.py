@@ -19,10 +19,12 @@ rounded once to bfloat16 when it enters a bfloat16 pool.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from server.errors import overloaded
-from server.rules import RULES, Heads, Rule, per_slot_hyper
+from server.rules import RULES, Heads, Rule, device_learned, per_slot_hyper
 
 MIN_ROWS = 16  # a pool's first allocation
 
@@ -89,8 +91,10 @@ def _region(shape) -> tuple[slice, ...]:
 class WidthPool:
     """The slots of one width: heads of up to `width` classes, grown by half up to max_rows."""
 
-    def __init__(self, width: int, d: int, device: torch.device, head_dtype: torch.dtype, max_rows: int) -> None:
+    def __init__(self, width: int, d: int, device: torch.device, head_dtype: torch.dtype, max_rows: int,
+                 learned: Optional[dict] = None) -> None:
         self.width, self.d, self.device, self.max_rows = width, d, device, max_rows
+        self.learned = learned or {}  # learned rules' parameters on the device, shared by every pool
         self.hyper_defaults = per_slot_hyper()
         self.W = torch.zeros(0, width, d, dtype=head_dtype, device=device)
         self.b = torch.zeros(0, width, dtype=head_dtype, device=device)
@@ -108,7 +112,7 @@ class WidthPool:
     @property
     def heads(self) -> Heads:
         return Heads(self.W, self.b, self.n_classes, self.normalize, self.hyper,
-                     {r: p.tensors for r, p in self.states.items()})
+                     {r: p.tensors for r, p in self.states.items()}, self.learned)
 
     def _grow(self) -> None:
         cap = self.capacity
@@ -171,9 +175,10 @@ class SlotPools:
     """Every width's pool, and the base head's slot. At most `slots` sessions hold a slot."""
 
     def __init__(self, slots: int, C: int, d: int, device, base_W: torch.Tensor, base_b: torch.Tensor,
-                 head_dtype: torch.dtype = torch.float32) -> None:
+                 head_dtype: torch.dtype = torch.float32, learned: Optional[dict] = None) -> None:
         self.S, self.C, self.d = slots, C, d
         self.device = torch.device(device)
+        self.learned = device_learned(learned, self.device)
         self.head_dtype = head_dtype
         self.widths: dict[int, WidthPool] = {}
         nb = base_W.shape[0]
@@ -188,7 +193,8 @@ class SlotPools:
         pool = self.widths.get(width)
         if pool is None:
             # +1: the base head's slot lives in one of them
-            pool = self.widths[width] = WidthPool(width, self.d, self.device, self.head_dtype, self.S + 1)
+            pool = self.widths[width] = WidthPool(width, self.d, self.device, self.head_dtype, self.S + 1,
+                                                  self.learned)
         return pool
 
     def heads(self, width: int) -> Heads:

@@ -82,7 +82,8 @@ class SessionStore(StoreIO, Upkeep, Versions):
     def __init__(self, settings, embed_dim: int, base_W: torch.Tensor, base_b: torch.Tensor,
                  base_classes: list[str], device, backbone_name: str, events: Optional[StoreEvents] = None,
                  backend: Optional[Backend] = None, fingerprint: Optional[str] = None,
-                 source_stats: Optional[dict[str, torch.Tensor]] = None) -> None:
+                 source_stats: Optional[dict[str, torch.Tensor]] = None, learned: Optional[dict] = None,
+                 learned_refused: Optional[dict[str, str]] = None) -> None:
         self.settings, self.backbone_name = settings, backbone_name
         self.fingerprint = fingerprint  # sha256 of the backbone weights: recorded in everything stored
         # the backbone's source feature statistics ({"mean", "var"} [d]) or None: handed to a rule's
@@ -98,7 +99,8 @@ class SessionStore(StoreIO, Upkeep, Versions):
         self.base_W = base_W.detach().float().cpu().clone()
         self.base_b = base_b.detach().float().cpu().clone()
         self.pool = SlotPools(self.S, self.C, self.d, device, self.base_W, self.base_b,
-                              head_dtype=getattr(torch, settings.head_dtype))
+                              head_dtype=getattr(torch, settings.head_dtype), learned=learned)
+        self.learned_refused = dict(learned_refused or {})  # learned rules whose files were refused: why
         self.device = self.pool.device
         self.tiers = Tiers(self.pool, settings.max_host_sessions, self, on_move=self.events.moved)
         self.lock = threading.RLock()
@@ -132,7 +134,7 @@ class SessionStore(StoreIO, Upkeep, Versions):
         `idem`: a retry of the creating request answers the same session (replayed) and creates
         nothing. `guard`: its guard's settings (server/sessions/guard.py); `actor`: the API key
         id that made it (its version 0's history entry)."""
-        rule = get_rule(rule_name)
+        rule = self.check_trained(get_rule(rule_name))
         given = dict(hyper)
         hyper = rule.validate(given)
         classes = check_classes(self.base_classes if classes is None else classes, self.C)
@@ -251,6 +253,7 @@ class SessionStore(StoreIO, Upkeep, Versions):
         meta, tensors = self._decode(data)
         ref = pop_reference(tensors)
         sess = Session.from_meta(key, meta, self.C)
+        self.check_trained(sess.rule)
         sess.check_tensors(tensors, self.d)
         source = {"session": meta.get("id"), "version": sess.version}
         stats = (sess.seen, sess.correct, sess.total)

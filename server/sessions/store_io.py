@@ -19,6 +19,7 @@ from server.errors import (
     DomainError, InvalidInput, conflict, invalid, store_in_doubt, store_unavailable, version_conflict,
 )
 from server.keys import split_key
+from server.rules import check_trained
 from server.sessions import codec
 from server.sessions.backends import Head, StoreError
 from server.sessions.idempotency import Idem, IdempotencyRecords, claim_conflicts
@@ -32,6 +33,18 @@ log = logging.getLogger("fwserve.store")
 
 
 class StoreIO:
+    # ---- learned rules ----------------------------------------------------------------------
+
+    @property
+    def learned(self) -> dict:
+        """The learned rules' parameters on the device: rule -> name -> tensor (or float)."""
+        return self.pool.learned
+
+    def check_trained(self, rule):
+        """`rule`, or InvalidInput when it is a learned rule whose parameters this store lacks."""
+        check_trained(rule, self.pool.learned, self.learned_refused)
+        return rule
+
     # ---- the write-ahead log ----------------------------------------------------------------
 
     def _flush(self, wal: Optional[WalBuffer]) -> dict[str, DomainError]:
@@ -204,13 +217,14 @@ class StoreIO:
             ref = pop_reference(tensors)
             sess = Session.from_meta(key, meta, self.C)
             sess.inc = str(meta["incarnation"])
+            self.check_trained(sess.rule)
             n = len(sess.classes)
             want = {"W": (n, self.d), "b": (n,), **sess.rule.state_shapes(n, self.d)}
             if {k: tuple(v.shape) for k, v in tensors.items()} != want:
                 raise invalid("invalid_snapshot", f"stored tensors do not match the rule {sess.rule.name!r}")
             entries = [Version.from_meta(e) for e in meta.get("history") or ()]
         except InvalidInput as e:
-            if e.code == "weights_mismatch":  # readable, but not for these weights: say so, do not retry
+            if e.code in ("weights_mismatch", "rule_not_trained"):  # readable, not here: say so, do not retry
                 raise conflict("weights_mismatch", e.message) from None
             raise StoreError(f"session {key}: unreadable snapshot in the store: {e.message}") from None
         except (DomainError, KeyError, TypeError) as e:
@@ -247,7 +261,7 @@ class StoreIO:
         held.log_bytes = after
         if recs:
             tensors = replay(sess, tensors, recs, width_for(len(sess.classes)), self.d, self.device,
-                             self.pool.head_dtype)
+                             self.pool.head_dtype, self.pool.learned)
             now = time.time()
             for rec in recs:
                 if rec.idem and rec.idem["expires"] > now:

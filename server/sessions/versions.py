@@ -158,7 +158,7 @@ class Versions:
         except KeyError:
             raise version_not_retained(held.session.id, version, held.history.floor()) from None
         run = Replay(dataclasses.replace(held.session), anchors[a](), todo, width_for(len(held.session.classes)),
-                     self.d, self.device, self.pool.head_dtype)
+                     self.d, self.device, self.pool.head_dtype, self.pool.learned)
         for _ in run.steps():
             pass
         return run.read()
@@ -180,7 +180,7 @@ class Versions:
                 return
             todo.append(records[v])
         run = Replay(dataclasses.replace(held.session), anchors[a](), todo, width_for(len(held.session.classes)),
-                     self.d, self.device, self.pool.head_dtype)
+                     self.d, self.device, self.pool.head_dtype, self.pool.learned)
         if a >= floor:
             yield a, run
         for _ in run.steps():

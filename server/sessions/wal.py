@@ -78,12 +78,12 @@ class WalBuffer:
 
 
 def replay(sess: Session, tensors: dict[str, torch.Tensor], records: list[Record], C: int, d: int,
-           device, head_dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+           device, head_dtype: torch.dtype = torch.float32, learned: Optional[dict] = None) -> dict[str, torch.Tensor]:
     """Apply logged versions (adapts and state records) to a copy of the session's tensors; books
     each record on `sess`. Returns the new tensors (CPU copies). `C` and `head_dtype`: the width
     and storage of the pool the session's head lives in, so every step is computed exactly as it
-    was live."""
-    run = Replay(sess, tensors, records, C, d, device, head_dtype)
+    was live. `learned`: the learned rules' parameters the live calls used."""
+    run = Replay(sess, tensors, records, C, d, device, head_dtype, learned)
     for _ in run.steps():
         pass
     return run.read()
@@ -95,13 +95,13 @@ class Replay:
     are the stand-ins of the calls it shared live."""
 
     def __init__(self, sess: Session, tensors: dict[str, torch.Tensor], records: list[Record], C: int, d: int,
-                 device, head_dtype: torch.dtype = torch.float32) -> None:
+                 device, head_dtype: torch.dtype = torch.float32, learned: Optional[dict] = None) -> None:
         self.sess, self.records, self.device = sess, records, device
         rule, n = sess.rule, len(sess.classes)
         U = 1 + max((len(o) for r in records for _, _, o in r.steps), default=0)
         # Stand-ins share the session's rule and hyper-parameters; they start from zero every call.
         entries = [(rule, sess.hyper, n, tensors)] + [(rule, sess.hyper, 1, _zeros(rule, 1, d))] * (U - 1)
-        self.heads, _ = scratch_heads(entries, C, d, device, head_dtype)
+        self.heads, _ = scratch_heads(entries, C, d, device, head_dtype, learned=learned)
 
     def steps(self):
         sess, heads, device = self.sess, self.heads, self.device

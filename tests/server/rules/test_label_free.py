@@ -13,6 +13,7 @@ import kernels
 from server.client import Client, FwserveError
 from server.rules import RULES, scratch_heads
 from tests.server.conftest import arr, backbone, digits, live_server  # noqa: F401 (the shared backbone fixture)
+from tests.server.learned import learned_params
 
 D, C = 16, 4
 MU = 3.0 * torch.eye(C, D)  # source class means
@@ -27,7 +28,7 @@ def one_session(rule_name: str, hyper: dict | None = None):
     hp = rule.validate(hyper or {})
     head = {"W": W0.clone(), "b": B0.clone()} if rule.base_init else {"W": torch.zeros(C, D), "b": torch.zeros(C)}
     state = rule.init_state(C, D, hp, head={**head, **SOURCE} if rule.base_init else dict(head))
-    heads, _ = scratch_heads([(rule, hp, C, {**head, **state})], C, D, "cpu")
+    heads, _ = scratch_heads([(rule, hp, C, {**head, **state})], C, D, "cpu", learned=learned_params(D))
     return rule, heads
 
 

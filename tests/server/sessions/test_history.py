@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load as st_load
 
 from server.config import Settings
+from tests.server.learned import learned_params
 from server.errors import NotFound
 from server.rules import RULES, get_rule
 from server.sessions import SessionStore, codec, history
@@ -30,7 +31,8 @@ def new_store(root: Path, mode: str, **kw) -> SessionStore:
     s = Settings(snapshot_dir=root, durability=mode, **{"max_device_sessions": 4, "max_host_sessions": 2,
                                                         "max_classes": 6, **kw})
     g = torch.Generator().manual_seed(0)
-    return SessionStore(s, D, torch.randn(3, D, generator=g), torch.randn(3, generator=g), BASE, "cpu", "test")
+    return SessionStore(s, D, torch.randn(3, D, generator=g), torch.randn(3, generator=g), BASE, "cpu", "test",
+                        learned=learned_params(D))
 
 
 def rows(seed: int, m: int = 3, n: int = 3, labelled: bool = True):

@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from safetensors.torch import load as st_load
 
 from server.config import Settings
+from tests.server.learned import learned_params
 from server.rules import RULES
 from server.sessions import SessionStore
 from server.sessions import codec
@@ -33,7 +34,8 @@ PROPERTY = settings(max_examples=15, deadline=None, suppress_health_check=[Healt
 def new_store(root: Path, **kw) -> SessionStore:
     s = Settings(snapshot_dir=root, durability="wal", max_device_sessions=4, max_host_sessions=2, max_classes=6, **kw)
     g = torch.Generator().manual_seed(0)
-    return SessionStore(s, D, torch.randn(3, D, generator=g), torch.randn(3, generator=g), BASE, "cpu", "test")
+    return SessionStore(s, D, torch.randn(3, D, generator=g), torch.randn(3, generator=g), BASE, "cpu", "test",
+                        learned=learned_params(D))
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:
