@@ -189,7 +189,7 @@ def train_meta_sgd(x, y, d: int, args, progress: bool) -> list[dict]:
         rates, bias = log_rates.detach().exp(), log_bias.detach().exp()
         out.append({"name": f"steps={steps}", "settings": {"steps": steps},
                     "tensors": {"feature_rates": rates.float(), "bias_rate": bias.reshape(1).float(),
-                                "steps": torch.tensor([float(steps)])},
+                                "steps": torch.tensor(float(steps))},
                     "head": lambda xs, ys, ways, r=rates, bb=bias, k=steps: meta_sgd_head(xs, ys, ways, r, bb, k),
                     "final_loss": float(np.mean(losses[-50:]))})
     return out

@@ -33,7 +33,7 @@ class Heads:
     hyper: dict[str, torch.Tensor]  # name -> [S] float32 (per-slot hyper-parameters)
     pools: dict[str, dict[str, torch.Tensor]]  # rule name -> state name -> [R, ...]
     # learned rules' meta-trained parameters, shared by every slot: rule name -> name -> a tensor
-    # on the heads' device, or a float for one-element parameters (read without a device sync)
+    # on the heads' device, or a float for 0-dimensional ones (read on the host, no device sync)
     learned: dict[str, dict[str, torch.Tensor | float]] = field(default_factory=dict)
 
 
@@ -147,8 +147,8 @@ def check_trained(rule: Rule, learned: dict, refused: Optional[dict[str, str]] =
 
 def device_learned(learned: Optional[dict[str, dict[str, torch.Tensor]]], device) -> dict:
     """The learned parameters (rule -> name -> tensor) as float32 tensors on `device`; a
-    one-element tensor becomes a float."""
-    return {r: {k: (float(t) if not isinstance(t, torch.Tensor) or t.numel() == 1
+    0-dimensional tensor (a count, a setting read on the host) becomes a float."""
+    return {r: {k: (float(t) if not isinstance(t, torch.Tensor) or t.dim() == 0
                     else t.to(device=device, dtype=torch.float32).contiguous()) for k, t in ts.items()}
             for r, ts in (learned or {}).items()}
 

@@ -26,7 +26,7 @@ class MetaSGD(Rule):
         "rate_scale": Hyper(1.0, 0.0, 100.0, help="multiplies the learned step sizes"),
         "weight_decay": Hyper(0.0, 0.0, 1.0, low_open=False, help="L2 decay of W per inner step"),
     }
-    learned = ("feature_rates", "bias_rate", "steps")
+    learned = ("feature_rates", "bias_rate", "steps")  # [d], [1] on the device; steps: a float
     base_init = True
     reuses_logits = True
     description = "SGD with meta-learned per-feature step sizes and inner steps (trained offline)"

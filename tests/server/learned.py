@@ -12,6 +12,6 @@ def learned_params(d: int, seed: int = 0) -> dict[str, dict[str, torch.Tensor]]:
     a = torch.randn(d, d, generator=g) / d ** 0.5
     return {
         "meta_sgd": {"feature_rates": 0.5 + torch.rand(d, generator=g), "bias_rate": torch.tensor([0.7]),
-                     "steps": torch.tensor([2.0])},
+                     "steps": torch.tensor(2.0)},
         "hyper": {"metric": (a @ a.T + torch.eye(d)).float()},
     }
