@@ -65,6 +65,15 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def learned_summary(card: dict) -> dict:
+    """What the report needs of a learned rule's card: its chosen candidate and selection score."""
+    chosen = next((c for c in card.get("selection", {}).get("candidates", []) if c["candidate"] == card.get("chosen")),
+                  None)
+    score = None if chosen is None else sum(v["mean"] for v in chosen["selection"].values()) / len(chosen["selection"])
+    return {"chosen": card.get("chosen"), "settings": card.get("settings"), "selection_score": score,
+            "selection": None if chosen is None else chosen["selection"], "command": card.get("command")}
+
+
 @contextmanager
 def in_process_server(backbone):
     """The real app under uvicorn in a daemon thread on a free port, serving `backbone` (a
@@ -137,6 +146,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     else:
         results = run(None)
     results["backbone"] = args.backbone + (" (random init)" if args.random_init else "")
+    results["learned_rules"] = {name: learned_summary(card) for name, card in bank.learned_cards.items()}
     results["weights_sha256"] = bank.weights_sha256
     results["backend"] = "http " + args.url if args.url else ("http (in-process server)" if args.served else "local")
     results["duration_s"] = time.time() - started

@@ -26,6 +26,7 @@ from eval.benchmarks import (
 )
 from eval.protocol import base_methods, episode_methods, novel_methods
 from eval.simulate import Base, Method, Stream, run_episodes, run_streams
+from server.rules import RULES
 
 CURVE_POINTS = 60
 
@@ -85,7 +86,9 @@ def evaluate(plan: Plan, bank, settings: dict, rules, methods: Optional[dict] = 
     """methods: {"base": [...], "novel": [...], "episodes": [...]} to override the protocol's;
     runner(method, streams, base, batch) -> per-stream results (default: the local simulation)."""
     runner = runner or (lambda m, streams, base, batch: run_streams(m, streams, base, batch))
-    base = Base(bank.W0, bank.b0, bank.source_stats)
+    learned = getattr(bank, "learned", {}) or {}
+    base = Base(bank.W0, bank.b0, bank.source_stats, learned)
+    rules = [r for r in rules if not RULES[r].learned or r in learned]  # learned rules: when trained for it
     methods = methods or {}
     out: dict = {"split": plan.split, "streams": [], "baselines": [], "repeat_previous": [], "episodes": []}
     curves = Curves(plan)
@@ -116,7 +119,7 @@ def evaluate(plan: Plan, bank, settings: dict, rules, methods: Optional[dict] = 
                 curves.add(stream, m, res["correct"])
         if "episodes" in plan.benchmarks:
             out["episodes"] = _episodes(plan, bank, methods["episodes"] if "episodes" in methods
-                                        else episode_methods(settings, rules))
+                                        else episode_methods(settings, rules), learned)
         out["baselines"] = [f.result() for f in _progress(futs, progress, "baselines")]
     out["curves"] = curves.rows()
     out["duration_s"] = time.time() - t0
@@ -128,7 +131,7 @@ def _repeats(streams: list[Stream], batch: int) -> list[dict]:
             if s.key["order"] != "iid"]
 
 
-def _episodes(plan: Plan, bank, ms: list[Method]) -> list[dict]:
+def _episodes(plan: Plan, bank, ms: list[Method], learned: Optional[dict] = None) -> list[dict]:
     from eval.benchmarks import novel_data
 
     feats, labels, _, _, test_rows, _ = novel_data(plan, bank)
@@ -136,7 +139,7 @@ def _episodes(plan: Plan, bank, ms: list[Method]) -> list[dict]:
     for shots in plan.shots:
         eps = episodes(plan, labels, test_rows, shots, seed=0)
         for m in ms:
-            accs = run_episodes(m, eps, feats, feats.shape[1])
+            accs = run_episodes(m, eps, feats, feats.shape[1], learned)
             rows.append({"ways": plan.ways, "shots": shots, "method": m.name, "accuracies": [round(a, 4) for a in accs]})
     return rows
 

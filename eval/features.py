@@ -36,6 +36,9 @@ class FeatureBank:
         self.W0 = self.bb.head.weight.detach().float().cpu().clone()
         self.b0 = self.bb.head.bias.detach().float().cpu().clone()
         self.source_stats = self.bb.source_stats or self._computed_source_stats()
+        # learned rules trained for this backbone (models/rule_params.py): rule -> tensors, and their cards
+        self.learned = {name: p.tensors for name, p in self.bb.rule_params.items()}
+        self.learned_cards = {name: p.card for name, p in self.bb.rule_params.items()}
 
     def _computed_source_stats(self) -> dict[str, torch.Tensor]:
         """No statistics beside the weights (a random-init backbone in tests): compute them on

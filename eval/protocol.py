@@ -10,8 +10,9 @@ Base-class benchmarks (shift, shifts, domain: the backbone's own classes) run
   each class, then frozen) and prototype@k (prototypes of the first k labels, then frozen);
 - the supervised rules on the labelled stream, and the label-free rules on the same stream
   without labels (they never see one).
-New-class benchmarks (novel digits, user data, episodes) run static = prototype@k and the
-supervised rules; label-free rules cannot learn new classes without labels and are not run.
+New-class benchmarks (novel digits, user data, episodes) run static = prototype@k, the
+supervised rules and the learned rules (when the backbone has their trained parameters);
+label-free rules cannot learn new classes without labels and are not run.
 """
 
 from __future__ import annotations
@@ -23,7 +24,10 @@ from typing import Optional
 from eval.simulate import Method, method
 from server.rules import RULES
 
-SUPERVISED = tuple(name for name, rule in RULES.items() if rule.needs_labels)
+# hand-made rules (their settings are searched by eval.validate) and learned ones (meta-trained
+# by `fwserve train-rule`, which chose their settings on the selection split; run when trained)
+SUPERVISED = tuple(name for name, rule in RULES.items() if rule.needs_labels and not rule.learned)
+LEARNED = tuple(name for name, rule in RULES.items() if rule.learned)
 LABEL_FREE = tuple(name for name, rule in RULES.items() if not rule.needs_labels)
 SHOTS = 5  # k of "static after k labels"
 PREREGISTRATION = Path(__file__).resolve().parents[1] / "docs" / "eval" / "preregistration.json"
@@ -46,6 +50,9 @@ DEFAULT_SETTINGS = {
         "delta": {"hyper": {"beta": 0.1}},
         "prototype": {"hyper": {"temperature": 10.0}},
         "rls": {"hyper": {"lambda": 10.0}},
+        # learned rules: their settings were chosen on the selection split by `fwserve train-rule`
+        "meta_sgd": {"hyper": {}},
+        "hyper": {"hyper": {}},
     },
 }
 

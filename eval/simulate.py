@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 import kernels
-from server.rules import RULES, scratch_heads
+from server.rules import RULES, check_trained, scratch_heads
 
 CHECKPOINTS = (5, 10, 20, 50)
 EVAL_CHUNK = 8192
@@ -75,6 +75,7 @@ class Base:
     W: torch.Tensor  # [n, d]
     b: torch.Tensor  # [n]
     source_stats: Optional[dict] = None  # {"mean", "var"} [d]
+    learned: dict = field(default_factory=dict)  # learned rules' parameters: rule -> name -> tensor
 
     def head(self) -> dict:
         out = {"W": self.W.clone(), "b": self.b.clone()}
@@ -91,6 +92,7 @@ def _heads(m: Method, streams: list[Stream], base: Base, d: int):
         entries = [(rule, hp, len(s.classes), {"W": base.W.clone(), "b": base.b.clone()}) for s in streams]
         return None, *scratch_heads(entries, C, d, "cpu")
     rule = RULES[m.rule]
+    check_trained(rule, base.learned)
     hp = rule.validate(m.hyper_dict)
     entries = []
     for s in streams:
@@ -102,7 +104,7 @@ def _heads(m: Method, streams: list[Stream], base: Base, d: int):
             zero = {"W": torch.zeros(n, d), "b": torch.zeros(n)}
             tensors = {**zero, **rule.init_state(n, d, hp, head=dict(zero))}
         entries.append((rule, hp, n, tensors))
-    return rule, *scratch_heads(entries, C, d, "cpu")
+    return rule, *scratch_heads(entries, C, d, "cpu", learned=base.learned)
 
 
 def _accuracy(heads, slot_ids: list[int], streams: list[Stream], which: str = "test") -> list[float]:
@@ -209,14 +211,16 @@ def _fit(rule, heads, state_rows, streams, ready, collected, epochs) -> None:
         rule.update(heads, x, y, slots, state_rows.index_select(0, slots) if rule.state else None, batch=batch)
 
 
-def run_episodes(m: Method, episodes: list[dict], features: np.ndarray, d: int) -> list[float]:
+def run_episodes(m: Method, episodes: list[dict], features: np.ndarray, d: int,
+                 learned: Optional[dict] = None) -> list[float]:
     """N-way k-shot episodes through throw-away heads (init zeros, like the server's episodic
     heads): each episode's support rows (shuffled) adapt its head `m.steps` times, then its
     queries are scored. episodes: {"support", "support_y", "query", "query_y"} index arrays."""
     rule = RULES["prototype" if m.rule is None else m.rule]
     hp = rule.validate(m.hyper_dict)
     C = max(int(e["support_y"].max()) + 1 for e in episodes)
-    heads, state_rows = scratch_heads([(rule, hp, C, None) for _ in episodes], C, d, "cpu")
+    check_trained(rule, learned or {})
+    heads, state_rows = scratch_heads([(rule, hp, C, None) for _ in episodes], C, d, "cpu", learned=learned)
     sr = torch.tensor(state_rows, dtype=torch.int64)
     x = torch.from_numpy(np.concatenate([features[e["support"]] for e in episodes]))
     y = torch.from_numpy(np.concatenate([e["support_y"] for e in episodes])).long()
