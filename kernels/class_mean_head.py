@@ -25,7 +25,9 @@ import torch
 
 from .dispatch import check_batch, check_bias, check_indices, check_state, checks_enabled, per_slot, resolve_impl
 from .ops import _batch_for
+from .reference import accumulate_class_sums_ref
 from .slot_batch import SlotBatch
+from .torch_ops import accumulate_class_means
 
 
 def class_mean_head_step(x, y, slots, state_rows, sums, counts, W, b, n_classes, metric, scale, impl="auto", *,
@@ -48,23 +50,8 @@ def class_mean_head_step(x, y, slots, state_rows, sums, counts, W, b, n_classes,
     seg = _batch_for(slots, batch)  # like every op: a batch must be a SlotBatch built for these rows
     if seg.num_rows == 0:
         return
-    r, labels, rows = state_rows[seg.rows].long(), y[seg.rows].long(), seg.rows
-    in_width = (labels >= 0) & (labels < C)
-    if not bool(in_width.all()):  # a label past the head's width would address another state row
-        r, labels, rows = r[in_width], labels[in_width], rows[in_width]
-    cells = r * C + labels
-    # On the CPU index_add_ along dim 0 adds rows in arrival order: the same bits on every run, which
-    # exact log replay needs (see prototype_step). On CUDA it adds with atomics: rows of one class in
-    # one call may sum in either order, so a replay there matches to float rounding, not bit for bit.
-    sums.view(-1, d).index_add_(0, cells, x.index_select(0, rows).float())
-    counts.index_put_((r, labels), torch.ones_like(labels, dtype=counts.dtype), accumulate=True)
-
-    touched, inverse = torch.unique(cells, return_inverse=True)
-    slot_of = torch.empty_like(touched).scatter_(0, inverse, slots.long().index_select(0, rows))
-    cls = touched % C
-    live = cls < n_classes.index_select(0, slot_of)
-    touched, slot_of, cls = touched[live], slot_of[live], cls[live]
-    means = sums.view(-1, d).index_select(0, touched) / counts.view(-1).index_select(0, touched).clamp_min(1.0)[:, None]
+    # the running class statistics as prototype_step keeps them (same bits on the CPU; see there for CUDA)
+    means, slot_of, cls = accumulate_class_means(x, y, slots, state_rows, sums, counts, n_classes, seg)
     mapped = means @ metric.T  # [T, d]: M m per touched class
     s = scale.index_select(0, slot_of)
     heads = mapped * s[:, None]
@@ -83,15 +70,7 @@ def class_mean_head_step_ref(x, y, slots, state_rows, sums, counts, W, b, n_clas
     f64 = lambda t: t.detach().to("cpu", torch.float64).clone()  # noqa: E731
     x, sums, counts, W, b, M = f64(x), f64(sums), f64(counts), f64(W), f64(b), f64(metric)
     scale = per_slot(scale, W.shape[0], torch.device("cpu")).double()
-    touched: set[tuple[int, int, int]] = set()
-    for i, s in enumerate(slots.tolist()):
-        if s < 0:
-            continue
-        r, c = int(state_rows[i]), int(y[i])
-        sums[r, c] += x[i]
-        counts[r, c] += 1
-        touched.add((s, r, c))
-    for s, r, c in touched:
+    for s, r, c in accumulate_class_sums_ref(x, y, slots, state_rows, sums, counts):
         if c < int(n_classes[s]):
             m = sums[r, c] / counts[r, c]
             W[s, c] = scale[s] * (M @ m)

@@ -130,6 +130,20 @@ def delta_step_ref(x, y, slots, W, n_classes, beta):
     return W
 
 
+def accumulate_class_sums_ref(x, y, slots, state_rows, sums, counts) -> set[tuple[int, int, int]]:
+    """sums[r_i, y_i] += x_i and counts[r_i, y_i] += 1 for every row with a slot, in place (float64
+    tensors) -> the (slot, state row, class) cells that received rows."""
+    touched: set[tuple[int, int, int]] = set()
+    for i, s in enumerate(slots.tolist()):
+        if s < 0:
+            continue
+        r, c = int(state_rows[i]), int(y[i])
+        sums[r, c] += x[i]
+        counts[r, c] += 1
+        touched.add((s, r, c))
+    return touched
+
+
 def prototype_step_ref(x, y, slots, state_rows, sums, counts, W, n_classes, temperature):
     """Class prototypes: running class sums/counts, head = scaled unit class means.
 
@@ -145,15 +159,7 @@ def prototype_step_ref(x, y, slots, state_rows, sums, counts, W, n_classes, temp
     """
     x, sums, counts, W = _f64(x), _f64(sums), _f64(counts), _f64(W)
     temperature = per_slot(temperature, W.shape[0])
-    touched: set[tuple[int, int, int]] = set()
-    for i, s in enumerate(slots.tolist()):
-        if s < 0:
-            continue
-        r, c = int(state_rows[i]), int(y[i])
-        sums[r, c] += x[i]
-        counts[r, c] += 1
-        touched.add((s, r, c))
-    for s, r, c in touched:
+    for s, r, c in accumulate_class_sums_ref(x, y, slots, state_rows, sums, counts):
         if c < int(n_classes[s]):
             W[s, c] = temperature[s] * _unit(sums[r, c] / counts[r, c])
     return sums, counts, W

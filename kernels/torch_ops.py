@@ -163,6 +163,16 @@ def prototype_step_torch(x, y, slots, state_rows, sums, counts, W, n_classes, te
     if seg.num_rows == 0:
         return
     C, d = W.shape[1:]
+    means, slot_of, cls = accumulate_class_means(x, y, slots, state_rows, sums, counts, n_classes, seg)
+    heads = F.normalize(means, dim=1, eps=NORM_EPS) * temperature.index_select(0, slot_of).unsqueeze(1)
+    W.view(-1, d).index_copy_(0, slot_of * C + cls, heads.to(W.dtype))
+
+
+def accumulate_class_means(x, y, slots, state_rows, sums, counts, n_classes, seg: SlotBatch):
+    """Every row added into its (state row, class) sum and count, then the means of the live
+    cells that received rows -> (means [T, d] float32, their slots [T], their classes [T]).
+    The running class statistics of prototype_step and class_mean_head_step."""
+    C, d = sums.shape[1:]
     r, labels, rows = state_rows[seg.rows].long(), y[seg.rows].long(), seg.rows
     in_width = (labels >= 0) & (labels < C)
     if not bool(in_width.all()):  # a label past the head's width would address another state row
@@ -171,7 +181,9 @@ def prototype_step_torch(x, y, slots, state_rows, sums, counts, W, n_classes, te
     # Rows of one class add into their sums in arrival order. (index_put_(accumulate=True) on
     # CPU adds with atomics in a thread race once the update has 32768 elements: not
     # reproducible. index_add_ along dim 0 adds row after row; below that size both give the
-    # same bits.) Counts add 1.0s, exact in any order.
+    # same bits.) Counts add 1.0s, exact in any order. On CUDA index_add_ adds with atomics:
+    # rows of one cell in one call sum in either order (class_mean_head_step: a replay there
+    # matches to rounding; prototype_step runs its Triton kernel on CUDA).
     sums.view(-1, d).index_add_(0, cells, x.index_select(0, rows).float())
     counts.index_put_((r, labels), torch.ones_like(labels, dtype=counts.dtype), accumulate=True)
 
@@ -181,8 +193,7 @@ def prototype_step_torch(x, y, slots, state_rows, sums, counts, W, n_classes, te
     live = cls < n_classes.index_select(0, slot_of)
     touched, slot_of, cls = touched[live], slot_of[live], cls[live]
     means = sums.view(-1, d).index_select(0, touched) / counts.view(-1).index_select(0, touched).clamp_min(1.0).unsqueeze(1)
-    heads = F.normalize(means, dim=1, eps=NORM_EPS) * temperature.index_select(0, slot_of).unsqueeze(1)
-    W.view(-1, d).index_copy_(0, slot_of * C + cls, heads.to(W.dtype))
+    return means, slot_of, cls
 
 
 def rls_step_torch(x, y, slots, state_rows, W, P, n_classes, batch=None) -> None:

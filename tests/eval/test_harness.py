@@ -152,14 +152,15 @@ def test_simulation_predicts_what_the_server_predicts(bundled_bank):
     streams = [s for s in streams if s.key["shift"] == "contrast"]
     nstreams, _ = novel_streams(Plan(split="selection", benchmarks=("novel",), seeds=1, subset=12,
                                      novel_orders=("iid",)), bundled_bank)
-    base = Base(bundled_bank.W0, bundled_bank.b0, bundled_bank.source_stats)
+    base = Base(bundled_bank.W0, bundled_bank.b0, bundled_bank.source_stats, bundled_bank.learned)
     cases = [(method("static", None, init="base"), streams),
              (method("rls", "rls", {"lambda": 10.0}), streams),
              (method("fs", "feature_stats", {"prior_count": 4.0}, init="base", labelled=False), streams),
              (method("fst3a", "feature_stats_t3a", {"prior_count": 0.0}, init="base", labelled=False), streams[:1]),
              (method("lame", "lame", {"affinity": 8.0, "memory": 10.0}, init="base", labelled=False), streams[:1]),
              (method("ft@5", "sgd", {"lr": 0.1}, init="base", budget=5, fit_epochs=3), streams[:1]),
-             (method("proto@3", "prototype", {}, budget=3), nstreams)]
+             (method("proto@3", "prototype", {}, budget=3), nstreams),
+             (method("hyper", "hyper", {}), nstreams), (method("meta_sgd", "meta_sgd", {}), nstreams)]
     with in_process_server(bundled_bank.bb) as url:
         served = http_runner(url)
         for m, ss in cases:
@@ -168,6 +169,31 @@ def test_simulation_predicts_what_the_server_predicts(bundled_bank):
                 remote = served(m, [s], base, 5)[0]
                 assert np.array_equal(local["correct"], remote["correct"]), (m.name, s.key)
                 assert local["final"] == remote["final"] and local["checkpoints"] == remote["checkpoints"], m.name
+
+
+def test_learned_rules_join_the_new_class_benchmarks_with_their_targets(bundled_bank):
+    """With the bundled backbone (which ships their parameters) the learned rules run on the novel
+    streams and episodes, never on the base-class benchmarks, and the report states their targets."""
+    from eval import report
+    from eval.benchmarks import Plan
+    from eval.evaluate import evaluate
+    from eval.protocol import DEFAULT_SETTINGS
+    from server.rules import RULES
+
+    plan = Plan(split="selection", benchmarks=("novel", "episodes"), seeds=2, subset=12, episodes=6, workers=1)
+    results = evaluate(plan, bundled_bank, DEFAULT_SETTINGS, tuple(RULES), baseline_seeds=1, pixels=False,
+                       progress=False)
+    methods = {r["method"] for r in results["streams"]}
+    assert {"hyper", "meta_sgd"} <= methods and not methods & {"t3a", "tent", "feature_stats"}
+    assert {"hyper", "meta_sgd"} <= {e["method"] for e in results["episodes"]}
+    results["learned_rules"] = {"meta_sgd": {"selection_score": 40.0}, "hyper": {"selection_score": 50.0}}
+    targets = {t["id"]: t for t in report.learned_targets(results)}
+    assert set(targets) == {"learned_5shot", "learned_1shot", "learned_stream"}
+    for t in targets.values():
+        assert "`hyper`" in t["value"] and t["low"] <= t["estimate"] <= t["high"]
+        assert t["met"] == (t["low"] > t["threshold"])
+    results["learned_rules"] = {"meta_sgd": {"selection_score": 60.0}, "hyper": {"selection_score": 50.0}}
+    assert report.better_learned_rule(results) == "meta_sgd"
 
 
 def test_eval_end_to_end(tmp_path):
@@ -205,6 +231,8 @@ def test_eval_end_to_end(tmp_path):
     for r in rows:
         assert 0.0 <= r["prequential"] <= 1.0 and 0.0 <= r["final"] <= 1.0
     assert {t["id"] for t in results["targets"]} >= {"label_free", "dirichlet", "supervised"}
+    # a random backbone has no learned rules' parameters: they are left out, and so are their targets
+    assert not any(t["id"].startswith("learned") for t in results["targets"])
     assert all(t["low"] <= t["estimate"] <= t["high"] for t in results["targets"] if np.isfinite(t["estimate"]))
     assert any(r["order"] == "dirichlet" for r in results["repeat_previous"])
     assert {b["benchmark"] for b in results["baselines"]} >= {"shift", "shifts", "domain", "novel", "data"}
