@@ -42,7 +42,7 @@ import httpx
 import numpy as np
 
 from server.api.schemas import (
-    AdaptResponse, ModelMetadata, PredictResponse, ServerMetadata, SessionCreated, SessionInfo,
+    AdaptResponse, ModelMetadata, PredictResponse, RuleList, ServerMetadata, SessionCreated, SessionInfo,
     SessionList,
 )
 from server.client_codec import HEADER_LENGTH, V1_ENCODINGS, _infer_response, _tensor
@@ -242,6 +242,10 @@ class _Api(HistoryCalls):
                        init: str = "zeros", guard: Optional[dict] = None):
         """-> SessionCreated {id, version}; `guard`: e.g. {"action": "rollback"}"""
         return self._do(_Calls.create_session(rule, classes, hyperparameters, session_id, init, guard))
+
+    def rules(self):
+        """-> RuleList {rules}: every rule, its hyper-parameters, and whether this server can use it"""
+        return self._do(_Call("GET", "/v1/rules", _model(RuleList)))
 
     def get_session(self, session_id: str):
         """-> SessionInfo"""

@@ -72,7 +72,8 @@ class GuardSpec(_Body):
 
 
 class SessionCreate(_Body):
-    rule: str = Field(..., description="adaptation rule: sgd, delta, prototype, rls; label-free: t3a, tent")
+    rule: str = Field(..., description="adaptation rule (GET /v1/rules lists them): sgd, delta, prototype, rls; "
+                      "label-free: t3a, tent, feature_stats, feature_stats_t3a, lame; learned: meta_sgd, hyper")
     classes: Optional[list[str]] = Field(
         None, description="label names of the head; default: the backbone's base classes"
     )
@@ -164,6 +165,30 @@ class SessionSummary(BaseModel):
 class SessionList(BaseModel):
     sessions: list[SessionSummary]
     next_cursor: Optional[str] = Field(None, description="pass as cursor for the next page; null: no more")
+
+
+class HyperParameter(BaseModel):
+    default: float
+    low: float = Field(..., description="lower bound")
+    low_excluded: bool = Field(..., description="the lower bound itself is not allowed")
+    high: Optional[float] = Field(None, description="upper bound (allowed); null: none")
+    flag: bool = Field(False, description="a switch: true/false")
+    help: str = ""
+
+
+class RuleInfo(BaseModel):
+    name: str
+    description: str
+    needs_labels: bool = Field(..., description="false: label-free, adapts on instances without labels")
+    learned: bool = Field(..., description="its parameters were meta-trained offline for a backbone")
+    available: bool = Field(..., description="usable on this server (a learned rule: trained for its backbone)")
+    reason: Optional[str] = Field(None, description="why the rule is not available")
+    hyperparameters: dict[str, HyperParameter]
+    base_init: bool = Field(..., description='may start from the backbone\'s base head (init="base")')
+
+
+class RuleList(BaseModel):
+    rules: list[RuleInfo]
 
 
 # --- predict / adapt -----------------------------------------------------------------------

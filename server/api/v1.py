@@ -17,6 +17,8 @@
     POST   /v1/adapt                    {session_id, instances with label} -> version, applied,
                                         pre-update (prequential) predictions, update_seconds
     GET    /v1/admin/tenants            admin key: tenants, their sessions and quotas
+    GET    /v1/rules                    every rule: description, hyper-parameters, labels needed, learned,
+                                        available here (a learned rule: trained for this backbone) or why not
 
 Idempotency: ``Idempotency-Key: <1..255 chars>`` on POST /v1/sessions and POST /v1/adapt. A
 retry with the same key (and the same body) answers the first response with
@@ -47,8 +49,8 @@ from server.api.context import Api, fingerprint
 from server.api.auth import Principal
 from server.api.errors import forbidden
 from server.api.schemas import (
-    AdaptRequest, AdaptResponse, PredictRequest, PredictResponse, SessionCreate, SessionCreated, SessionInfo,
-    SessionList,
+    AdaptRequest, AdaptResponse, PredictRequest, PredictResponse, RuleList, SessionCreate, SessionCreated,
+    SessionInfo, SessionList,
 )
 from server.engine import AdaptJob, EpisodicJob, PredictJob
 from server.errors import invalid
@@ -99,6 +101,11 @@ def add_routes(app: FastAPI, api: Api) -> None:
             response.headers[REPLAYED] = "true"
             return {"id": info.id, "version": 0}
         return {"id": info.id, "version": info.version}
+
+    @app.get("/v1/rules", response_model=RuleList, tags=["sessions"])
+    async def list_rules(p: Principal = Depends(who)):
+        """The adaptation rules a session (or an episodic head) may use, and which this server can run."""
+        return {"rules": [dataclasses.asdict(r) for r in await engine.rules()]}
 
     @app.get("/v1/sessions", response_model=SessionList, tags=["sessions"])
     async def list_sessions(p: Principal = Depends(who), limit: int = Query(100, ge=1, le=MAX_PAGE),

@@ -4,9 +4,10 @@ and content hashes, never request bodies, and raises domain errors, never HTTP s
 
 from server.engine.engine import Engine, episodic_labels, resolve_episodic
 from server.engine.messages import (
-    AdaptJob, AdaptResult, EpisodicJob, Input, ModelInfo, Prediction, PredictJob, PredictResult, Scored, SessionPatch,
+    AdaptJob, AdaptResult, EpisodicJob, Input, ModelInfo, Prediction, PredictJob, PredictResult, RuleInfo, Scored,
+    SessionPatch,
 )
 from server.sessions import SessionInfo
 
 __all__ = ["AdaptJob", "AdaptResult", "Engine", "EpisodicJob", "Input", "ModelInfo", "Prediction", "PredictJob",
-           "PredictResult", "Scored", "SessionInfo", "SessionPatch", "episodic_labels", "resolve_episodic"]
+           "PredictResult", "RuleInfo", "Scored", "SessionInfo", "SessionPatch", "episodic_labels", "resolve_episodic"]

@@ -22,6 +22,7 @@ import dataclasses
 import hashlib
 import importlib
 import logging
+import math
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -35,10 +36,10 @@ from server.engine.batcher import Batcher, Pending
 from server.engine.executor import EpisodicSpec, Executor
 from server.engine.feature_cache import FeatureCache
 from server.engine.messages import (
-    AdaptJob, AdaptResult, EpisodicJob, Input, Job, ModelInfo, PredictJob, PredictResult, SessionPatch,
+    AdaptJob, AdaptResult, EpisodicJob, Input, Job, ModelInfo, PredictJob, PredictResult, RuleInfo, SessionPatch,
 )
 from server.engine.metrics import Metrics
-from server.errors import Unavailable, invalid, not_ready, timed_out
+from server.errors import InvalidInput, Unavailable, invalid, not_ready, timed_out
 from server.rules import RULES, get_rule, scratch_heads
 from server.sessions import UNSET, SessionInfo, SessionStore, StoreEvents, width_for
 
@@ -344,6 +345,24 @@ class Engine:
                             rule: Optional[str] = None, tier: Optional[str] = None) -> tuple[list[SessionInfo], bool]:
         """A tenant's sessions in id order after the id `after` -> (at most `limit`, more follow?)."""
         return await self._call(self.store.list_sessions, tenant, after, limit, rule, tier)
+
+    async def rules(self) -> list[RuleInfo]:
+        """Every registered rule, and whether this server can use it (learned rules need their
+        parameters for this backbone)."""
+        self.check_ready()
+        out = []
+        for rule in RULES.values():
+            try:
+                self.store.check_trained(rule)
+                reason = None
+            except InvalidInput as e:
+                reason = e.message
+            hyper = {k: {"default": h.default, "low": h.low, "low_excluded": h.low_open,
+                         "high": h.high if math.isfinite(h.high) else None, "flag": h.flag, "help": h.help}
+                     for k, h in rule.hyper.items()}
+            out.append(RuleInfo(rule.name, rule.description, rule.needs_labels, bool(rule.learned), reason is None,
+                                reason, hyper, rule.base_init))
+        return out
 
     async def tenant_counts(self, tenants: list[str]) -> dict[str, int]:
         return await self._call(lambda: {t: self.store.tenant_count(t) for t in tenants})

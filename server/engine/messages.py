@@ -128,6 +128,20 @@ class SessionPatch:
 
 
 @dataclass
+class RuleInfo:
+    """GET /v1/rules: one registered rule as a client may use it here."""
+
+    name: str
+    description: str
+    needs_labels: bool  # False: label-free (adapts on instances without labels)
+    learned: bool  # its parameters were meta-trained offline (fwserve train-rule)
+    available: bool  # usable on this server (a learned rule: trained for this backbone)
+    reason: Optional[str]  # why not, when not available
+    hyperparameters: dict  # name -> {"default", "low", "low_excluded", "high", "flag", "help"}
+    base_init: bool  # may start from the backbone's base head (init="base")
+
+
+@dataclass
 class ModelInfo:
     """What the API needs to know of the served backbone."""
 

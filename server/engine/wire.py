@@ -25,7 +25,8 @@ from server.sessions import SessionInfo
 
 _DATACLASSES = {c.__name__: c for c in (
     messages.Input, messages.PredictJob, messages.AdaptJob, messages.EpisodicJob, messages.Scored,
-    messages.Prediction, messages.PredictResult, messages.AdaptResult, messages.ModelInfo, SessionInfo)}
+    messages.Prediction, messages.PredictResult, messages.AdaptResult, messages.ModelInfo,
+    messages.RuleInfo, SessionInfo)}
 _ERRORS = {c.__name__: c for c in (
     errors.DomainError, errors.InvalidInput, errors.NotFound, errors.Conflict, errors.QuotaExceeded,
     errors.Unavailable, errors.TimedOut, errors.Internal)}

@@ -4,6 +4,9 @@ parameters refuses them with a clear 4xx, and parameters trained for other weigh
 
 from __future__ import annotations
 
+import time
+
+import httpx
 import numpy as np
 import pytest
 
@@ -92,6 +95,37 @@ def test_rule_parameters_for_other_weights_stop_the_start(tmp_path):
     other = load_backbone(BACKBONE, random_init=True)
     given = rule_params_path(bundled_weights(BACKBONE), "hyper")
     app = create_app(Settings(snapshot_dir=tmp_path / "s", rule_params=str(given)), backbone=other)
-    with pytest.raises(RuntimeError) as e:
-        LiveServer(app).start(timeout=30)
-    assert "trained for backbone weights" in str(e.value) and "hyper" in str(e.value)
+    srv = LiveServer(app)
+    srv.thread.start()
+    try:
+        engine = app.state.engine
+        for _ in range(600):  # the app starts its engine's loader when it starts serving
+            if engine._loader is not None:
+                break
+            time.sleep(0.05)
+        engine.wait_loaded(60)
+        assert not engine.ready and "trained for backbone weights" in engine.load_error and "hyper" in engine.load_error
+        r = httpx.get(srv.url + "/v2/health/ready")
+        assert r.status_code == 503 and "trained for backbone weights" in r.text
+    finally:
+        srv.stop()
+
+
+def test_the_rule_list_says_which_rules_this_server_can_use(backbone, tmp_path):
+    from models import load_backbone
+    from server.rules import RULES
+
+    with live_server(backbone, tmp_path) as srv, Client(srv.url) as c:
+        listed = {r.name: r for r in c.rules().rules}
+        assert set(listed) == set(RULES)
+        assert all(r.available and r.reason is None for r in listed.values())
+        assert listed["hyper"].learned and not listed["sgd"].learned
+        assert not listed["tent"].needs_labels and listed["rls"].needs_labels
+        lr = listed["sgd"].hyperparameters["lr"]
+        assert (lr.default, lr.low, lr.low_excluded, lr.high) == (0.1, 0.0, True, 10.0)
+        assert listed["t3a"].hyperparameters["adapt_on_predict"].flag
+    with live_server(load_backbone(BACKBONE, random_init=True), tmp_path / "other") as srv, Client(srv.url) as c:
+        listed = {r.name: r for r in c.rules().rules}
+        for name in ("meta_sgd", "hyper"):
+            assert not listed[name].available and "fwserve train-rule" in listed[name].reason
+        assert listed["prototype"].available
