@@ -30,6 +30,14 @@ log = logging.getLogger("fwserve.engine")
 # every public coroutine of the engine, plus what a worker needs to know of it
 METHODS = frozenset(n for n, f in inspect.getmembers(Engine, inspect.iscoroutinefunction) if not n.startswith("_"))
 STATUS, SCRAPE = "status", "scrape"
+# Frames are received as copies (bytes): for the small messages of the hot path a copy costs less
+# than zero-copy's per-frame bookkeeping (a round trip here: ~200 us of CPU copied, ~270 us not).
+# A message is sent zero-copy only when one of its buffers is at least this large.
+ZERO_COPY_BYTES = 1 << 16
+
+
+def _zero_copy(frames) -> bool:
+    return any(memoryview(f).nbytes >= ZERO_COPY_BYTES for f in frames[3:])
 
 
 class EngineServer:
@@ -56,13 +64,13 @@ class EngineServer:
         # a plain receive loop: waiting on the stop event beside every receive would cost a
         # wait() per message on the engine's loop
         while True:
-            frames = await self.sock.recv_multipart(copy=False)
+            frames = await self.sock.recv_multipart(copy=True)
             task = asyncio.create_task(self._answer(frames))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
     async def _answer(self, frames) -> None:
-        ident, rid, method, header, rest = frames[0], frames[1], frames[2].bytes.decode(), frames[3], frames[4:]
+        ident, rid, method, header, rest = frames[0], frames[1], frames[2].decode(), frames[3], frames[4:]
         try:
             if method == STATUS:
                 e = self.engine
@@ -70,7 +78,7 @@ class EngineServer:
             elif method == SCRAPE:
                 value = self.engine.metrics.scrape()
             elif method in METHODS:
-                args, kwargs = wire.decode(header.bytes, rest)
+                args, kwargs = wire.decode(header, rest)
                 value = await getattr(self.engine, method)(*args, **kwargs)
             else:
                 raise internal(f"the engine has no call {method!r}")
@@ -80,7 +88,7 @@ class EngineServer:
             if not hasattr(e, "code"):
                 log.exception("engine call %s failed", method)
             reply = [ident, rid, b"err", wire.encode_error(e)]
-        await self.sock.send_multipart(reply, copy=False)
+        await self.sock.send_multipart(reply, copy=not _zero_copy(reply))
 
     def close(self) -> None:
         self.sock.close(0)
@@ -161,25 +169,26 @@ class RemoteEngine:
         fut = asyncio.get_running_loop().create_future()
         self._waiting[rid] = fut
         try:
-            await self.sock.send_multipart([rid.to_bytes(8, "little"), method.encode(), header, *buffers], copy=False)
+            frames = [rid.to_bytes(8, "little"), method.encode(), header, *buffers]
+            await self.sock.send_multipart(frames, copy=not _zero_copy(frames))
             return await fut
         finally:
             self._waiting.pop(rid, None)
 
     async def _read(self) -> None:
         while True:
-            frames = await self.sock.recv_multipart(copy=False)
-            rid = int.from_bytes(frames[0].bytes, "little")
+            frames = await self.sock.recv_multipart(copy=True)
+            rid = int.from_bytes(frames[0], "little")
             fut = self._waiting.get(rid)
             if fut is None or fut.done():  # its caller gave up
                 continue
-            if frames[1].bytes == b"ok":
+            if frames[1] == b"ok":
                 try:
-                    fut.set_result(wire.decode(frames[2].bytes, frames[3:]))
+                    fut.set_result(wire.decode(frames[2], frames[3:]))
                 except Exception as e:  # pragma: no cover - a malformed answer
                     fut.set_exception(e)
             else:
-                fut.set_exception(wire.decode_error(frames[2].bytes))
+                fut.set_exception(wire.decode_error(frames[2]))
 
     async def _watch(self) -> None:
         """Readiness and the model's description, asked of the engine: often until it is ready,
