@@ -52,8 +52,8 @@ FULL = dict(S=(256, 4096), d=(384, 768), C=(10, 100, 1000), rows=(64, 4096), big
 TINY = dict(S=(8,), d=(32,), C=(10,), rows=(8,), big_S=64, big_C=10,
             backbone="fwserve-mnist-vit", images=4, concurrency=2, seconds=1.0, resident=200,
             resident_d=None, resident_C=10, inproc_batches=(1, 4), workers=(1, 2))
-OPS = ("head_forward", "sgd", "entropy", "delta", "prototype", "support", "rls")
-UPDATE_OPS = ("sgd", "entropy", "delta", "prototype", "support", "rls")
+OPS = ("head_forward", "sgd", "entropy", "delta", "prototype", "support", "rls", "sgd_rates", "class_mean_head")
+UPDATE_OPS = ("sgd", "entropy", "delta", "prototype", "support", "rls", "sgd_rates", "class_mean_head")
 
 
 def log(msg: str) -> None:
@@ -190,7 +190,8 @@ def step_no_sync(run: Run) -> dict:
     if not run.device.startswith("cuda"):
         return {"status": "skipped", "reason": "CUDA only (the CPU tests check the launchers by patching)"}
     setup = bench.Setup(64, 128, 10, 64, run.device)
-    calls = {op: bench.kernel_call(op, "triton", setup) for op in OPS}
+    # class_mean_head has no Triton kernel: its torch path synchronises (torch.unique sizes its output)
+    calls = {op: bench.kernel_call(op, "triton", setup) for op in OPS if op != "class_mean_head"}
     for fn in calls.values():
         fn()  # compile outside the check (the first launch of a kernel may synchronise)
     torch.cuda.synchronize()
@@ -267,6 +268,10 @@ def must_move_bytes(op: str, t) -> int:
         return heads + features + N * C * FP32
     if op in ("sgd", "entropy"):
         return 2 * heads + features + N * C * FP32  # the round's logits are read, not recomputed
+    if op == "sgd_rates":
+        return 2 * heads + features + N * C * FP32 + d * FP32
+    if op == "class_mean_head":  # prototype's traffic, the bias written too, and the metric read once
+        return 2 * cells * d * FP32 + cells * (d + 1) * w + features + d * d * FP32
     if op == "delta":
         return 2 * heads + features
     if op == "prototype":
@@ -284,6 +289,7 @@ def state_bytes(op: str, S: int, d: int, C: int, rows: int, K: int) -> int:
     U = min(S, rows)
     heads = S * C * d * FP32
     extra = {"head_forward": 0, "sgd": 2 * U * C * d * FP32, "entropy": 2 * U * C * d * FP32,
+             "sgd_rates": 2 * U * C * d * FP32, "class_mean_head": 3 * U * C * d * FP32 + d * d * FP32,
              "delta": 2 * U * C * d * FP32, "prototype": 2 * U * C * d * FP32,
              "support": 2 * U * C * K * d * FP32, "rls": 3 * U * d * d * FP32}[op]
     return heads + extra

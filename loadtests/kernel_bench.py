@@ -141,6 +141,18 @@ def kernel_call(op: str, impl: str, t: Setup) -> Callable[[], object]:
         logits, y = t.logits, t.unlabelled
         return lambda: kernels.entropy_step(t.x, y, t.slots, t.W, t.b, t.n_classes, 1e-3, 0.5, impl=impl, batch=bt,
                                             logits=logits)
+    # the learned rules' ops (timed by the GPU acceptance run; no per-session loop baseline here)
+    if op == "sgd_rates":  # meta_sgd's step: per-feature rates and a bias rate
+        logits = t.logits
+        rates = torch.full((t.d,), 0.5, device=t.x.device)
+        rho = torch.full((1,), 0.5, device=t.x.device)
+        return lambda: kernels.sgd_step(t.x, t.y, t.slots, t.W, t.b, t.n_classes, 1e-3, 1e-4, impl=impl, batch=bt,
+                                        logits=logits, feature_rates=rates, bias_rate=rho)
+    if op == "class_mean_head":  # hyper's step: class means through a [d, d] metric (torch on every device)
+        sums, counts = t.sums, t.counts
+        metric = torch.eye(t.d, device=t.x.device)
+        return lambda: kernels.class_mean_head_step(t.x, t.y, t.slots, t.state_rows, sums, counts, t.W, t.b,
+                                                    t.n_classes, metric, 1.0, impl=impl, batch=bt)
     raise ValueError(op)
 
 
