@@ -381,6 +381,10 @@ def learned_rule_params(bb, files: list[str]) -> tuple[dict[str, dict[str, torch
         params[p.rule] = p
         refused.pop(p.rule, None)
     for name, p in params.items():
+        missing = sorted(set(RULES[name].learned) - set(p.tensors)) if name in RULES else []
+        if missing:
+            raise ValueError(f"the {name!r} parameters in {p.path} lack {', '.join(missing)}; retrain them with "
+                             f"`fwserve train-rule {name}`")
         log.info("learned rule %s: parameters from %s", name, p.path,
                  extra={"event": "rule_params_loaded", "rule": name, "path": str(p.path)})
     for name, why in refused.items():

@@ -9,6 +9,7 @@ import time
 import httpx
 import numpy as np
 import pytest
+import torch
 
 from models import bundled_weights
 from models.data import NOVEL_CLASSES, mnist_split
@@ -129,3 +130,24 @@ def test_the_rule_list_says_which_rules_this_server_can_use(backbone, tmp_path):
         for name in ("meta_sgd", "hyper"):
             assert not listed[name].available and "fwserve train-rule" in listed[name].reason
         assert listed["prototype"].available
+
+
+def test_a_parameter_file_without_a_tensor_the_rule_needs_stops_the_start(backbone, tmp_path):
+    from models import RuleParams
+    from models.rule_params import save_rule_params
+
+    path = save_rule_params(tmp_path / "partial.safetensors",
+                            RuleParams("meta_sgd", {"feature_rates": torch.ones(backbone.embed_dim)}, backbone.fingerprint))
+    app = create_app(Settings(snapshot_dir=tmp_path / "s", rule_params=str(path)), backbone=backbone)
+    srv = LiveServer(app)
+    srv.thread.start()
+    try:
+        engine = app.state.engine
+        for _ in range(600):
+            if engine._loader is not None:
+                break
+            time.sleep(0.05)
+        engine.wait_loaded(60)
+        assert not engine.ready and "lack bias_rate, steps" in engine.load_error
+    finally:
+        srv.stop()
