@@ -3,6 +3,7 @@ block (with the committed request bodies), the Python block, examples/*.py (HTTP
 
 from __future__ import annotations
 
+import ast
 import base64
 import io
 import json
@@ -92,8 +93,13 @@ def test_readme_python_block(live):
     p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=_env(), capture_output=True, text=True,
                        timeout=180)
     assert p.returncode == 0, p.stdout + p.stderr
-    version, right, _, total = p.stdout.split()
+    first, learned = p.stdout.splitlines()
+    version, right, _, total = first.split()
     assert version == "1" and int(total) == 25 and 0 <= int(right) <= 25
+    assert ("hyper", True) in ast.literal_eval(learned) and ("meta_sgd", True) in ast.literal_eval(learned)
+    with live.client() as c:
+        demo3 = c.get("/v1/sessions/demo3").json()
+    assert demo3["rule"] == "hyper" and demo3["version"] == 1 and demo3["examples_seen"] == 25
 
 
 def test_quickstart_example(live):
