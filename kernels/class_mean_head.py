@@ -14,9 +14,10 @@ nearest class mean under the learned metric M (symmetric [d, d]), as a plain lin
 head_forward scores like any other. Classes without rows keep their weights, so a call costs
 O(rows x d + touched classes x d^2) whatever the class count.
 
-Implementations: one batched torch path on every device (a scatter-add, one gather, one
-[touched, d] x [d, d] GEMM, one scatter: on CUDA the GEMM is cuBLAS, and there is no per-slot
-work a custom kernel would fuse); the float64 reference `class_mean_head_step_ref` below.
+Implementations: Triton (kernels/triton/class_mean_head.py: one program per touched (slot,
+class) cell, no atomics, so the same bits on every run and no host synchronisation) for CUDA
+tensors; the batched torch path (a scatter-add, one [touched, d] x [d, d] GEMM, one scatter)
+for CPU tensors; the float64 reference `class_mean_head_step_ref` below.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from __future__ import annotations
 import torch
 
 from .dispatch import check_batch, check_bias, check_indices, check_state, checks_enabled, per_slot, resolve_impl
-from .ops import _batch_for
+from .ops import _batch_for, _triton
 from .reference import accumulate_class_sums_ref
 from .slot_batch import SlotBatch
 from .torch_ops import accumulate_class_means
@@ -43,11 +44,15 @@ def class_mean_head_step(x, y, slots, state_rows, sums, counts, W, b, n_classes,
         raise ValueError(f"metric must be float32 [{d}, {d}] on {W.device}, got {metric.dtype} "
                          f"{list(metric.shape)} on {metric.device}")
     scale = per_slot(scale, S, W.device)
-    if checks_enabled():
+    checks = checks_enabled()
+    if checks:
         check_indices("class_mean_head_step", slots, S, y=y, n_classes=n_classes, state_rows=state_rows,
                       num_state_rows=sums.shape[0])
-    resolve_impl(impl, x, "class_mean_head_step")  # validates impl; both run the batched torch path
     seg = _batch_for(slots, batch)  # like every op: a batch must be a SlotBatch built for these rows
+    if resolve_impl(impl, x, "class_mean_head_step") == "triton":
+        _triton("class_mean_head").class_mean_head_step_triton(x, y, slots, state_rows, sums, counts, W, b, n_classes,
+                                                               metric, scale, batch=seg, checks=checks)
+        return
     if seg.num_rows == 0:
         return
     # the running class statistics as prototype_step keeps them (same bits on the CPU; see there for CUDA)

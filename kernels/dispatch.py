@@ -27,7 +27,8 @@ import os
 import torch
 
 IMPLS = ("auto", "torch", "triton")
-OPS = ("head_forward", "sgd_step", "delta_step", "prototype_step", "rls_step", "support_step", "entropy_step")
+OPS = ("head_forward", "sgd_step", "delta_step", "prototype_step", "rls_step", "support_step", "entropy_step",
+       "class_mean_head_step")
 HEAD_DTYPES = (torch.float32, torch.bfloat16)
 
 log = logging.getLogger("fwserve.kernels")

@@ -181,9 +181,8 @@ def accumulate_class_means(x, y, slots, state_rows, sums, counts, n_classes, seg
     # Rows of one class add into their sums in arrival order. (index_put_(accumulate=True) on
     # CPU adds with atomics in a thread race once the update has 32768 elements: not
     # reproducible. index_add_ along dim 0 adds row after row; below that size both give the
-    # same bits.) Counts add 1.0s, exact in any order. On CUDA index_add_ adds with atomics:
-    # rows of one cell in one call sum in either order (class_mean_head_step: a replay there
-    # matches to rounding; prototype_step runs its Triton kernel on CUDA).
+    # same bits.) Counts add 1.0s, exact in any order. (On CUDA index_add_ would add with
+    # atomics; both ops run their Triton kernels there, one program per cell, no atomics.)
     sums.view(-1, d).index_add_(0, cells, x.index_select(0, rows).float())
     counts.index_put_((r, labels), torch.ones_like(labels, dtype=counts.dtype), accumulate=True)
 

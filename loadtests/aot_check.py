@@ -169,7 +169,8 @@ def launch_every_op(C: int, d: int, x_dtype: str, head_dtype: str, sink: list, b
 
     from kernels.dispatch import per_slot
     from kernels.slot_batch import SlotBatch
-    from kernels.triton import affinity, delta, entropy, feature_stats, forward, prototype, rls, sgd, support
+    from kernels.triton import (affinity, class_mean_head, delta, entropy, feature_stats, forward, prototype, rls, sgd,
+                                support)
 
     dt = {"fp32": torch.float32, "bf16": torch.bfloat16}
     S, R, B = 3, 3, 4
@@ -194,6 +195,9 @@ def launch_every_op(C: int, d: int, x_dtype: str, head_dtype: str, sink: list, b
         "delta_step": lambda: delta.delta_step_triton(x, y, slots, W, n, h),
         "prototype_step": lambda: prototype.prototype_step_triton(x, y, slots, rows, torch.empty(R, C, d),
                                                                   torch.empty(R, C), W, n, h),
+        # the hyper rule: class means through a [d, d] metric
+        "class_mean_head_step": lambda: class_mean_head.class_mean_head_step_triton(
+            x, y, slots, rows, torch.empty(R, C, d), torch.empty(R, C), W, b, n, torch.eye(d), h),
         "support_step": lambda: support.support_step_triton(x, y, torch.zeros(B), slots, rows,
                                                             torch.empty(R, C, SUPPORT_K, d),
                                                             torch.empty(R, C, SUPPORT_K), W, n, h, h),

@@ -148,7 +148,7 @@ def kernel_call(op: str, impl: str, t: Setup) -> Callable[[], object]:
         rho = torch.full((1,), 0.5, device=t.x.device)
         return lambda: kernels.sgd_step(t.x, t.y, t.slots, t.W, t.b, t.n_classes, 1e-3, 1e-4, impl=impl, batch=bt,
                                         logits=logits, feature_rates=rates, bias_rate=rho)
-    if op == "class_mean_head":  # hyper's step: class means through a [d, d] metric (torch on every device)
+    if op == "class_mean_head":  # hyper's step: class means through a [d, d] metric
         sums, counts = t.sums, t.counts
         metric = torch.eye(t.d, device=t.x.device)
         return lambda: kernels.class_mean_head_step(t.x, t.y, t.slots, t.state_rows, sums, counts, t.W, t.b,

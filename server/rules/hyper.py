@@ -9,7 +9,7 @@ inverse of the backbone's within-class feature covariance on its training classe
 class-agnostic statistic of the features: directions along which digits of one class vary
 count less), shrunk towards the identity, and is meta-trained on episodes of those classes
 (`fwserve train-rule hyper`, eval/train_rule.py). Only the classes an adapt touches are
-regenerated. Kernel: kernels.class_mean_head_step.
+regenerated. Kernel: kernels.class_mean_head_step (Triton on CUDA, batched torch on the CPU).
 """
 
 from __future__ import annotations

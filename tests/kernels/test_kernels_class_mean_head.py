@@ -4,8 +4,8 @@ learned metric M to a linear head, W[s, c] = scale_s M m, b[s, c] = -scale_s / 2
 Against the float64 reference (kernels.class_mean_head.class_mean_head_step_ref) on fresh seeded
 problems with NaN-poisoned memory the op must neither read nor write (tests/kernels/cases.py),
 against hand-computed class means, as a nearest-class-mean classifier under M, and for its
-argument and debug index checks. The op has one batched torch path on every device; `impl` is
-only validated, so the reference test runs it under every name.
+argument and debug index checks. The op has a Triton kernel (CUDA; here under the interpreter)
+and a batched torch path (CPU): the reference test runs both, and "auto".
 """
 
 from __future__ import annotations

@@ -17,7 +17,9 @@ KERNELS = {"_head_forward_kernel", "_softmax_grad_kernel", "_grad_apply_kernel",
            "_delta_kernel", "_prototype_kernel", "_support_kernel", "_rls_gain_kernel", "_rls_step_kernel",
            # the label-free rules on frozen features
            "_feature_stats_kernel", "_standardize_kernel", "_standardized_head_kernel", "_affinity_assign_kernel",
-           "_affinity_merge_kernel"}
+           "_affinity_merge_kernel",
+           # the learned rule hyper
+           "_class_mean_head_kernel"}
 
 
 def _tools_present() -> bool:
