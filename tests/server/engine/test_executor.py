@@ -205,7 +205,8 @@ def test_the_engine_logs_and_exports_the_head_ops_implementation(backbone, tmp_p
         assert engine.wait_loaded(60), engine.load_error
     try:
         assert any(r.getMessage() == "head ops on cpu: head_forward torch, sgd_step torch, delta_step torch, "
-                   "prototype_step torch, rls_step torch, support_step torch, entropy_step torch" for r in caplog.records)
+                   "prototype_step torch, rls_step torch, support_step torch, entropy_step torch, "
+                   "class_mean_head_step torch" for r in caplog.records)
         assert 'kernels="torch"' in engine.metrics.scrape().decode()
     finally:
         engine.stop()
