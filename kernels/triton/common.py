@@ -128,6 +128,17 @@ def out_of_range(err_ptr, index, lower, upper, CHECKS: tl.constexpr):
 
 
 @triton.jit
+def class_group(g, first_ptr, end_ptr, order_ptr, slots_ptr, y_ptr, state_rows_ptr):
+    """Group g of a ClassGroups work list -> (start, end, slot, class, state row): its positions
+    in `order` and the (slot, class, state row) cell its first row names (every row of a group
+    names the same cell)."""
+    start = tl.load(first_ptr + g)
+    end = tl.load(end_ptr + start)
+    lead = tl.load(order_ptr + start)
+    return start, end, tl.load(slots_ptr + lead), tl.load(y_ptr + lead), tl.load(state_rows_ptr + lead)
+
+
+@triton.jit
 def cell_out_of_range(err_ptr, slot, c, state, n_classes_ptr, num_slots, num_classes, num_state_rows, rows,
                       CHECKS: tl.constexpr):
     """For a (slot, class) group of `rows` rows: skip it? A class outside [0, C) is always

@@ -16,8 +16,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import (NORM_EPS, ClassGroups, block_size, cell_out_of_range, checks_on, contiguous_rows, error_counter,
-                     index_vector, num_programs, raise_if_flagged)
+from .common import (NORM_EPS, ClassGroups, block_size, cell_out_of_range, checks_on, class_group, contiguous_rows,
+                     error_counter, index_vector, num_programs, raise_if_flagged)
 
 NUM_WARPS = 4
 
@@ -34,12 +34,7 @@ def _prototype_kernel(
     NORM_EPS: tl.constexpr, CHECKS: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     for g in range(tl.program_id(0), tl.load(num_groups_ptr), num_programs):
-        start = tl.load(first_ptr + g)
-        end = tl.load(end_ptr + start)
-        lead = tl.load(order_ptr + start)
-        slot = tl.load(slots_ptr + lead)
-        c = tl.load(y_ptr + lead)
-        state = tl.load(state_rows_ptr + lead)
+        start, end, slot, c, state = class_group(g, first_ptr, end_ptr, order_ptr, slots_ptr, y_ptr, state_rows_ptr)
         skip = cell_out_of_range(err_ptr, slot, c, state, n_classes_ptr, num_slots, num_classes, num_state_rows,
                                  end - start, CHECKS)
         if not skip:
