@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 from PIL import Image
@@ -34,8 +36,19 @@ def array_to_image(array: np.ndarray) -> Image.Image:
     return Image.fromarray(np.rint(array).astype(np.uint8))
 
 
+@functools.lru_cache(maxsize=16)
+def _normalising_table(mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
+    """float32 [256, C]: (v / 255 - mean_c) / std_c for every 8-bit value v and channel c."""
+    v = np.arange(256, dtype=np.float64)[:, None] / 255.0
+    return ((v - np.asarray(mean, np.float64)) / np.asarray(std, np.float64)).astype(np.float32)
+
+
 def preprocess(image: Image.Image | np.ndarray, cfg: ViTConfig) -> torch.Tensor:
-    """Image -> float32 [C, H, W]: channels converted, resized to img_size, normalised."""
+    """Image -> float32 [C, H, W]: channels converted, resized to img_size, normalised.
+
+    The normalisation is a lookup of each 8-bit value in a [256, C] table: one numpy gather, no
+    per-image torch ops. The API thread runs this for every image, and each small torch op there
+    would release and retake the GIL against the engine thread."""
     if not isinstance(image, Image.Image):
         image = array_to_image(image)
     mode = "L" if cfg.in_chans == 1 else "RGB"
@@ -44,10 +57,9 @@ def preprocess(image: Image.Image | np.ndarray, cfg: ViTConfig) -> torch.Tensor:
     size = (cfg.img_size, cfg.img_size)
     if image.size != size:
         image = image.resize(size, _RESAMPLE[cfg.resize])
-    pixels = np.asarray(image, dtype=np.float32) / 255.0
-    if pixels.ndim == 2:
-        pixels = pixels[:, :, None]
-    x = torch.from_numpy(pixels).permute(2, 0, 1)  # [C, H, W]
-    mean = torch.tensor(cfg.mean, dtype=torch.float32)[:, None, None]
-    std = torch.tensor(cfg.std, dtype=torch.float32)[:, None, None]
-    return ((x - mean) / std).contiguous()
+    table = _normalising_table(tuple(cfg.mean), tuple(cfg.std))
+    values = np.asarray(image)  # uint8 [H, W] or [H, W, C]
+    if values.ndim == 2:
+        return torch.from_numpy(table[:, 0][values][None])  # [1, H, W]
+    pixels = table[values, np.arange(values.shape[2])]  # [H, W, C]
+    return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))  # [C, H, W]

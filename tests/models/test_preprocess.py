@@ -51,3 +51,19 @@ def test_colour_images_are_converted_and_resized():
 def test_bad_arrays_are_rejected(bad, match):
     with pytest.raises(ValueError, match=match):
         array_to_image(bad)
+
+
+@pytest.mark.parametrize("cfg, shape", [(MNIST, (28, 28)), (TINY, (224, 224, 3))])
+def test_normalisation_matches_the_arithmetic_definition(cfg, shape):
+    # every 8-bit value on every channel, against (v / 255 - mean) / std in float64
+    rng = np.random.default_rng(1)
+    arr = rng.integers(0, 256, size=shape).astype(np.uint8)
+    arr.reshape(-1)[:256] = np.arange(256)
+    x = preprocess(arr, cfg).double()
+    v = torch.from_numpy(arr).double()
+    v = v[None] if v.ndim == 2 else v.permute(2, 0, 1)
+    mean = torch.tensor(cfg.mean, dtype=torch.float64)[:, None, None]
+    std = torch.tensor(cfg.std, dtype=torch.float64)[:, None, None]
+    expected = (v / 255 - mean) / std
+    assert x.shape == expected.shape and preprocess(arr, cfg).is_contiguous()
+    torch.testing.assert_close(x, expected, rtol=0, atol=1e-6)
