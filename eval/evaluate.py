@@ -119,7 +119,7 @@ def evaluate(plan: Plan, bank, settings: dict, rules, methods: Optional[dict] = 
                 curves.add(stream, m, res["correct"])
         if "episodes" in plan.benchmarks:
             out["episodes"] = _episodes(plan, bank, methods["episodes"] if "episodes" in methods
-                                        else episode_methods(settings, rules), learned)
+                                        else episode_methods(settings, rules), learned, base.source())
         out["baselines"] = [f.result() for f in _progress(futs, progress, "baselines")]
     out["curves"] = curves.rows()
     out["duration_s"] = time.time() - t0
@@ -131,7 +131,8 @@ def _repeats(streams: list[Stream], batch: int) -> list[dict]:
             if s.key["order"] != "iid"]
 
 
-def _episodes(plan: Plan, bank, ms: list[Method], learned: Optional[dict] = None) -> list[dict]:
+def _episodes(plan: Plan, bank, ms: list[Method], learned: Optional[dict] = None,
+              source: Optional[dict] = None) -> list[dict]:
     from eval.benchmarks import novel_data
 
     feats, labels, _, _, test_rows, _ = novel_data(plan, bank)
@@ -139,7 +140,7 @@ def _episodes(plan: Plan, bank, ms: list[Method], learned: Optional[dict] = None
     for shots in plan.shots:
         eps = episodes(plan, labels, test_rows, shots, seed=0)
         for m in ms:
-            accs = run_episodes(m, eps, feats, feats.shape[1], learned)
+            accs = run_episodes(m, eps, feats, feats.shape[1], learned, source)
             rows.append({"ways": plan.ways, "shots": shots, "method": m.name, "accuracies": [round(a, 4) for a in accs]})
     return rows
 

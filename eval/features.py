@@ -46,8 +46,8 @@ class FeatureBank:
         from models.data import KNOWN_CLASSES, mnist_split
         from models.source_stats import compute_source_stats
 
-        images = mnist_split("train").subset(KNOWN_CLASSES).images
-        return compute_source_stats(torch.from_numpy(self(images)))
+        train = mnist_split("train").subset(KNOWN_CLASSES)
+        return compute_source_stats(torch.from_numpy(self(train.images)), torch.from_numpy(train.labels))
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         """uint8 [N, H, W] -> float32 [N, d] (cached)."""

@@ -20,6 +20,7 @@ import torch
 
 import kernels
 from server.rules import RULES, check_trained, scratch_heads
+from server.rules.base import source_head
 
 CHECKPOINTS = (5, 10, 20, 50)
 EVAL_CHUNK = 8192
@@ -78,10 +79,16 @@ class Base:
     learned: dict = field(default_factory=dict)  # learned rules' parameters: rule -> name -> tensor
 
     def head(self) -> dict:
-        out = {"W": self.W.clone(), "b": self.b.clone()}
-        if self.source_stats is not None:
-            out.update(feature_mean=self.source_stats["mean"].clone(), feature_var=self.source_stats["var"].clone())
-        return out
+        return {"W": self.W.clone(), "b": self.b.clone(), **self.source()}
+
+    def source(self) -> dict:
+        """The source statistics by init_state key, as the session store hands them to rules."""
+        return init_state_source(self.source_stats)
+
+
+def init_state_source(stats: Optional[dict]) -> dict:
+    """{"mean", "var"[, "within_cov"]} -> {"feature_mean", "feature_var"[, "feature_within_cov"]}."""
+    return {f"feature_{k}": v.clone() for k, v in (stats or {}).items() if k in ("mean", "var", "within_cov")}
 
 
 def _heads(m: Method, streams: list[Stream], base: Base, d: int):
@@ -102,7 +109,7 @@ def _heads(m: Method, streams: list[Stream], base: Base, d: int):
             tensors = {"W": head["W"], "b": head["b"], **rule.init_state(n, d, hp, head=head)}
         else:
             zero = {"W": torch.zeros(n, d), "b": torch.zeros(n)}
-            tensors = {**zero, **rule.init_state(n, d, hp, head=dict(zero))}
+            tensors = {**zero, **rule.init_state(n, d, hp, head=source_head(rule, n, d, base.source(), dict(zero)))}
         entries.append((rule, hp, n, tensors))
     return rule, *scratch_heads(entries, C, d, "cpu", learned=base.learned)
 
@@ -212,7 +219,7 @@ def _fit(rule, heads, state_rows, streams, ready, collected, epochs) -> None:
 
 
 def run_episodes(m: Method, episodes: list[dict], features: np.ndarray, d: int,
-                 learned: Optional[dict] = None) -> list[float]:
+                 learned: Optional[dict] = None, source: Optional[dict] = None) -> list[float]:
     """N-way k-shot episodes through throw-away heads (init zeros, like the server's episodic
     heads): each episode's support rows (shuffled) adapt its head `m.steps` times, then its
     queries are scored. episodes: {"support", "support_y", "query", "query_y"} index arrays."""
@@ -220,7 +227,8 @@ def run_episodes(m: Method, episodes: list[dict], features: np.ndarray, d: int,
     hp = rule.validate(m.hyper_dict)
     C = max(int(e["support_y"].max()) + 1 for e in episodes)
     check_trained(rule, learned or {})
-    heads, state_rows = scratch_heads([(rule, hp, C, None) for _ in episodes], C, d, "cpu", learned=learned)
+    heads, state_rows = scratch_heads([(rule, hp, C, None) for _ in episodes], C, d, "cpu", learned=learned,
+                                      source=source)
     sr = torch.tensor(state_rows, dtype=torch.int64)
     x = torch.from_numpy(np.concatenate([features[e["support"]] for e in episodes]))
     y = torch.from_numpy(np.concatenate([e["support_y"] for e in episodes])).long()

@@ -25,10 +25,11 @@ def main(argv=None) -> int:
     p.add_argument("--backbone", default=DEFAULT_BACKBONE)
     args = p.parse_args(argv)
     bb = load_backbone(args.backbone, weights=args.weights)
-    images = mnist_split("train").subset(KNOWN_CLASSES).images
+    train = mnist_split("train").subset(KNOWN_CLASSES)
+    images = train.images
     feats = torch.cat([bb.features(torch.stack([bb.preprocess(i) for i in images[j:j + 500]]))
                        for j in range(0, len(images), 500)])
-    path = save_source_stats(args.weights, compute_source_stats(feats),
+    path = save_source_stats(args.weights, compute_source_stats(feats, torch.from_numpy(train.labels)),
                              "training split, digits 0-4 (the backbone's training images, clean, no augmentation)")
     print(path)
     return 0

@@ -186,7 +186,7 @@ def train(args) -> dict:
 
     with torch.no_grad():
         feats = extract(model, x_all)
-    save_source_stats(weights, compute_source_stats(feats), SOURCE_STATS_SET)
+    save_source_stats(weights, compute_source_stats(feats, y_all), SOURCE_STATS_SET)
     (out / f"{DEFAULT_BACKBONE}.metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
 

@@ -67,8 +67,8 @@ def _numeric_axes(space: dict) -> list[str]:
 def _extend(axis_values: tuple, best, hyper=None) -> Optional[float]:
     """The next value past the edge where `best` sits (a geometric step), or None."""
     vals = sorted(axis_values)
-    if best not in (vals[0], vals[-1]):
-        return None
+    if best not in (vals[0], vals[-1]) or best == 0 or (vals[0] == 0 and best == vals[-1] and len(vals) == 2):
+        return None  # 0 is its own edge (e.g. rls.prior = 0, plain ridge): a geometric step never leaves it
     step = vals[1] / vals[0] if best == vals[0] else vals[-1] / vals[-2]
     new = best / step if best == vals[0] else best * step
     new = int(round(new)) if isinstance(best, int) else float(f"{new:.2g}")

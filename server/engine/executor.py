@@ -353,7 +353,8 @@ class Executor:
         dev = rows[id(items[0])][0].device
         C = max(len(s.classes) for s in specs)
         heads, state_rows = scratch_heads([(s.rule, s.hyper, len(s.classes), None) for s in specs], C,
-                                          self.store.d, dev, learned=self.store.learned)
+                                          self.store.d, dev, learned=self.store.learned,
+                                          source=self.store.source_stats)
         for step in range(max(s.steps for s in specs)):
             groups: dict[str, list[int]] = defaultdict(list)
             for j, s in enumerate(specs):

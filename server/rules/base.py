@@ -88,6 +88,9 @@ class Rule:
     # names of the meta-trained tensors the rule needs (models/rule_params.py), found in
     # heads.learned[rule.name]; a rule with any cannot be used until they are loaded
     learned: ClassVar[tuple[str, ...]] = ()
+    # keys of the backbone's source statistics init_state reads from `head` whatever the init
+    # (e.g. "feature_within_cov"); sessions and scratch heads hand them in when the backbone has them
+    source_keys: ClassVar[tuple[str, ...]] = ()
 
     def __repr__(self) -> str:
         return f"<rule {self.name}>"
@@ -113,7 +116,9 @@ class Rule:
     def init_state(self, n: int, d: int, hyper: dict[str, float],
                    head: Optional[dict[str, torch.Tensor]] = None) -> dict[str, torch.Tensor]:
         """A fresh session's rule state (CPU float32 tensors) for a head of n classes. `head`
-        ({"W", "b"}): the session's initial head; a rule may return "W"/"b" to replace it."""
+        ({"W", "b"}): the session's initial head, with the backbone's source statistics the rule
+        names in source_keys (and, from the base head, "feature_mean"/"feature_var"); a rule
+        may return "W"/"b" to replace it."""
         return {name: torch.zeros(shape, dtype=torch.float32) for name, shape in self.state_shapes(n, d).items()}
 
     def update(self, heads: Heads, x: torch.Tensor, y: torch.Tensor, slots: torch.Tensor,
@@ -179,16 +184,28 @@ def per_slot_hyper() -> dict[str, float]:
     return {name: 0.0 for rule in RULES.values() for name, h in rule.hyper.items() if h.per_slot}
 
 
+def source_head(rule: Rule, n: int, d: int, source: Optional[dict[str, torch.Tensor]],
+                head: Optional[dict[str, torch.Tensor]] = None) -> Optional[dict[str, torch.Tensor]]:
+    """init_state's `head` for a rule: `head` (None: a zero head, given only when the rule reads
+    source statistics) with the source statistics the rule names in source_keys."""
+    picked = {k: source[k] for k in rule.source_keys if source and k in source}
+    if head is None:
+        return {"W": torch.zeros(n, d), "b": torch.zeros(n), **picked} if picked else None
+    return {**head, **picked}
+
+
 def scratch_heads(entries: list[tuple[Rule, dict, int, Optional[dict[str, torch.Tensor]]]], C: int, d: int,
                   device, head_dtype: torch.dtype = torch.float32,
-                  learned: Optional[dict[str, dict[str, torch.Tensor]]] = None) -> tuple[Heads, list[int]]:
+                  learned: Optional[dict[str, dict[str, torch.Tensor]]] = None,
+                  source: Optional[dict[str, torch.Tensor]] = None) -> tuple[Heads, list[int]]:
     """Heads for a few sessions outside any slot pool: slot i holds entries[i] =
     (rule, hyper, classes, tensors). `tensors` ({"W", "b", state...}, CPU or device) starts the
     head where it is; None starts it at zero with the rule's initial state. Every registered
     per-slot hyper-parameter gets a tensor; each rule's state rows are compact and returned as
     state_rows[i] (episodic heads, log replay, offline validation). `head_dtype`: W and b storage
     (log replay matches the pool the session lives in). `learned`: the learned rules' parameters
-    (rule -> name -> tensor), moved to `device`."""
+    (rule -> name -> tensor), moved to `device`. `source`: the backbone's source statistics by
+    init_state key (source_heads), for rules that start from them (Rule.source_keys)."""
     E = len(entries)
     defaults = per_slot_hyper()
     heads = Heads(
@@ -212,7 +229,7 @@ def scratch_heads(entries: list[tuple[Rule, dict, int, Optional[dict[str, torch.
                                  for k, shape in rule.state.items()}
     for i, (rule, hyper, n, tensors) in enumerate(entries):
         if tensors is None:
-            tensors = rule.init_state(n, d, hyper)
+            tensors = rule.init_state(n, d, hyper, head=source_head(rule, n, d, source))
         else:
             heads.W[i, :n] = tensors["W"].to(device, head_dtype)
             heads.b[i, :n] = tensors["b"].to(device, head_dtype)

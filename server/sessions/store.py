@@ -37,6 +37,7 @@ from server.errors import (
 )
 from server.keys import make_key, split_key
 from server.rules import RULES, get_rule
+from server.rules.base import source_head
 from server.sessions import listing
 from server.sessions.backends import Backend, Head, StoreError, new_incarnation, open_backend
 from server.sessions.idempotency import Idem, IdempotencyRecords
@@ -88,9 +89,9 @@ class SessionStore(StoreIO, Upkeep, Versions):
         self.fingerprint = fingerprint  # sha256 of the backbone weights: recorded in everything stored
         # the backbone's source feature statistics ({"mean", "var"} [d]) or None: handed to a rule's
         # init_state with the base head as head["feature_mean"], head["feature_var"] (init="base")
-        self.source_stats = ({"feature_mean": source_stats["mean"].detach().float().cpu().clone(),
-                              "feature_var": source_stats["var"].detach().float().cpu().clone()}
-                             if source_stats is not None else {})
+        # (and, when the statistics have it, "feature_within_cov" to rules naming it in source_keys)
+        self.source_stats = {f"feature_{k}": v.detach().float().cpu().clone()
+                             for k, v in (source_stats or {}).items() if k in ("mean", "var", "within_cov")}
         self.events = events or StoreEvents()
         self.d = embed_dim
         self.S = settings.max_device_sessions
@@ -421,11 +422,11 @@ class SessionStore(StoreIO, Upkeep, Versions):
     def _initial_tensors(self, sess: Session) -> dict[str, torch.Tensor]:
         n, d = len(sess.classes), self.d
         t = {"W": torch.zeros(n, d), "b": torch.zeros(n)}
-        head_extra = {}
+        head = dict(t)
         if sess.init == "base":
             t["W"], t["b"] = self.base_W.clone(), self.base_b.clone()
-            head_extra = self.source_stats
-        t.update(sess.rule.init_state(n, d, sess.hyper, head={**t, **head_extra}))
+            head = {**t, **self.source_stats}
+        t.update(sess.rule.init_state(n, d, sess.hyper, head=source_head(sess.rule, n, d, self.source_stats, head)))
         return t
 
     def _gauges(self) -> None:

@@ -126,6 +126,11 @@ def test_validation_extends_a_grid_whose_best_value_sits_on_its_edge():
     s2 = Search("base", "rls", {"lambda": (1.0, 10.0, 100.0, 1000.0)}, lambda s: s,
                 lambda ms: [-abs(np.log10(m["lambda"]) - 1) for m in ms], {})
     assert s2.search() == {"lambda": 10.0} and not s2.extended
+    # an axis that starts at 0 (rls.prior): best at 0 is not extended; at the top, a step within the range
+    s3 = Search("novel", "rls", {"prior": (0.0, 0.9, 0.99)}, lambda s: s, lambda ms: [-m["prior"] for m in ms], {})
+    assert s3.search() == {"prior": 0.0} and not s3.extended
+    s4 = Search("novel", "rls", {"prior": (0.0, 0.5)}, lambda s: s, lambda ms: [m["prior"] for m in ms], {})
+    assert s4.search() == {"prior": 0.5} and not s4.extended
 
 
 @pytest.fixture(scope="module")
@@ -253,4 +258,4 @@ def test_feature_bank_caches_on_disk(tmp_path):
     assert np.array_equal(again(images), a)
     x = torch.stack([bank.bb.preprocess(i) for i in images])
     assert np.allclose(bank.bb.features(x).numpy(), a)
-    assert set(bank.source_stats) == {"mean", "var"}
+    assert set(bank.source_stats) == {"mean", "var", "within_cov"}  # from the training split, with its labels
