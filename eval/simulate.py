@@ -19,8 +19,7 @@ import numpy as np
 import torch
 
 import kernels
-from server.rules import RULES, check_trained, scratch_heads
-from server.rules.base import source_head
+from server.rules import RULES, check_trained, scratch_heads, source_head
 
 CHECKPOINTS = (5, 10, 20, 50)
 EVAL_CHUNK = 8192

@@ -34,11 +34,11 @@ the module before the server starts (``--rule-modules my.module`` does it for ``
 
 from server.rules.base import (
     ADAPT_ON_PREDICT, RULES, Heads, Hyper, Rule, check_trained, device_learned, get_rule, per_slot_hyper, register,
-    scratch_heads,
+    scratch_heads, source_head,
 )
 from server.rules import delta, prototype, rls, sgd, t3a, tent  # noqa: E402,F401  (registers the built-in rules)
 from server.rules import feature_stats, feature_stats_t3a, lame  # noqa: E402,F401
 from server.rules import hyper, meta_sgd  # noqa: E402,F401  (learned rules)
 
 __all__ = ["ADAPT_ON_PREDICT", "RULES", "Heads", "Hyper", "Rule", "check_trained", "device_learned", "get_rule", "per_slot_hyper", "register",
-           "scratch_heads"]
+           "scratch_heads", "source_head"]

@@ -36,8 +36,7 @@ from server.errors import (
     store_unavailable, version_conflict,
 )
 from server.keys import make_key, split_key
-from server.rules import RULES, get_rule
-from server.rules.base import source_head
+from server.rules import RULES, get_rule, source_head
 from server.sessions import listing
 from server.sessions.backends import Backend, Head, StoreError, new_incarnation, open_backend
 from server.sessions.idempotency import Idem, IdempotencyRecords
@@ -87,9 +86,8 @@ class SessionStore(StoreIO, Upkeep, Versions):
                  learned_refused: Optional[dict[str, str]] = None) -> None:
         self.settings, self.backbone_name = settings, backbone_name
         self.fingerprint = fingerprint  # sha256 of the backbone weights: recorded in everything stored
-        # the backbone's source feature statistics ({"mean", "var"} [d]) or None: handed to a rule's
-        # init_state with the base head as head["feature_mean"], head["feature_var"] (init="base")
-        # (and, when the statistics have it, "feature_within_cov" to rules naming it in source_keys)
+        # the backbone's source feature statistics for init_state: head["feature_mean"/"feature_var"]
+        # with the base head (init="base"), head["feature_within_cov"] to rules naming it in source_keys
         self.source_stats = {f"feature_{k}": v.detach().float().cpu().clone()
                              for k, v in (source_stats or {}).items() if k in ("mean", "var", "within_cov")}
         self.events = events or StoreEvents()
