@@ -97,3 +97,24 @@ def test_a_prior_session_over_http_answers_with_the_generalised_ridge_head(backb
         with pytest.raises(FwserveError) as e:
             c.create_session("rls", ["0", "1"], {"prior": 2.0})
         assert e.value.status == 422
+
+
+def test_the_starting_P_is_computed_once_per_covariance_and_never_shared_between_sessions():
+    import gc
+
+    d = 8
+    hp = RLS.validate({"lambda": 4.0, "prior": 0.8})
+
+    def expected(S):
+        S = S.double()
+        A = 0.8 * S * (d / torch.trace(S)) + 0.2 * torch.eye(d, dtype=torch.float64)
+        return torch.linalg.inv(4.0 * A).float()
+
+    for seed in range(4):  # a covariance freed and a new one made (perhaps at the same address)
+        S = within_cov(d, seed)
+        first = RLS.init_state(2, d, hp, head={"feature_within_cov": S})["P"]
+        first.add_(1.0)  # a session's P is its own
+        again = RLS.init_state(2, d, hp, head={"feature_within_cov": S})["P"]
+        torch.testing.assert_close(again, expected(S), rtol=1e-5, atol=1e-6)
+        del S, first, again
+        gc.collect()
