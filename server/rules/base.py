@@ -205,7 +205,7 @@ def scratch_heads(entries: list[tuple[Rule, dict, int, Optional[dict[str, torch.
     state_rows[i] (episodic heads, log replay, offline validation). `head_dtype`: W and b storage
     (log replay matches the pool the session lives in). `learned`: the learned rules' parameters
     (rule -> name -> tensor), moved to `device`. `source`: the backbone's source statistics by
-    init_state key (source_heads), for rules that start from them (Rule.source_keys)."""
+    init_state key (source_head), for rules that start from them (Rule.source_keys)."""
     E = len(entries)
     defaults = per_slot_hyper()
     heads = Heads(

@@ -61,6 +61,10 @@ class RLS(Rule):
         if key not in cached:
             S64 = S.double()
             A = prior * S64 * (d / torch.trace(S64)) + (1.0 - prior) * torch.eye(d, dtype=torch.float64)
+            ev = torch.linalg.eigvalsh(A)
+            if not bool(ev.min() > 1e-9 * ev.max()):  # prior = 1 on a rank-deficient S
+                raise invalid("invalid_hyperparameter", f"rls.prior={prior:g} leaves the ridge penalty singular "
+                              "for this backbone's within-class covariance; use a prior below 1")
             P = torch.linalg.inv(hyper["lambda"] * A)
             cached[key] = (0.5 * (P + P.T)).float()
         return {"P": cached[key].clone()}

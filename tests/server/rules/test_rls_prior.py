@@ -63,6 +63,11 @@ def test_prior_zero_is_plain_ridge_and_a_prior_needs_the_statistics():
     for bad in (-0.1, 1.5):
         with pytest.raises(InvalidInput):
             RLS.validate({"prior": bad})
+    # prior 1 on a covariance of rank 2 in 6 dimensions: no ridge penalty in 4 of them
+    low_rank = torch.randn(d, 2, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(InvalidInput) as e:
+        RLS.init_state(3, d, RLS.validate({"prior": 1.0}), head={"feature_within_cov": low_rank @ low_rank.T})
+    assert e.value.code == "invalid_hyperparameter"
 
 
 def test_within_class_covariance_pools_rows_about_their_class_means():
