@@ -97,8 +97,9 @@ def _build(settings: Settings, engine, buckets=None) -> FastAPI:
     app.state.engine = engine
     app.state.api = api
     app.add_middleware(Guard, max_body_bytes=settings.max_body_bytes,
-                       request_duration=api.metrics.request_duration, auth=api.auth)
+                       request_duration=api.metrics.request_duration, auth=api.auth, hot=api.hot)
     _handlers(app)
+    api.hot.render = render_error
     v1.add_routes(app, api)
     versions.add_routes(app, api)
     v2.add_routes(app, api)
@@ -117,18 +118,15 @@ def _error(request: Request, status: int, code: str, message: str, headers=None)
                         headers={**(headers or {}), CODE_HEADER: code})
 
 
-def _handlers(app: FastAPI) -> None:
-    @app.exception_handler(ApiError)
-    async def api_error(request: Request, e: ApiError):
+def render_error(request: Request, e: Exception) -> JSONResponse:
+    """The error response for an exception a route raised: the app's exception handlers and the
+    hot routes (server/api/hot.py) share it."""
+    if isinstance(e, ApiError):
         return _error(request, e.status, e.code, e.message, e.headers)
-
-    @app.exception_handler(DomainError)
-    async def domain_error(request: Request, e: DomainError):
+    if isinstance(e, DomainError):
         err = from_domain(e)
         return _error(request, err.status, err.code, err.message, err.headers)
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(request: Request, e: RequestValidationError):
+    if isinstance(e, RequestValidationError):
         errs = e.errors()
         if any(err.get("type") == "json_invalid" for err in errs):
             return _error(request, 400, "invalid_json", "request body is not valid JSON")
@@ -138,17 +136,20 @@ def _handlers(app: FastAPI) -> None:
             parts.append(f"{loc or 'body'}: {err.get('msg', 'invalid')}")
         more = f" (and {len(errs) - 5} more)" if len(errs) > 5 else ""
         return _error(request, 422, "invalid_request", "; ".join(parts) + more)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, e: StarletteHTTPException):
+    if isinstance(e, StarletteHTTPException):
         code = STATUS_CODES.get(e.status_code, "error")
         msg = e.detail if isinstance(e.detail, str) else str(e.detail)
         if e.status_code == 404 and msg == "Not Found":
             msg = f"no route {request.method} {request.url.path}"
         return _error(request, e.status_code, code, msg, getattr(e, "headers", None))
+    # the details go to the log, never to the client (they may name internals or secrets)
+    log.error("%s %s failed", request.method, request.url.path, exc_info=(type(e), e, e.__traceback__))
+    return _error(request, 500, "internal", "internal server error; the request was not applied")
 
-    @app.exception_handler(Exception)
-    async def internal_error(request: Request, e: Exception):
-        # the details go to the log, never to the client (they may name internals or secrets)
-        log.error("%s %s failed", request.method, request.url.path, exc_info=(type(e), e, e.__traceback__))
-        return _error(request, 500, "internal", "internal server error; the request was not applied")
+
+def _handlers(app: FastAPI) -> None:
+    async def handle(request: Request, e: Exception):
+        return render_error(request, e)
+
+    for kind in (ApiError, DomainError, RequestValidationError, StarletteHTTPException, Exception):
+        app.add_exception_handler(kind, handle)

@@ -14,6 +14,7 @@ from fastapi import Request
 from server.api import access
 from server.api.auth import Auth, Principal
 from server.api.decode import Decoder
+from server.api.hot import HotRoutes
 from server.api.metrics import ApiMetrics, workers_scrape
 from server.config import Settings
 from server.engine import Engine
@@ -30,6 +31,7 @@ class Api:
     def __init__(self, settings: Settings, engine: Engine) -> None:
         self.settings, self.engine = settings, engine
         self.auth = Auth(settings)
+        self.hot = HotRoutes()  # the routes Guard serves past the framework (server/api/hot.py)
         self.decoder = Decoder(engine.input_config, settings.max_image_pixels, settings.max_instances,
                                settings.max_request_pixels)
         self.decode_pool = ThreadPoolExecutor(settings.decode_workers, thread_name_prefix="fwserve-decode")

@@ -22,6 +22,7 @@ from starlette.routing import Match
 
 from server.api.access import REQUEST_ID_HEADER, SCOPE_KEY, AccessRecord, request_id
 from server.api.errors import ApiError, is_v2, payload_too_large, unsupported_media_type
+from server.api.hot import HotRoutes
 
 
 def needs_auth(path: str) -> bool:
@@ -30,8 +31,9 @@ def needs_auth(path: str) -> bool:
 
 
 class Guard:
-    def __init__(self, app, max_body_bytes: int, request_duration, auth) -> None:
+    def __init__(self, app, max_body_bytes: int, request_duration, auth, hot: Optional[HotRoutes] = None) -> None:
         self.app, self.max_body_bytes, self.request_duration, self.auth = app, max_body_bytes, request_duration, auth
+        self.hot = hot or HotRoutes()
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -73,6 +75,9 @@ class Guard:
                     return {"type": "http.request", "body": body, "more_body": False}
                 return await receive()
 
+            route = self.hot.find(scope)
+            if route is not None:
+                return await self.hot.serve(route, scope, receive_, send_)
             await self.app(scope, receive_, send_)
         finally:
             route = scope.get("route")

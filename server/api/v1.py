@@ -38,9 +38,10 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
-from typing import Literal, Optional
+from typing import Annotated, Literal, Optional
 
 from fastapi import Depends, FastAPI, Header, Path, Query, Request, Response
+from pydantic import StringConstraints, TypeAdapter
 
 from server.api import access
 from server.api.binary import parse_headers
@@ -48,6 +49,7 @@ from server.api.bodies import adapt_response, json_response, parse, predict_resp
 from server.api.context import Api, fingerprint
 from server.api.auth import Principal
 from server.api.errors import forbidden
+from server.api.hot import header
 from server.api.schemas import (
     AdaptRequest, AdaptResponse, PredictRequest, PredictResponse, RuleList, SessionCreate, SessionCreated,
     SessionInfo, SessionList,
@@ -57,8 +59,11 @@ from server.errors import invalid
 from server.keys import SESSION_ID_PATTERN
 
 SessionId = Path(..., pattern=SESSION_ID_PATTERN, max_length=128)
-IdemKey = Header(None, alias="Idempotency-Key", min_length=1, max_length=255, pattern=r"^[\x21-\x7e]+$",
+IDEMPOTENCY_KEY = "Idempotency-Key"
+IDEM_LIMITS = {"min_length": 1, "max_length": 255, "pattern": r"^[\x21-\x7e]+$"}
+IdemKey = Header(None, alias=IDEMPOTENCY_KEY, **IDEM_LIMITS,
                  description="a retry with the same key returns the first response and applies nothing again")
+IDEM_CHECK = TypeAdapter(Annotated[str, StringConstraints(**IDEM_LIMITS)])
 REPLAYED = "Idempotent-Replayed"
 MAX_PAGE = 1000
 
@@ -160,11 +165,10 @@ def add_routes(app: FastAPI, api: Api) -> None:
 
     # ---- predict / adapt --------------------------------------------------------------------
 
-    @app.post("/v1/predict", response_model=PredictResponse, tags=["inference"],
-              openapi_extra=request_body(PredictRequest, binary=True))
-    async def predict(request: Request, p: Principal = Depends(who)):
-        """Predict with a session's head (or the base head, or an episodic head adapted on `support`).
-        The body is JSON (PredictRequest) or raw tensor bytes (server/api/binary.py)."""
+    # predict and adapt answer both their framework routes (below: the OpenAPI document, any other
+    # method) and the hot routes Guard serves directly (server/api/hot.py)
+
+    async def predict(request: Request, p: Principal):
         raw = await request.body()
         deadline, budget, rec = api.deadline(request), api.decoder.budget(), access.record(request)
         inline = api.inline(raw)
@@ -197,11 +201,7 @@ def add_routes(app: FastAPI, api: Api) -> None:
         rec.update(queue_seconds=res.queue_seconds)
         return json_response(predict_response(res))
 
-    @app.post("/v1/adapt", response_model=AdaptResponse, tags=["inference"],
-              openapi_extra=request_body(AdaptRequest, binary=True))
-    async def adapt(request: Request, p: Principal = Depends(who), idempotency_key: Optional[str] = IdemKey):
-        """Adapt a session on labelled (or, for label-free rules, unlabelled) instances; answers the
-        predictions made before the update. JSON (AdaptRequest) or raw tensor bytes."""
+    async def adapt(request: Request, p: Principal, idempotency_key: Optional[str]):
         raw = await request.body()
         deadline, rec = api.deadline(request), access.record(request)
         inline = api.inline(raw)
@@ -224,3 +224,27 @@ def add_routes(app: FastAPI, api: Api) -> None:
                                           actor=p.key_id))
         rec.update(queue_seconds=res.queue_seconds)
         return json_response(adapt_response(res), headers={REPLAYED: "true"} if res.replayed else None)
+
+    @app.post("/v1/predict", response_model=PredictResponse, tags=["inference"], name="predict",
+              openapi_extra=request_body(PredictRequest, binary=True))
+    async def predict_route(request: Request, p: Principal = Depends(who)):
+        """Predict with a session's head (or the base head, or an episodic head adapted on `support`).
+        The body is JSON (PredictRequest) or raw tensor bytes (server/api/binary.py)."""
+        return await predict(request, p)
+
+    @app.post("/v1/adapt", response_model=AdaptResponse, tags=["inference"], name="adapt",
+              openapi_extra=request_body(AdaptRequest, binary=True))
+    async def adapt_route(request: Request, p: Principal = Depends(who), idempotency_key: Optional[str] = IdemKey):
+        """Adapt a session on labelled (or, for label-free rules, unlabelled) instances; answers the
+        predictions made before the update. JSON (AdaptRequest) or raw tensor bytes."""
+        return await adapt(request, p, idempotency_key)
+
+    async def predict_hot(request: Request):
+        return await predict(request, await who(request))
+
+    async def adapt_hot(request: Request):
+        p = await who(request)  # the framework solves the dependency before the header, too
+        return await adapt(request, p, header(request, IDEMPOTENCY_KEY, IDEM_CHECK))
+
+    api.hot.add("POST", "/v1/predict", predict_hot)
+    api.hot.add("POST", "/v1/adapt", adapt_hot)
