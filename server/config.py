@@ -195,6 +195,11 @@ class Settings(BaseSettings):
     feature_cache_size: int = Field(
         4096, ge=0, description="Entries in the feature LRU cache keyed by image content hash (0 disables it)."
     )
+    recent_images_mb: float = Field(
+        16.0, ge=0, description="Memory for the last decoded base64 images, by their text (0 turns it off): an "
+        "adapt on the image a predict just sent, or a retry, skips base64, PNG decoding and preprocessing. Per "
+        "HTTP process.",
+    )
     decode_workers: int = Field(4, ge=1, description="Threads decoding and preprocessing images off the event loop.")
     api_workers: int = Field(
         1, ge=1, le=64, description="HTTP worker processes in front of one engine process (1: one process does "

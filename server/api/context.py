@@ -33,7 +33,7 @@ class Api:
         self.auth = Auth(settings)
         self.hot = HotRoutes()  # the routes Guard serves past the framework (server/api/hot.py)
         self.decoder = Decoder(engine.input_config, settings.max_image_pixels, settings.max_instances,
-                               settings.max_request_pixels)
+                               settings.max_request_pixels, int(settings.recent_images_mb * 2**20))
         self.decode_pool = ThreadPoolExecutor(settings.decode_workers, thread_name_prefix="fwserve-decode")
         # in one process the HTTP metrics join the engine's registry (one scrape); a worker keeps its own
         local = getattr(engine.metrics, "registry", None) if not getattr(engine, "remote", False) else None

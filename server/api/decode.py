@@ -30,8 +30,10 @@ import hashlib
 import io
 import math
 import struct
+import threading
 import warnings
-from typing import Optional, Union
+from collections import OrderedDict
+from typing import NamedTuple, Optional, Union
 
 import numpy as np
 from PIL import Image
@@ -60,6 +62,53 @@ def array_key(array: np.ndarray) -> str:
     h.update(repr(a.shape).encode())
     h.update(a.tobytes())
     return "arr:" + h.hexdigest()
+
+
+class Decoded(NamedTuple):
+    input: Input
+    image_pixels: int  # the encoded image's width x height: what it takes of a request's pixel budget
+
+
+class RecentImages:
+    """The last decoded base64 images, by their text, up to `max_bytes` of pixels and text: a
+    client that predicts on an image and then adapts on it (or retries) sends the same text twice,
+    and the second time costs a lookup instead of base64, PNG decoding and preprocessing. The
+    entry is what decoding that text gave (the same content hash and pixels; the engine only
+    reads pixels), so a hit answers exactly what a decode would, budget and limits included."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes, self.size = max_bytes, 0
+        self._entries: OrderedDict[str, Decoded] = OrderedDict()
+        self._lock = threading.Lock()  # decodes run on the event loop and in the decode threads
+        self.hits = self.misses = 0
+
+    @staticmethod
+    def _cost(text: str, d: Decoded) -> int:
+        return len(text) + d.input.pixels.numel() * d.input.pixels.element_size()
+
+    def get(self, text: str) -> Optional[Decoded]:
+        with self._lock:
+            d = self._entries.get(text)
+            if d is None:
+                self.misses += 1
+            else:
+                self._entries.move_to_end(text)
+                self.hits += 1
+            return d
+
+    def put(self, text: str, d: Decoded) -> None:
+        cost = self._cost(text, d)
+        if cost > self.max_bytes:
+            return
+        with self._lock:
+            old = self._entries.pop(text, None)
+            if old is not None:
+                self.size -= self._cost(text, old)
+            self._entries[text] = d
+            self.size += cost
+            while self.size > self.max_bytes:
+                t, e = self._entries.popitem(last=False)
+                self.size -= self._cost(t, e)
 
 
 class PixelBudget:
@@ -96,9 +145,10 @@ def _is_raw(data) -> bool:
 
 class Decoder:
     def __init__(self, cfg: ViTConfig, max_image_pixels: int, max_instances: Optional[int] = None,
-                 max_request_pixels: int = 1 << 62) -> None:
+                 max_request_pixels: int = 1 << 62, recent_bytes: int = 0) -> None:
         self.cfg, self.max_image_pixels, self.max_instances = cfg, max_image_pixels, max_instances
         self.max_request_pixels = max_request_pixels
+        self.recent = RecentImages(recent_bytes) if recent_bytes > 0 else None
 
     # ---- tensors (Open Inference Protocol; binary input paths) --------------------------------
 
@@ -214,8 +264,17 @@ class Decoder:
         return self.array(check_array(inst.array, self.cfg, where))
 
     def image_b64(self, text: str, where: str, budget: PixelBudget | None = None) -> Input:
+        budget = budget or self.budget()
+        hit = self.recent.get(text) if self.recent is not None else None
+        if hit is not None:
+            budget.take(hit.image_pixels, f"{where}.image")
+            return hit.input
         raw = _b64(text, where)
-        return Input(image_key(raw), preprocess(self._image(raw, where, budget or self.budget()), self.cfg))
+        img = self._image(raw, where, budget)
+        decoded = Decoded(Input(image_key(raw), preprocess(img, self.cfg)), img.size[0] * img.size[1])
+        if self.recent is not None:
+            self.recent.put(text, decoded)
+        return decoded.input
 
     def array(self, arr: np.ndarray) -> Input:
         """A checked float32 array [H, W] or [H, W, C] (check_array)."""

@@ -116,3 +116,36 @@ def test_labels():
 def test_bytes_elements_roundtrip():
     elems = [b"", b"a", bytes(range(256)) * 3]
     assert bytes_elements(length_prefixed(elems), "x") == elems
+
+
+def test_recent_images_answer_what_decoding_gives():
+    """A repeat of a base64 image is served from the recent-images memory: the same content hash
+    and pixels as a fresh decode, the request's pixel budget charged the same; what fails to decode
+    is never kept; the memory stays within its bytes, oldest out first."""
+    texts = [base64.b64encode(png(RNG.integers(0, 256, size=(28, 28)).astype(np.uint8))).decode() for _ in range(4)]
+    cost = len(texts[0]) + 28 * 28 * 4
+    dec = Decoder(CFG, max_image_pixels=4096 * 4096, max_instances=8, recent_bytes=int(2.5 * cost))
+    fresh = [DEC.image_b64(t, "x") for t in texts]
+    first = [dec.image_b64(t, "x") for t in texts[:2]]
+    assert dec.recent.hits == 0 and dec.recent.misses == 2
+    again = dec.image_b64(texts[0], "x")
+    assert dec.recent.hits == 1 and again is first[0]
+    same([again, first[1]], fresh[:2])
+
+    budget = dec.budget()
+    budget.left = 28 * 28 * 2 - 1  # room for one image, not two
+    dec.image_b64(texts[0], "x", budget)  # a hit takes its pixels from the budget too
+    with pytest.raises(InvalidInput) as e:
+        dec.image_b64(texts[1], "y", budget)
+    assert e.value.code == "too_many_pixels"
+
+    with pytest.raises(InvalidInput):
+        dec.image_b64(base64.b64encode(b"\x89PNG\r\n\x1a\nnot a png").decode(), "x")
+    assert len(dec.recent._entries) == 2
+
+    dec.image_b64(texts[2], "x")  # a third entry does not fit: the least recently used one (0) goes
+    assert dec.recent.size <= dec.recent.max_bytes and set(dec.recent._entries) == {texts[1], texts[2]}
+    misses = dec.recent.misses
+    same([dec.image_b64(texts[0], "x")], [fresh[0]])
+    assert dec.recent.misses == misses + 1
+    assert Decoder(CFG, max_image_pixels=4096 * 4096).recent is None  # off unless given memory
