@@ -75,9 +75,9 @@ class Guard:
                     return {"type": "http.request", "body": body, "more_body": False}
                 return await receive()
 
-            route = self.hot.find(scope)
-            if route is not None:
-                return await self.hot.serve(route, scope, receive_, send_)
+            hot = self.hot.find(scope)
+            if hot is not None:
+                return await self.hot.serve(hot, scope, receive_, send_)
             await self.app(scope, receive_, send_)
         finally:
             route = scope.get("route")

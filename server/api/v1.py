@@ -38,10 +38,9 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
-from typing import Annotated, Literal, Optional
+from typing import Literal, Optional
 
 from fastapi import Depends, FastAPI, Header, Path, Query, Request, Response
-from pydantic import StringConstraints, TypeAdapter
 
 from server.api import access
 from server.api.binary import parse_headers
@@ -49,7 +48,7 @@ from server.api.bodies import adapt_response, json_response, parse, predict_resp
 from server.api.context import Api, fingerprint
 from server.api.auth import Principal
 from server.api.errors import forbidden
-from server.api.hot import header
+from server.api.hot import IDEMPOTENCY_CHECK, IDEMPOTENCY_KEY, IDEMPOTENCY_LIMITS, header_param
 from server.api.schemas import (
     AdaptRequest, AdaptResponse, PredictRequest, PredictResponse, RuleList, SessionCreate, SessionCreated,
     SessionInfo, SessionList,
@@ -59,11 +58,8 @@ from server.errors import invalid
 from server.keys import SESSION_ID_PATTERN
 
 SessionId = Path(..., pattern=SESSION_ID_PATTERN, max_length=128)
-IDEMPOTENCY_KEY = "Idempotency-Key"
-IDEM_LIMITS = {"min_length": 1, "max_length": 255, "pattern": r"^[\x21-\x7e]+$"}
-IdemKey = Header(None, alias=IDEMPOTENCY_KEY, **IDEM_LIMITS,
+IdemKey = Header(None, alias=IDEMPOTENCY_KEY, **IDEMPOTENCY_LIMITS,
                  description="a retry with the same key returns the first response and applies nothing again")
-IDEM_CHECK = TypeAdapter(Annotated[str, StringConstraints(**IDEM_LIMITS)])
 REPLAYED = "Idempotent-Replayed"
 MAX_PAGE = 1000
 
@@ -244,7 +240,7 @@ def add_routes(app: FastAPI, api: Api) -> None:
 
     async def adapt_hot(request: Request):
         p = await who(request)  # the framework solves the dependency before the header, too
-        return await adapt(request, p, header(request, IDEMPOTENCY_KEY, IDEM_CHECK))
+        return await adapt(request, p, header_param(request, IDEMPOTENCY_KEY, IDEMPOTENCY_CHECK))
 
     api.hot.add("POST", "/v1/predict", predict_hot)
     api.hot.add("POST", "/v1/adapt", adapt_hot)

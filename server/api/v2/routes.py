@@ -26,6 +26,7 @@ from server.api import access
 from server.api.auth import Principal
 from server.api.context import Api
 from server.api.errors import CODE_HEADER, error_body, retry_after_header
+from server.api.hot import IDEMPOTENCY_CHECK, IDEMPOTENCY_KEY, IDEMPOTENCY_LIMITS, header_param
 from server.api.schemas import InferRequest, InferResponse, ModelMetadata, ServerMetadata, V2Error
 from server.api.v2 import infer as oip
 from server.api.v2 import model as m
@@ -36,7 +37,7 @@ ERRORS = {status: {"model": V2Error, "description": desc} for status, desc in (
     (404, "unknown model, version or session"), (413, "body too large"), (415, "wrong content type"),
     (422, "invalid content"), (429, "tenant quota or rate limit (Retry-After)"),
     (503, "overloaded or not ready (Retry-After)"), (504, "timed out in the queue; not applied"))}
-IdemKey = Header(None, alias="Idempotency-Key", min_length=1, max_length=255, pattern=r"^[\x21-\x7e]+$",
+IdemKey = Header(None, alias=IDEMPOTENCY_KEY, **IDEMPOTENCY_LIMITS,
                  description="with a label input (an adapt): a retry with the same key applies nothing again")
 _REQUEST_SCHEMA = InferRequest.model_json_schema(ref_template="#/components/schemas/{model}")
 _REQUEST_SCHEMA.pop("$defs", None)  # InferTensor is a component already (InferResponse)
@@ -93,8 +94,7 @@ def _model_routes(app: FastAPI, api: Api, prefix: str, dep, suffix: str, kw: dic
         engine.check_ready()
         return m.config(engine.model, settings.max_instances, settings.max_top_k)
 
-    async def v2_infer(request: Request, name: str = Depends(dep), p: Principal = Depends(api.who),
-                       idempotency_key: Optional[str] = IdemKey):
+    async def infer(request: Request, name: str, p: Principal, idempotency_key: Optional[str]):
         body = await request.body()
         head, tail = split_body(body, request.headers.get(HEADER_LENGTH))
         try:
@@ -127,6 +127,16 @@ def _model_routes(app: FastAPI, api: Api, prefix: str, dep, suffix: str, kw: dic
                       operation_id="v2_model_ready" + suffix, **kw)
     app.add_api_route(prefix + "/config", v2_config, methods=["GET"], summary="Model configuration" + versioned,
                       operation_id="v2_model_config" + suffix, **kw)
+    async def v2_infer(request: Request, name: str = Depends(dep), p: Principal = Depends(api.who),
+                       idempotency_key: Optional[str] = IdemKey):
+        return await infer(request, name, p, idempotency_key)
+
+    async def v2_infer_hot(request: Request):  # the dependencies above, in their order (server/api/hot.py)
+        name = dep(**request.path_params)
+        p = await api.who(request)
+        return await infer(request, name, p, header_param(request, IDEMPOTENCY_KEY, IDEMPOTENCY_CHECK))
+
+    api.hot.add("POST", prefix + "/infer", v2_infer_hot)
     app.add_api_route(prefix + "/infer", v2_infer, methods=["POST"], summary="Infer" + versioned,
                       operation_id="v2_infer" + suffix, response_model=InferResponse, openapi_extra=INFER_BODY,
                       tags=["v2"], responses={**ERRORS, 200: {"content": {"application/octet-stream": {}}}})
