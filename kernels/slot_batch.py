@@ -97,12 +97,13 @@ class SlotBatch:
     """
 
     def __init__(self, slots: torch.Tensor, *, _grouped_from: SlotBatch | None = None,
-                 _host_counts: list[int] | None = None) -> None:
+                 _host_counts: list[int] | None = None, _host_slots: list[int] | None = None) -> None:
         if not isinstance(slots, torch.Tensor) or slots.dim() != 1:
             raise ValueError(f"slots must be a 1-d tensor, got {getattr(slots, 'shape', type(slots))}")
         self.slots = slots
         self._base = _grouped_from  # set on the longest-first view: the batch it regroups
         self._host_counts = _host_counts  # rows per slot, ascending slot, from the caller's host list
+        self._host_slots = _host_slots  # that list itself (from_list)
 
     @classmethod
     def build(cls, slots: torch.Tensor) -> SlotBatch:
@@ -117,8 +118,9 @@ class SlotBatch:
         for s in slots:
             if s >= 0:
                 counts[s] = counts.get(s, 0) + 1
-        tensor = torch.tensor(list(slots), dtype=torch.int64, device=device)
-        return cls(tensor, _host_counts=[counts[s] for s in sorted(counts)])
+        slots = list(slots)
+        tensor = torch.tensor(slots, dtype=torch.int64, device=device)
+        return cls(tensor, _host_counts=[counts[s] for s in sorted(counts)], _host_slots=slots)
 
     @property
     def size(self) -> int:
@@ -147,6 +149,8 @@ class SlotBatch:
         """(rows, slot, count, seg, pos)."""
         if self._base is not None:
             return self._longest_first_groups()
+        if self._host_slots is not None and self.device.type == "cpu":
+            return self._host_groups()
         slots = self.slots.long()
         valid_rows = (slots >= 0).nonzero().squeeze(1)
         sorted_slots, order = torch.sort(slots[valid_rows], stable=True)
@@ -154,6 +158,23 @@ class SlotBatch:
         slot, count = torch.unique_consecutive(sorted_slots, return_counts=True)
         seg, pos = _segment_and_position(count)
         return rows, slot, count, seg, pos
+
+    def _host_groups(self):
+        """The same grouping from the host list: a few list operations and five small tensors
+        instead of a sort, a unique and the index arithmetic (a CPU call's rows are few, and each
+        torch op costs more than its work there). Same values, so the profile and code path, and
+        with them every op's result, are unchanged."""
+        order = sorted((s, i) for i, s in enumerate(self._host_slots) if s >= 0)  # stable: ties by row
+        count = self._host_counts
+        slot = sorted({s for s, _ in order})
+        seg = [u for u, c in enumerate(count) for _ in range(c)]
+        pos = [p for c in count for p in range(c)]
+        rows = [i for _, i in order]
+
+        def t(values: list[int]) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.int64)
+
+        return t(rows), t(slot), t(count), t(seg), t(pos)
 
     def _longest_first_groups(self):
         base = self._base
@@ -199,6 +220,9 @@ class SlotBatch:
 
     @cached_property
     def rows_in_place(self) -> bool:
+        host = self._host_slots if self._base is None else None
+        if host is not None and self.device.type == "cpu":  # every row valid and already in slot order
+            return all(s >= 0 for s in host) and all(a <= b for a, b in zip(host, host[1:]))
         rows = self.rows
         return bool(rows.numel() == self.size and torch.equal(rows, torch.arange(rows.numel(), device=rows.device)))
 

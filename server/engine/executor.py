@@ -220,10 +220,10 @@ class Executor:
         if not items:
             return
         x = torch.stack([f for i in items for f in rows[id(i)]])
-        slots = torch.tensor([txn.slot(i.session) if i.session else txn.base_slot
-                              for i in items for _ in i.job.inputs], dtype=torch.int64, device=x.device)
+        fwd = kernels.SlotBatch.from_list([txn.slot(i.session) if i.session else txn.base_slot
+                                           for i in items for _ in i.job.inputs], x.device)
         t0 = time.perf_counter()
-        logits = txn.forward(x, slots, width)
+        logits = txn.forward(x, fwd.slots, width, batch=fwd)
         probs = torch.softmax(logits.float(), dim=1).cpu()
         m.head_predict.observe(time.perf_counter() - t0)
         guarded = [i.session if id(i) in ys and txn.guarded(i.session) else None for i in items for _ in i.job.inputs]

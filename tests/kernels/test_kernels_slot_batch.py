@@ -132,3 +132,22 @@ def test_replay_slots_layout():
     for own, others in ((0, [1]), (2, [1, 0]), (-1, [])):
         with pytest.raises(ValueError, match="positive"):
             replay_slots(own, others)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_a_batch_from_a_host_list_groups_its_rows_as_the_tensor_one_does(seed):
+    """On the CPU a from_list batch groups its rows on the host (no sort or unique ops): every
+    field of both torch views, rows_in_place and the code path equal those of SlotBatch(tensor)."""
+    g = torch.Generator().manual_seed(seed)
+    n = int(torch.randint(1, 40, (1,), generator=g))
+    slots = torch.randint(-1, 6, (n,), generator=g)
+    if seed % 3 == 0:  # already in slot order, every row valid: rows_in_place
+        slots = slots.clamp(min=0).sort().values
+    host, ref = SlotBatch.from_list(slots.tolist(), CPU), SlotBatch(slots)
+    for a, b in ((host, ref), (host.longest_first(), ref.longest_first())):
+        for name in ("rows", "slot", "count", "seg", "pos"):
+            got, want = getattr(a, name), getattr(b, name)
+            assert got.dtype == want.dtype == torch.int64 and got.is_contiguous() and torch.equal(got, want), name
+        assert a.rows_in_place == b.rows_in_place and a.counts_list == b.counts_list
+    assert host.rows_in_place == (seed % 3 == 0)
+    assert host.profile == ref.profile and host.torch_path == ref.torch_path
