@@ -63,7 +63,8 @@ class Settings(BaseSettings):
     # batching
     max_batch_size: int = Field(64, ge=1, description="Most rows (instances) in one micro-batch.")
     max_wait_ms: float = Field(
-        2.0, ge=0, description="How long the batcher waits to fill a micro-batch after its first request."
+        2.0, ge=0, description="The longest the batcher waits to fill a micro-batch after its first request; "
+        "it starts sooner once the event loop has caught up with the requests it had in hand."
     )
     max_queue_size: int = Field(
         1024, ge=1, description="Most requests waiting in the batch queue; beyond it requests get 503 + Retry-After."

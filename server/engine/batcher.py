@@ -4,6 +4,13 @@ A micro-batch is up to ``max_batch_size`` rows, collected until ``max_wait_ms`` 
 job was enqueued, with at most as many distinct sessions as there are device slots. The worker
 hands each micro-batch to the executor (server/engine/executor.py).
 
+It starts sooner when nothing more is on its way: an event loop that submits a job promises to
+``settle`` it once the loop has caught up with what it had in hand (the engine settles two loop
+iterations later, so every request whose bytes had arrived has been decoded and submitted by
+then). With every submitted job settled, waiting longer would only leave the CPU idle and the
+clients waiting, so the batch starts; while a loop is still busy with more requests, it waits for
+them (up to ``max_wait_ms``), which is what makes batches large under load.
+
 Fair share: the queue keeps one line per tenant and takes jobs from the lines in turn (first in,
 first out within a tenant, so a session's jobs keep their order). When the queue is full, a
 tenant with fewer queued jobs than the longest line still gets in: the newest job of the
@@ -22,6 +29,7 @@ import threading
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Callable, Optional
 
 from server.engine.messages import AdaptJob, EpisodicJob, Job
@@ -40,9 +48,10 @@ class Pending:
     enqueued: float = field(default_factory=time.perf_counter)
     episodic: Optional[object] = None  # EpisodicJob: the resolved head spec (executor.EpisodicSpec)
 
-    @property
+    @cached_property
     def session(self) -> Optional[str]:
-        """The session whose slot the job uses (a predict at a version brings its own head)."""
+        """The session whose slot the job uses (a predict at a version brings its own head); the
+        batcher and the executor ask often, the job never changes."""
         if isinstance(self.job, EpisodicJob) or getattr(self.job, "view", None) is not None:
             return None
         return self.job.session
@@ -70,13 +79,17 @@ class Batcher:
         self._stop = False
         self._thread: Optional[threading.Thread] = None
         self.batches_started = 0  # micro-batches taken by the worker
+        self._unsettled = 0  # submitted jobs whose loop has not caught up yet
+        self._settling = False  # some submitter settles its jobs: the early start applies
 
     @property
     def depth(self) -> int:
         """Jobs waiting in the queue."""
         return self._size
 
-    def submit(self, item: Pending) -> Reply:
+    def submit(self, item: Pending, settles: bool = False) -> Reply:
+        """Queue a job. `settles`: the caller will call ``settle()`` once for it (see the module
+        docstring); it must, whether or not the job was queued, unless this raises."""
         tenant = item.job.tenant
         with self._cond:
             if self._stop:
@@ -86,9 +99,19 @@ class Batcher:
             item.enqueued = time.perf_counter()
             self._lines.setdefault(tenant, deque()).append(item)
             self._size += 1
+            if settles:
+                self._unsettled += 1
+                self._settling = True
             self.metrics.queue_depth.set(self._size)
             self._cond.notify()
         return item.future
+
+    def settle(self) -> None:
+        """The loop that submitted a job (with ``settles``) has caught up with what it had in hand."""
+        with self._cond:
+            self._unsettled -= 1
+            if not self._unsettled:
+                self._cond.notify()
 
     def _make_room(self, tenant) -> None:
         """The queue is full: turn away the newest job of the longest line if that line is longer
@@ -165,6 +188,8 @@ class Batcher:
                 if not ready:
                     left = deadline - time.perf_counter()
                     if left <= 0 or rows >= self.max_rows or full:
+                        break
+                    if self._settling and not self._unsettled and items:  # nothing more is on its way
                         break
                     self._cond.wait(left)
                     if self._stop:

@@ -273,8 +273,10 @@ class Engine:
         if left <= 0:
             self.metrics.rejected.labels(reason="timeout").inc()
             raise timed_out(timeout)
-        afut = item.future.attach(asyncio.get_running_loop())
-        fut = self.batcher.submit(item)
+        loop = asyncio.get_running_loop()
+        afut = item.future.attach(loop)
+        fut = self.batcher.submit(item, settles=True)
+        loop.call_soon(_after_next_iteration, loop, self.batcher.settle)
         try:
             return await asyncio.wait_for(asyncio.shield(afut), left)
         except asyncio.TimeoutError:
@@ -447,3 +449,10 @@ def episodic_labels(labels: list, classes: Optional[list[str]], max_classes: int
         raise invalid("invalid_classes", f"{len(classes)} support classes; at most {max_classes}")
     index = {c: i for i, c in enumerate(classes)}
     return classes, [index[n] for n in names]
+
+
+def _after_next_iteration(loop: asyncio.AbstractEventLoop, fn) -> None:
+    """Run fn one loop iteration after this one: the iteration in between polls for I/O and runs
+    what it found, so by then every request whose bytes had arrived has been handled as far as
+    it goes without waiting (for small bodies: decoded and submitted)."""
+    loop.call_soon(fn)

@@ -1,5 +1,6 @@
 """The batch queue on its own (no model): micro-batches by rows and sessions, order kept within
-a tenant, tenants served in turn, and a full queue that still lets a quiet tenant in."""
+a tenant, tenants served in turn, a full queue that still lets a quiet tenant in, and a batch
+that starts once the loops that submitted its jobs have caught up."""
 
 from __future__ import annotations
 
@@ -47,6 +48,30 @@ def test_a_full_queue_lets_a_quiet_tenant_in():
     b.submit(quiet)  # the loud tenant's newest job makes room
     assert isinstance(burst[-1].future.exception(), Unavailable) and b.depth == 6
     assert not quiet.future.done()
+
+
+def test_a_batch_starts_once_every_submitted_job_is_settled():
+    """max_wait is an hour, yet the batch starts as soon as every submitted job is settled (the
+    submitting loops have caught up); a job submitted before the last settle joins it, whichever
+    thread gets there first."""
+    b = batcher(max_wait_ms=3_600_000.0)
+    first, second = job("a", "s1"), job("a", "s2")
+    b.submit(first, settles=True)
+    other_loop = threading.Thread(target=lambda: (b.submit(second, settles=True), b.settle(), b.settle()))
+    other_loop.start()
+    assert b.next_batch() == [first, second]
+    other_loop.join()
+
+
+def test_an_unsettled_job_never_holds_a_batch_past_its_deadline():
+    b = batcher(max_wait_ms=0.0)
+    item = job("a", "s1")
+    b.submit(item, settles=True)  # its loop has not caught up (yet)
+    assert b.next_batch() == [item]
+    b.settle()
+    later = job("a", "s2")
+    b.submit(later)  # a submitter that does not settle: max_wait alone decides
+    assert b.next_batch() == [later]
 
 
 def test_rows_bound_a_batch():
