@@ -1,19 +1,19 @@
 """The hot routes, served straight from the Guard middleware (server/api/middleware.py).
 
 POST /v1/predict, POST /v1/adapt and POST /v2/models/{name}[/versions/{version}]/infer (the Open
-Inference Protocol's) are most of a busy server's requests, and one image costs
-the route little; in front of it the framework's router tries every route in turn, solves the
-route's dependencies and runs two more exception-handling layers, which on this path cost about
-as much as the route's own work. Guard (which has already authenticated the caller and read the
-body) hands these two straight to their route functions instead.
+Inference Protocol's) are most of a busy server's requests, and one image costs the route
+little; in front of it the framework's router tries every route in turn, solves the route's
+dependencies and runs two more exception-handling layers, which on this path cost about as much
+as the route's own work. Guard (which has already authenticated the caller and read the body)
+hands these requests straight to their route functions instead.
 
 Behaviour is the framework route's: the same function answers (v1.py and v2/routes.py register it
 here and with the framework, which keeps it in the OpenAPI document), the same dependencies run in
 the same order (the model check, then the principal and readiness), the same header constraints
 are checked with the same 422 message, path parameters match as the framework's do (one path
-segment each), and errors are
-rendered by the app's own exception-handling function (``render``). Other methods on these paths,
-and every other route, go through the framework as before.
+segment each), and errors are rendered by the app's own exception-handling function
+(``render``). Other methods on these paths, and every other route, go through the framework as
+before.
 """
 
 from __future__ import annotations

@@ -88,8 +88,8 @@ class Batcher:
         return self._size
 
     def submit(self, item: Pending, settles: bool = False) -> Reply:
-        """Queue a job. `settles`: the caller will call ``settle()`` once for it (see the module
-        docstring); it must, whether or not the job was queued, unless this raises."""
+        """Queue a job. `settles`: the caller calls ``settle()`` once for this job when its loop has
+        caught up (see the module docstring); not when this raises."""
         tenant = item.job.tenant
         with self._cond:
             if self._stop:
