@@ -79,6 +79,15 @@ class HotRoutes:
         await response(scope, receive, send)
 
 
+def valid_idempotency_key(value: str) -> bool:
+    """Whether a key meets the constraints the routes declare (gRPC metadata is checked with it too)."""
+    try:
+        IDEMPOTENCY_CHECK.validate_python(value)
+    except ValidationError:
+        return False
+    return True
+
+
 def header_param(request: Request, name: str, check: TypeAdapter) -> Optional[str]:
     """A header parameter as the framework checks a declared one: None when absent, else the value
     if `check` accepts it, else the framework's 422 (``header.<name>: <what is wrong>``)."""

@@ -17,7 +17,6 @@ gRPC status of the HTTP one (server/api/errors.py GRPC_STATUS) and the message.
 from __future__ import annotations
 
 import logging
-import re
 import time
 
 import grpc
@@ -27,12 +26,12 @@ from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 from server.api.access import AccessRecord, request_id
 from server.api.context import Api
 from server.api.errors import GRPC_STATUS, ApiError, from_domain
+from server.api.hot import valid_idempotency_key
 from server.api.v2 import infer as oip
 from server.api.v2 import model as m
 from server.api.v2.tensors import Tensor
 from server.errors import DomainError, invalid
 
-IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
 
 log = logging.getLogger("fwserve.grpc")
 SERVICE = "/inference.GRPCInferenceService/"
@@ -153,7 +152,7 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
                 {"name": o.name, "parameters": {k: _param_value(v) for k, v in o.parameters.items()
                                                 if k != "binary_data"}} for o in request.outputs] or None)
             idem_key = meta.get("idempotency-key")
-            if idem_key is not None and not IDEMPOTENCY_KEY.match(idem_key):
+            if idem_key is not None and not valid_idempotency_key(idem_key):
                 raise invalid("invalid_request", "idempotency-key must have 1..255 visible ASCII characters")
             outcome = await oip.infer(self.api, p, _inputs(request), opts, requested, idem_key, rec)
             resp = service_pb2.ModelInferResponse(model_name=name, model_version=m.VERSION, id=request.id)
