@@ -88,6 +88,7 @@ class SlotBatch:
         slot [U]    the slot of each group (ascending; longest_first(): by count, longest first)
         count [U]   rows per group
         seg [N]     group of each grouped row;  pos [N]: its position inside the group
+        row_slot [N]  slot of each grouped row (slot[seg])
         counts_list count on the host (a synchronisation unless built from_list)
         rows_in_place  rows == arange(B): the batch is already grouped
 
@@ -123,6 +124,11 @@ class SlotBatch:
         return cls(tensor, _host_counts=[counts[s] for s in sorted(counts)], _host_slots=slots)
 
     @property
+    def host_slots(self) -> list[int] | None:
+        """The slots as the host list the batch was built from (from_list), else None."""
+        return self._host_slots
+
+    @property
     def size(self) -> int:
         """B: the number of batch rows, skipped ones included."""
         return self.slots.shape[0]
@@ -149,8 +155,8 @@ class SlotBatch:
         """(rows, slot, count, seg, pos)."""
         if self._base is not None:
             return self._longest_first_groups()
-        if self._host_slots is not None and self.device.type == "cpu":
-            return self._host_groups()
+        if self._host_lists is not None:
+            return tuple(self._host_tensor(i) for i in range(5))
         slots = self.slots.long()
         valid_rows = (slots >= 0).nonzero().squeeze(1)
         sorted_slots, order = torch.sort(slots[valid_rows], stable=True)
@@ -159,22 +165,38 @@ class SlotBatch:
         seg, pos = _segment_and_position(count)
         return rows, slot, count, seg, pos
 
-    def _host_groups(self):
-        """The same grouping from the host list: a few list operations and five small tensors
-        instead of a sort, a unique and the index arithmetic (a CPU call's rows are few, and each
-        torch op costs more than its work there). Same values, so the profile and code path, and
-        with them every op's result, are unchanged."""
+    @cached_property
+    def _host_lists(self) -> tuple[list[int], ...] | None:
+        """The torch view's fields as host lists (rows, slot, count, seg, pos, row_slot) for a CPU
+        batch built from_list; None otherwise. The same grouping in a few list operations instead
+        of a sort, a unique and the index arithmetic (a CPU call's rows are few, and each torch op
+        costs more than its work there); each field becomes a tensor only when an op asks for it.
+        Same values, so the profile and code path, and with them every op's result, are unchanged."""
+        if self._base is not None or self._host_slots is None or self.device.type != "cpu":
+            return None
         order = sorted((s, i) for i, s in enumerate(self._host_slots) if s >= 0)  # stable: ties by row
         count = self._host_counts
         slot = sorted({s for s, _ in order})
         seg = [u for u, c in enumerate(count) for _ in range(c)]
         pos = [p for c in count for p in range(c)]
-        rows = [i for _, i in order]
+        return [i for _, i in order], slot, count, seg, pos, [s for s, _ in order]
 
-        def t(values: list[int]) -> torch.Tensor:
-            return torch.tensor(values, dtype=torch.int64)
+    def _host_tensor(self, field: int) -> torch.Tensor:
+        made = self.__dict__.setdefault("_host_made", {})
+        if field not in made:
+            made[field] = torch.tensor(self._host_lists[field], dtype=torch.int64)
+        return made[field]
 
-        return t(rows), t(slot), t(count), t(seg), t(pos)
+    def _field(self, field: int) -> torch.Tensor:
+        if self._host_lists is not None:
+            return self._host_tensor(field)
+        if field == 5:
+            return self._row_slot
+        return self._groups[field]
+
+    @cached_property
+    def _row_slot(self) -> torch.Tensor:
+        return self.slot.index_select(0, self.seg)
 
     def _longest_first_groups(self):
         base = self._base
@@ -190,23 +212,28 @@ class SlotBatch:
 
     @property
     def rows(self) -> torch.Tensor:
-        return self._groups[0]
+        return self._field(0)
 
     @property
     def slot(self) -> torch.Tensor:
-        return self._groups[1]
+        return self._field(1)
 
     @property
     def count(self) -> torch.Tensor:
-        return self._groups[2]
+        return self._field(2)
 
     @property
     def seg(self) -> torch.Tensor:
-        return self._groups[3]
+        return self._field(3)
 
     @property
     def pos(self) -> torch.Tensor:
-        return self._groups[4]
+        return self._field(4)
+
+    @property
+    def row_slot(self) -> torch.Tensor:
+        """[N]: the slot of each grouped row (slot[seg]), for gathering per-slot values per row."""
+        return self._field(5)
 
     @cached_property
     def counts_list(self) -> list[int]:
@@ -241,12 +268,14 @@ class SlotBatch:
     @property
     def num_rows(self) -> int:
         """N: the valid rows."""
-        return self.rows.numel()
+        host = self._host_lists
+        return len(host[0]) if host is not None else self.rows.numel()
 
     @property
     def num_segments(self) -> int:
         """U: the slots with rows."""
-        return self.slot.numel()
+        host = self._host_lists
+        return len(host[1]) if host is not None else self.slot.numel()
 
     @property
     def max_count(self) -> int:

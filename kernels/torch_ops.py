@@ -78,18 +78,20 @@ def _live_classes(n_classes: torch.Tensor, num_classes: int) -> torch.Tensor:
 
 def head_forward_torch(x, W, b, slots, n_classes, normalize=None, batch=None) -> torch.Tensor:
     B, C = x.shape[0], W.shape[1]
-    out = torch.zeros((B, C), dtype=torch.float32, device=x.device)
     seg = _batch(slots, batch)
     if seg.num_rows == 0:
-        return out
+        return torch.zeros((B, C), dtype=torch.float32, device=x.device)
     xr = seg.gather_rows(x).float()
     if normalize is not None:
-        unit_rows = normalize[seg.slot].bool()[seg.seg]
+        unit_rows = normalize.index_select(0, seg.row_slot).bool()
         xr = torch.where(unit_rows.unsqueeze(1), F.normalize(xr, dim=1, eps=NORM_EPS), xr)
     logits = (_grouped_matvec(xr, _gather_heads(W, seg.slot), seg)
-              + b.index_select(0, seg.slot).float().index_select(0, seg.seg))
-    live = _live_classes(n_classes[seg.slot], C)[seg.seg]
-    out.index_copy_(0, seg.rows, logits.masked_fill_(~live, float("-inf")))
+              + b.index_select(0, seg.row_slot).float())
+    logits = torch.where(_live_classes(n_classes.index_select(0, seg.row_slot), C), logits, float("-inf"))
+    if seg.rows_in_place and seg.num_rows == B:  # grouped order is batch order, no row skipped
+        return logits
+    out = torch.zeros((B, C), dtype=torch.float32, device=x.device)
+    out.index_copy_(0, seg.rows, logits)
     return out
 
 
@@ -100,8 +102,8 @@ def gathered_logits(x, W, b, n_classes, seg: SlotBatch):
     xr = seg.gather_rows(x).float()
     heads = _gather_heads(W, seg.slot)
     live = _live_classes(n_classes.index_select(0, seg.slot), W.shape[1])
-    logits = _grouped_matvec(xr, heads, seg) + b.index_select(0, seg.slot).float().index_select(0, seg.seg)
-    return xr, heads, live, logits.masked_fill_(~live[seg.seg], float("-inf"))
+    logits = _grouped_matvec(xr, heads, seg) + b.index_select(0, seg.row_slot).float()
+    return xr, heads, live, torch.where(live.index_select(0, seg.seg), logits, float("-inf"))
 
 
 def sgd_step_torch(x, y, slots, W, b, n_classes, lr, weight_decay, batch=None, feature_rates=None,
@@ -118,7 +120,7 @@ def sgd_step_torch(x, y, slots, W, b, n_classes, lr, weight_decay, batch=None, f
     C = W.shape[1]
     xr, heads, live, logits = gathered_logits(x, W, b, n_classes, seg)
     g = torch.softmax(logits, dim=1)
-    g[torch.arange(g.shape[0], device=g.device), y[seg.rows]] -= 1.0  # p - onehot(y); 0 on masked classes
+    g[torch.arange(g.shape[0], device=g.device), seg.gather_rows(y)] -= 1.0  # p - onehot(y); 0 on masked classes
     lr_u = lr.index_select(0, seg.slot)
     # Fold "- lr / rows of the slot" into the small [N, C] factor so the big update is one GEMM.
     step = g * (-lr_u / seg.count)[seg.seg].unsqueeze(1)

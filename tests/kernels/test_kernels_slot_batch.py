@@ -145,7 +145,7 @@ def test_a_batch_from_a_host_list_groups_its_rows_as_the_tensor_one_does(seed):
         slots = slots.clamp(min=0).sort().values
     host, ref = SlotBatch.from_list(slots.tolist(), CPU), SlotBatch(slots)
     for a, b in ((host, ref), (host.longest_first(), ref.longest_first())):
-        for name in ("rows", "slot", "count", "seg", "pos"):
+        for name in ("rows", "slot", "count", "seg", "pos", "row_slot"):
             got, want = getattr(a, name), getattr(b, name)
             assert got.dtype == want.dtype == torch.int64 and got.is_contiguous() and torch.equal(got, want), name
         assert a.rows_in_place == b.rows_in_place and a.counts_list == b.counts_list
