@@ -23,6 +23,7 @@ Futures are resolved only after the transaction has made the batch's adapts dura
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -225,6 +226,7 @@ class Executor:
         t0 = time.perf_counter()
         logits = txn.forward(x, fwd.slots, width, batch=fwd)
         probs = torch.softmax(logits.float(), dim=1).cpu()
+        prob_rows = probs.tolist()
         m.head_predict.observe(time.perf_counter() - t0)
         guarded = [i.session if id(i) in ys and txn.guarded(i.session) else None for i in items for _ in i.job.inputs]
         ref_probs = txn.reference_probs(x, guarded) if any(guarded) else None  # one call for the round
@@ -234,7 +236,7 @@ class Executor:
         first_row: dict[int, int] = {}  # item -> its first row in x (and in logits)
         for i in items:
             n = len(i.job.inputs)
-            p = probs[at:at + n]
+            p = prob_rows[at:at + n]
             first_row[id(i)] = at
             at += n
             if i.session is None:
@@ -256,16 +258,19 @@ class Executor:
 
         for rule_name, ritems in by_rule.items():
             rule = txn.found[ritems[0].session].rule
-            xs = torch.stack([f for i in ritems for f in rows[id(i)]])
+            whole = len(ritems) == len(items)  # every row of the round, in its order: the forward's x and batch
+            xs = x if whole else torch.stack([f for i in ritems for f in rows[id(i)]])
             dev = xs.device
             y = torch.tensor([v for i in ritems for v in ys[id(i)]], dtype=torch.int64, device=dev)
-            batch = kernels.SlotBatch.from_list([txn.slot(i.session) for i in ritems for _ in i.job.inputs], dev)
+            batch = fwd if whole else kernels.SlotBatch.from_list(
+                [txn.slot(i.session) for i in ritems for _ in i.job.inputs], dev)
             sl = batch.slots
             # The forward above already read these heads: the update reuses its logits (Triton path).
             pre = None
             if kernels.dispatch.logits_reusable(xs):
                 at_rows = [first_row[id(i)] + k for i in ritems for k in range(len(i.job.inputs))]
-                pre = logits.index_select(0, torch.tensor(at_rows, dtype=torch.int64, device=logits.device))
+                pre = logits if whole else logits.index_select(
+                    0, torch.tensor(at_rows, dtype=torch.int64, device=logits.device))
             state_rows = None
             if rule.state:
                 state_rows = torch.tensor([txn.state_row(i.session) for i in ritems for _ in i.job.inputs],
@@ -337,11 +342,11 @@ class Executor:
         t0 = time.perf_counter()
         probs = torch.softmax(kernels.head_forward(x, W, b, sl, n_classes, normalize=normalize).float(), dim=1).cpu()
         self.metrics.head_predict.observe(time.perf_counter() - t0)
-        at = 0
+        at, prob_rows = 0, probs.tolist()
         for i in items:
             v, n = i.job.view, len(i.job.inputs)
             results[id(i)] = PredictResult("session", v.session_id, v.version,
-                                           _predictions(probs[at:at + n], v.classes, i.job.top_k))
+                                           _predictions(prob_rows[at:at + n], v.classes, i.job.top_k))
             at += n
 
     # ---- episodic jobs ----------------------------------------------------------------------
@@ -375,10 +380,10 @@ class Executor:
         logits = kernels.head_forward(x, heads.W, heads.b, sl, heads.n_classes, normalize=heads.normalize)
         probs = torch.softmax(logits.float(), dim=1).cpu()
         self.metrics.head_predict.observe(time.perf_counter() - t0)
-        at = 0
+        at, prob_rows = 0, probs.tolist()
         for i, s in zip(items, specs):
             n = len(i.job.inputs)
-            results[id(i)] = PredictResult("episodic", None, None, _predictions(probs[at:at + n], s.classes,
+            results[id(i)] = PredictResult("episodic", None, None, _predictions(prob_rows[at:at + n], s.classes,
                                                                                 i.job.top_k))
             at += n
 
@@ -400,13 +405,20 @@ def _label_indices(sess, labels: list) -> list[int]:
     return [-1 if lab is None else sess.label_index(lab) for lab in labels]
 
 
-def _predictions(probs: torch.Tensor, classes: list[str], top_k: int) -> list[Prediction]:
-    """probs [B, C] (masked classes have probability 0) -> per row label, score and top-k."""
+def _predictions(probs: list[list[float]], classes: list[str], top_k: int) -> list[Prediction]:
+    """probs rows (host lists; masked classes have probability 0) -> per row label, score and
+    top-k. A stable sort: ties go to the lowest index; NaN ranks first, as in torch.sort."""
     n = len(classes)
     k = min(top_k, n)
-    vals, idx = torch.sort(probs[:, :n], dim=1, descending=True, stable=True)  # ties: lowest index first
     out = []
-    for v_row, i_row in zip(vals[:, :k].tolist(), idx[:, :k].tolist()):
-        top = [Scored(classes[i], i, v) for v, i in zip(v_row, i_row)]
+    for row in probs:
+        row = row[:n]
+        top = [Scored(classes[i], i, row[i]) for i in sorted(range(n), key=_rank_key(row), reverse=True)[:k]]
         out.append(Prediction(top[0].label, top[0].index, top[0].score, top))
     return out
+
+
+def _rank_key(row: list[float]):
+    if not any(map(math.isnan, row)):
+        return row.__getitem__
+    return lambda i: math.inf if math.isnan(row[i]) else row[i]

@@ -154,8 +154,9 @@ class Transaction:
         pool (all found here) -> (what the rule reports: sessions reset by a label-free collapse
         guard, {key: why its rows were undone}). `logits`: this call's rows' logits from
         txn.forward, handed to rules that reuse them."""
-        copy = self._copy(rule, slots, state_rows, width)
-        self._wal.log_steps(x, y, slots, self._owner.get(width, {}))
+        host = batch.host_slots if batch is not None else None
+        copy = self._copy(rule, slots, state_rows, width, host)
+        self._wal.log_steps(x, y, slots, self._owner.get(width, {}), host)
         kw = {"logits": logits} if logits is not None and rule.reuses_logits else {}
         try:
             resets = rule.update(self.heads(width), x, y, slots, state_rows, batch=batch, **kw)
@@ -348,13 +349,29 @@ class Transaction:
 
     # ---- copies, checks and putting back ----------------------------------------------------
 
-    def _copy(self, rule: Rule, slots: torch.Tensor, state_rows: Optional[torch.Tensor], width: int) -> _Copy:
+    def _copy(self, rule: Rule, slots: torch.Tensor, state_rows: Optional[torch.Tensor], width: int,
+              host: Optional[list[int]] = None) -> _Copy:
+        """The touched sessions' heads (and state rows) before the update. `host`: the slots as a
+        host list, when the caller has one (the distinct slots then cost no tensor ops)."""
         pool = self._store.pool.pool(width)
-        valid = slots >= 0
-        touched, first = _unique_first(slots[valid])
+        if host is not None:
+            first_of: dict[int, int] = {}
+            for i, s in enumerate(host):
+                if s >= 0:
+                    first_of.setdefault(s, i)
+            touched_list = sorted(first_of)
+            touched = torch.tensor(touched_list, dtype=torch.int64, device=slots.device)
+            rows = None
+            if rule.state and state_rows is not None:
+                first = torch.tensor([first_of[s] for s in touched_list], dtype=torch.int64, device=slots.device)
+                rows = state_rows.index_select(0, first)
+        else:
+            valid = slots >= 0
+            touched, first = _unique_first(slots[valid])
+            touched_list = touched.tolist()
+            rows = state_rows[valid].index_select(0, first) if rule.state and state_rows is not None else None
         owner = self._owner[width]
-        keys = [owner[s] for s in touched.tolist()]
-        rows = state_rows[valid].index_select(0, first) if rule.state and state_rows is not None else None
+        keys = [owner[s] for s in touched_list]
         state = {}
         if rows is not None:
             state = {n: t.index_select(0, rows) for n, t in pool.states[rule.name].tensors.items()}
@@ -369,13 +386,19 @@ class Transaction:
 
     def _nonfinite(self, rule: Rule, copy: _Copy) -> list[int]:
         pool = self._store.pool.pool(copy.width)
-        ok = pool.W.index_select(0, copy.slots).isfinite().flatten(1).all(1)
-        ok &= pool.b.index_select(0, copy.slots).isfinite().all(1)
-        if copy.rows is not None:
-            for name, t in pool.states[rule.name].tensors.items():
-                v = t.index_select(0, copy.rows).flatten(1)
-                good = ~(v.isnan() | (v == -math.inf)) if name in rule.inf_state else v.isfinite()
-                ok &= good.all(1)
+        W, b = pool.W.index_select(0, copy.slots), pool.b.index_select(0, copy.slots)
+        tensors = pool.states[rule.name].tensors if copy.rows is not None else {}
+        states = {name: t.index_select(0, copy.rows).flatten(1) for name, t in tensors.items()}
+        # One sum per tensor first: it is finite only if every value is (NaN and inf propagate;
+        # an overflow to inf just takes the exact path below), the common case.
+        sums = [W.sum(), b.sum()] + [v.sum() for name, v in states.items() if name not in rule.inf_state]
+        if len(states) == len(sums) - 2 and all(math.isfinite(float(t)) for t in sums):
+            return []
+        ok = W.isfinite().flatten(1).all(1)
+        ok &= b.isfinite().all(1)
+        for name, v in states.items():
+            good = ~(v.isnan() | (v == -math.inf)) if name in rule.inf_state else v.isfinite()
+            ok &= good.all(1)
         return (~ok).nonzero().flatten().tolist()
 
     def _put_back(self, rule: Rule, copy: _Copy, which) -> None:

@@ -33,22 +33,22 @@ class WalBuffer:
         self.steps: dict[str, list] = {}  # update inputs applied since the session's last commit
         self.pending: dict[str, list[Record]] = {}  # committed, not yet logged
 
-    def log_steps(self, x: torch.Tensor, y: torch.Tensor, slots: torch.Tensor, owner: dict[int, str]) -> None:
-        """Keep each session's rows of one update call (its exact inputs) for its record."""
+    def log_steps(self, x: torch.Tensor, y: torch.Tensor, slots: torch.Tensor, owner: dict[int, str],
+                  host: Optional[list[int]] = None) -> None:
+        """Keep each session's rows of one update call (its exact inputs) for its record.
+        `host`: the slots as a host list, when the caller has one."""
         if not self.keep_steps:
             return
-        counts: dict[int, int] = {}
-        for slot in slots.tolist():
+        rows: dict[int, list[int]] = {}
+        for i, slot in enumerate(slots.tolist() if host is None else host):
             if slot >= 0:
-                counts[slot] = counts.get(slot, 0) + 1
-        for slot in counts:
+                rows.setdefault(slot, []).append(i)
+        for slot, at in rows.items():
             key = owner.get(slot)
             if key is None:
                 continue
-            mask = slots == slot
-            others = [c for s, c in counts.items() if s != slot]
-            self.steps.setdefault(key, []).append(
-                (x[mask].detach().cpu().clone(), y[mask].detach().cpu().clone(), others))
+            others = [len(r) for s, r in rows.items() if s != slot]
+            self.steps.setdefault(key, []).append((_rows(x, at), _rows(y, at), others))
 
     def drop_last_step(self, key: str) -> None:
         """The last update call's rows of this session were undone: they are not its inputs."""
@@ -75,6 +75,18 @@ class WalBuffer:
 
     def touched(self) -> set[str]:
         return set(self.pending) | set(self.steps)
+
+
+def _rows(t: torch.Tensor, at: list[int]) -> torch.Tensor:
+    """t's rows `at` (ascending) as a CPU tensor of their own: one copy of a slice when they are
+    consecutive, as a request's rows are."""
+    if t.requires_grad:
+        t = t.detach()
+    if at[-1] - at[0] + 1 == len(at):
+        part = t[at[0]:at[-1] + 1]
+    else:
+        part = t.index_select(0, torch.tensor(at, device=t.device))
+    return part.to("cpu", copy=True)
 
 
 def replay(sess: Session, tensors: dict[str, torch.Tensor], records: list[Record], C: int, d: int,

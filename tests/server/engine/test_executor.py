@@ -210,3 +210,59 @@ def test_the_engine_logs_and_exports_the_head_ops_implementation(backbone, tmp_p
         assert 'kernels="torch"' in engine.metrics.scrape().decode()
     finally:
         engine.stop()
+
+
+def test_predictions_rank_as_a_stable_descending_torch_sort():
+    """Host-side ranking of a round's probabilities: the order torch.sort(descending, stable)
+    gives, ties to the lowest index, NaN first, masked classes (beyond the session's) never shown."""
+    from server.engine.executor import _predictions
+
+    g = torch.Generator().manual_seed(5)
+    probs = torch.rand(64, 12, generator=g).div(0.25).floor().div(4)  # few distinct values: many ties
+    probs[3, 5] = probs[7, 0] = probs[7, 9] = float("nan")
+    classes = [f"c{i}" for i in range(10)]
+    for top_k in (1, 3, 10, 50):
+        got = _predictions(probs.tolist(), classes, top_k)
+        vals, idx = torch.sort(probs[:, :10], dim=1, descending=True, stable=True)
+        for row, pred, v_row, i_row in zip(probs.tolist(), got, vals.tolist(), idx.tolist()):
+            k = min(top_k, 10)
+            assert [t.index for t in pred.top_k] == i_row[:k]
+            assert [t.label for t in pred.top_k] == [classes[i] for i in i_row[:k]]
+            assert [repr(t.score) for t in pred.top_k] == [repr(row[i]) for i in i_row[:k]]  # nan == nan
+            assert (pred.label, pred.index) == (classes[i_row[0]], i_row[0])
+
+
+def test_a_round_of_one_rules_adapts_updates_with_the_forwards_rows(parts, backbone, monkeypatch):
+    """When every row of a round goes to one rule's update, the update gets the forward's very
+    rows, batch and (where reused) logits, and computes what a fresh batch would."""
+    import kernels
+    from server.rules import RULES
+
+    ex, store, _ = parts
+    for sid in ("s1", "s2", "r1", "r2"):
+        store.create("sgd", ["a", "b", "c"], {}, session_id=sid)
+    xs = inputs(backbone, digits(3, seed=84))
+    seen = []
+    original = RULES["sgd"].update
+
+    def spy(heads, x, y, slots, state_rows, batch=None, **kwargs):
+        seen.append((x.clone(), slots.tolist(), kwargs.get("logits"),
+                     kernels.head_forward(x, heads.W, heads.b, slots, heads.n_classes, normalize=heads.normalize)))
+        return original(heads, x, y, slots, state_rows, batch=batch, **kwargs)
+
+    monkeypatch.setattr(RULES["sgd"], "update", spy)
+    monkeypatch.setattr(kernels.dispatch, "logits_reusable", lambda x: True)
+    run(ex, [Pending(AdaptJob("s1", xs[:2], ["a", "c"])), Pending(AdaptJob("s2", xs[2:], ["b"]))])
+    monkeypatch.setattr(kernels.dispatch, "logits_reusable", lambda x: False)
+    run(ex, [Pending(AdaptJob("r1", xs[:2], ["a", "c"])), Pending(AdaptJob("r2", xs[2:], ["b"]))])
+    (x, slots, logits, expected), (x_ref, _, none, _) = seen
+    assert torch.equal(x, x_ref) and len(slots) == 3 and none is None
+    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+    for a, b in (("s1", "r1"), ("s2", "r2")):
+        assert torch.equal(export_head(store, a), export_head(store, b)), a
+
+
+def export_head(store, key):
+    from safetensors.torch import load
+
+    return load(store.export(key))["W"]

@@ -35,6 +35,18 @@ class Explode(Rule):
         return 0
 
 
+class Huge(Rule):
+    """Label 0: two huge finite weights, whose sum overflows; label 1: a NaN bias."""
+
+    name = "test-huge"
+    hyper = {"lr": Hyper(1.0, 0.0, 10.0)}
+
+    def update(self, heads, x, y, slots, state_rows, batch=None) -> int:
+        heads.W[slots[y == 0], 0, :2] = 3e38
+        heads.b[slots[y == 1], 0] = float("nan")
+        return 0
+
+
 class Broken(Rule):
     name = "test-broken"
 
@@ -46,8 +58,10 @@ class Broken(Rule):
 @pytest.fixture(scope="module", autouse=True)
 def test_rules():
     register(Explode())
+    register(Huge())
     register(Broken())
     yield
+    RULES.pop("test-huge")
     RULES.pop("test-explode")
     RULES.pop("test-broken")
 
@@ -99,6 +113,21 @@ def test_a_diverging_session_fails_alone_and_is_not_applied(backbone, tmp_path, 
         assert again.info("bad").version == 0 and again.info("good").version == 1
         assert all(export(again, "bad")[k].equal(v) for k, v in before.items())
         again.close()
+
+
+def test_only_non_finite_values_make_an_update_diverge(backbone, tmp_path):
+    """Huge but finite weights are applied (their sum overflowing decides nothing); a NaN
+    anywhere in the head, the bias included, is undone."""
+    ex, store, _ = make(backbone, tmp_path)
+    for sid in ("huge", "nan"):
+        store.create("test-huge", ["a", "b"], {}, session_id=sid)
+    x = inputs(backbone, 2, 3)
+    huge, nan = run(ex, [Pending(AdaptJob("huge", x[:1], ["a"])), Pending(AdaptJob("nan", x[1:], ["b"]))])
+    assert isinstance(huge, AdaptResult) and huge.version == 1
+    assert export(store, "huge")["W"].max() > 1e38 and torch.isfinite(export(store, "huge")["W"]).all()
+    assert isinstance(nan, InvalidInput) and nan.code == "diverged" and store.info("nan").version == 0
+    assert torch.isfinite(export(store, "nan")["b"]).all()
+    store.close()
 
 
 def test_a_failing_kernel_fails_its_rule_group_only(backbone, tmp_path):

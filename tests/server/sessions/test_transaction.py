@@ -110,3 +110,26 @@ def test_management_calls_wait_for_an_open_transaction(tmp_path):
     # the reset came after the adapt: version 2 (a reset is a new version), statistics back to 0
     assert seen == [2] and st.info("s").version == 2 and st.info("s").examples_seen == 0
     st.close()
+
+
+@pytest.mark.parametrize("rule_name", ["sgd", "rls"])
+def test_the_copy_before_an_update_is_the_same_from_a_host_list_of_slots(tmp_path, rule_name):
+    st = store(tmp_path, "none")
+    for sid in ("s", "t", "u"):
+        st.create(rule_name, ["a", "b"], {}, session_id=sid)
+    rule = get_rule(rule_name)
+    with st.batch(["s", "t", "u"]) as txn:
+        width = txn.width("s")
+        host = [txn.slot("t"), -1, txn.slot("s"), txn.slot("t"), txn.slot("u")]
+        state_rows = torch.tensor([(txn.state_row(k) or 0) if k else 0 for k in ("t", None, "s", "t", "u")])
+        copies = [txn._copy(rule, torch.tensor(host), state_rows if rule.state else None, width, h)
+                  for h in (None, host)]
+    tensor_copy, host_copy = copies
+    assert tensor_copy.keys == host_copy.keys and sorted(tensor_copy.keys) == ["s", "t", "u"]
+    for name in ("slots", "W", "b", "rows"):
+        a, b = getattr(tensor_copy, name), getattr(host_copy, name)
+        assert (a is None and b is None) or torch.equal(a, b), name
+    assert tensor_copy.state.keys() == host_copy.state.keys()
+    assert all(torch.equal(tensor_copy.state[k], host_copy.state[k]) for k in tensor_copy.state)
+    assert (tensor_copy.rows is not None) == bool(rule.state)
+    st.close()
