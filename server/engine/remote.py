@@ -6,19 +6,21 @@ They speak ZeroMQ over a Unix socket: a worker's DEALER sends ``[request id, met
 (server/engine/wire.py: JSON headers, tensors and bytes as raw frames, never copied into JSON).
 Every public coroutine of ``Engine`` is callable this way, so the API code is the same whether
 its engine is in its process or not; the worker also asks for readiness and for the engine's
-metrics. Many requests are in flight on one socket at once; each worker has one.
+metrics. Many requests are in flight on one socket at once; each worker has one. Both sides
+drive their socket from their event loop with a ``Channel``: a reader callback per wake-up and
+non-blocking sends, no future or task per message.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import inspect
 import itertools
 import logging
-from typing import Optional
+from typing import Callable, Optional
 
 import zmq
-import zmq.asyncio
 
 from server.engine import wire
 from server.engine.engine import Engine
@@ -40,34 +42,98 @@ def _zero_copy(frames) -> bool:
     return any(memoryview(f).nbytes >= ZERO_COPY_BYTES for f in frames[3:])
 
 
+class Channel:
+    """A plain ZeroMQ socket driven by an asyncio loop: every message that arrives is handed to
+    `on_message` from one reader callback, and sends never wait (a message the socket cannot
+    take now is queued and sent when it can). zmq.asyncio makes a future, and here a task, per
+    message; on the hot path, several messages per micro-batch each way, that bookkeeping cost
+    more than the messages.
+
+    ZMQ_FD is edge-triggered: it signals a change, not a level. So each wake-up drains the
+    socket until it would block, and after every send (which may consume the edge of a message
+    that arrived meanwhile) ZMQ_EVENTS is checked and a drain scheduled when input is waiting."""
+
+    def __init__(self, sock: zmq.Socket, on_message: Callable[[list], None]) -> None:
+        self.sock, self.on_message = sock, on_message
+        self.loop = asyncio.get_running_loop()
+        self._out: collections.deque = collections.deque()
+        self._fd = sock.getsockopt(zmq.FD)
+        self._scheduled = False
+        self.loop.add_reader(self._fd, self._drain)
+        self._schedule()
+
+    def send(self, frames: list) -> None:
+        if not self._out and self._try_send(frames):
+            if self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                self._schedule()
+            return
+        self._out.append(frames)
+        self._schedule()
+
+    def close(self) -> None:
+        try:
+            self.loop.remove_reader(self._fd)
+        except (RuntimeError, ValueError):  # the loop is closed already
+            pass
+        self.sock.close(0)
+
+    def _try_send(self, frames: list) -> bool:
+        try:
+            self.sock.send_multipart(frames, zmq.NOBLOCK, copy=not _zero_copy(frames))
+            return True
+        except zmq.Again:
+            return False
+
+    def _schedule(self) -> None:
+        if not self._scheduled:
+            self._scheduled = True
+            self.loop.call_soon(self._drain)
+
+    def _drain(self) -> None:
+        self._scheduled = False
+        sock = self.sock
+        while True:
+            while self._out and self._try_send(self._out[0]):
+                self._out.popleft()
+            events = sock.getsockopt(zmq.EVENTS)
+            if not events & zmq.POLLIN:
+                break
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:  # pragma: no cover - EVENTS said there was one
+                break
+            try:
+                self.on_message(frames)
+            except Exception:  # a handler's bug must not stop the channel
+                log.exception("engine channel: a message handler failed")
+        if self._out:  # the peer is not taking messages now: try again soon
+            self.loop.call_later(0.001, self._schedule)
+
+
 class EngineServer:
     """Answers the API workers' calls with the engine in this process, on this process's event loop."""
 
     def __init__(self, engine: Engine, address: str) -> None:
         self.engine, self.address = engine, address
-        self.ctx = zmq.asyncio.Context()
+        self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.bind(address)
         self._tasks: set[asyncio.Task] = set()
+        self._channel: Optional[Channel] = None
 
     async def serve(self, stop: asyncio.Event) -> None:
-        reader = asyncio.create_task(self._receive())
+        self._channel = Channel(self.sock, self._received)
         try:
             await stop.wait()
         finally:
-            reader.cancel()
             if self._tasks:
                 await asyncio.gather(*self._tasks, return_exceptions=True)
 
-    async def _receive(self) -> None:
-        # a plain receive loop: waiting on the stop event beside every receive would cost a
-        # wait() per message on the engine's loop
-        while True:
-            frames = await self.sock.recv_multipart(copy=True)
-            task = asyncio.create_task(self._answer(frames))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+    def _received(self, frames: list) -> None:
+        task = asyncio.ensure_future(self._answer(frames))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _answer(self, frames) -> None:
         ident, rid, method, header, rest = frames[0], frames[1], frames[2].decode(), frames[3], frames[4:]
@@ -88,10 +154,13 @@ class EngineServer:
             if not hasattr(e, "code"):
                 log.exception("engine call %s failed", method)
             reply = [ident, rid, b"err", wire.encode_error(e)]
-        await self.sock.send_multipart(reply, copy=not _zero_copy(reply))
+        self._channel.send(reply)
 
     def close(self) -> None:
-        self.sock.close(0)
+        if self._channel is not None:
+            self._channel.close()
+        else:
+            self.sock.close(0)
         self.ctx.term()
 
 
@@ -118,17 +187,18 @@ class RemoteEngine:
         self._ids = itertools.count(1)
         self._waiting: dict[int, asyncio.Future] = {}
         self._tasks: list[asyncio.Task] = []
-        self.ctx: Optional[zmq.asyncio.Context] = None
+        self.ctx: Optional[zmq.Context] = None
+        self._channel: Optional[Channel] = None
 
     # ---- lifecycle (called on the worker's event loop) --------------------------------------
 
     def start(self) -> None:
-        self.ctx = zmq.asyncio.Context()
-        self.sock = self.ctx.socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.connect(self.address)
-        loop = asyncio.get_running_loop()
-        self._tasks = [loop.create_task(self._read()), loop.create_task(self._watch())]
+        self.ctx = zmq.Context()
+        sock = self.ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(self.address)
+        self._channel = Channel(sock, self._received)
+        self._tasks = [asyncio.get_running_loop().create_task(self._watch())]
 
     def stop(self) -> None:
         for t in self._tasks:
@@ -137,7 +207,7 @@ class RemoteEngine:
             if not f.done():
                 f.set_exception(not_ready(1.0, "the engine connection closed"))
         if self.ctx is not None:
-            self.sock.close(0)
+            self._channel.close()
             self.ctx.term()
 
     def wait_loaded(self, timeout: Optional[float] = None) -> bool:  # the engine process loads itself
@@ -169,26 +239,22 @@ class RemoteEngine:
         fut = asyncio.get_running_loop().create_future()
         self._waiting[rid] = fut
         try:
-            frames = [rid.to_bytes(8, "little"), method.encode(), header, *buffers]
-            await self.sock.send_multipart(frames, copy=not _zero_copy(frames))
+            self._channel.send([rid.to_bytes(8, "little"), method.encode(), header, *buffers])
             return await fut
         finally:
             self._waiting.pop(rid, None)
 
-    async def _read(self) -> None:
-        while True:
-            frames = await self.sock.recv_multipart(copy=True)
-            rid = int.from_bytes(frames[0], "little")
-            fut = self._waiting.get(rid)
-            if fut is None or fut.done():  # its caller gave up
-                continue
-            if frames[1] == b"ok":
-                try:
-                    fut.set_result(wire.decode(frames[2], frames[3:]))
-                except Exception as e:  # pragma: no cover - a malformed answer
-                    fut.set_exception(e)
-            else:
-                fut.set_exception(wire.decode_error(frames[2]))
+    def _received(self, frames: list) -> None:
+        fut = self._waiting.get(int.from_bytes(frames[0], "little"))
+        if fut is None or fut.done():  # its caller gave up
+            return
+        if frames[1] == b"ok":
+            try:
+                fut.set_result(wire.decode(frames[2], frames[3:]))
+            except Exception as e:  # pragma: no cover - a malformed answer
+                fut.set_exception(e)
+        else:
+            fut.set_exception(wire.decode_error(frames[2]))
 
     async def _watch(self) -> None:
         """Readiness and the model's description, asked of the engine: often until it is ready,

@@ -30,6 +30,9 @@ _DATACLASSES = {c.__name__: c for c in (
 _ERRORS = {c.__name__: c for c in (
     errors.DomainError, errors.InvalidInput, errors.NotFound, errors.Conflict, errors.QuotaExceeded,
     errors.Unavailable, errors.TimedOut, errors.Internal)}
+SMALL_FRAME_BYTES = 1 << 16
+_FIELDS = {c: tuple(f.name for f in dataclasses.fields(c)) for c in _DATACLASSES.values()}
+_PLAIN = frozenset({type(None), bool, int, float, str})
 _DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16", torch.int64: "int64",
            torch.uint8: "uint8"}
 _TORCH = {v: k for k, v in _DTYPES.items()}
@@ -58,7 +61,13 @@ def decode_error(payload: bytes) -> errors.DomainError:
 
 
 def _pack(v: Any, buffers: list) -> Any:
-    if v is None or isinstance(v, (bool, int, float, str)):
+    kind = type(v)
+    if kind in _PLAIN:  # exact types first: most of a result is labels and scores
+        return v
+    names = _FIELDS.get(kind)
+    if names is not None:
+        return {"__t": "dc", "n": kind.__name__, "f": {f: _pack(getattr(v, f), buffers) for f in names}}
+    if isinstance(v, (bool, int, float, str)):
         return v
     if isinstance(v, list):
         return [_pack(x, buffers) for x in v]
@@ -67,24 +76,29 @@ def _pack(v: Any, buffers: list) -> Any:
     if isinstance(v, dict):
         return {"__t": "dict", "v": [[k, _pack(x, buffers)] for k, x in v.items()]}
     if isinstance(v, torch.Tensor):
-        t = v.detach().cpu().contiguous()
+        t = v.detach() if v.requires_grad else v  # checks first: each torch call costs more than they do
+        if t.device.type != "cpu":
+            t = t.cpu()
+        if not t.is_contiguous():
+            t = t.contiguous()
         buffers.append(t.view(torch.uint8).numpy() if t.dtype == torch.bfloat16 else t.numpy())
         return {"__t": "tensor", "i": len(buffers) - 1, "s": list(t.shape), "d": _DTYPES[t.dtype]}
     if isinstance(v, (bytes, bytearray, memoryview)):
         buffers.append(v)
         return {"__t": "bytes", "i": len(buffers) - 1}
-    if dataclasses.is_dataclass(v) and type(v).__name__ in _DATACLASSES:
-        return {"__t": "dc", "n": type(v).__name__,
-                "f": {f.name: _pack(getattr(v, f.name), buffers) for f in dataclasses.fields(v)}}
-    raise TypeError(f"cannot send a {type(v).__name__} across the engine seam")
+    raise TypeError(f"cannot send a {kind.__name__} across the engine seam")
 
 
 def _unpack(v: Any, frames: list) -> Any:
-    if isinstance(v, list):
+    kind = type(v)
+    if kind is list:
         return [_unpack(x, frames) for x in v]
-    if not isinstance(v, dict):
+    if kind is not dict:
         return v
     tag = v.get("__t")
+    if tag == "dc":
+        cls = _DATACLASSES[v["n"]]
+        return cls(**{k: _unpack(x, frames) for k, x in v["f"].items()})
     if tag == "tuple":
         return tuple(_unpack(x, frames) for x in v["v"])
     if tag == "dict":
@@ -92,18 +106,23 @@ def _unpack(v: Any, frames: list) -> Any:
     if tag == "bytes":
         return bytes(_buffer(frames[v["i"]]))
     if tag == "tensor":
-        buf, dtype = _buffer(frames[v["i"]]), _TORCH[v["d"]]
-        with warnings.catch_warnings():  # a received frame is read-only: the engine only reads pixels
-            warnings.simplefilter("ignore", UserWarning)
-            if dtype == torch.bfloat16:
-                t = torch.frombuffer(buf, dtype=torch.uint8).view(torch.bfloat16)
-            else:
-                t = torch.frombuffer(buf, dtype=dtype) if len(buf) else torch.empty(0, dtype=dtype)
-        return t.reshape(v["s"])
-    if tag == "dc":
-        cls = _DATACLASSES[v["n"]]
-        return cls(**{k: _unpack(x, frames) for k, x in v["f"].items()})
+        return _tensor(_buffer(frames[v["i"]]), _TORCH[v["d"]]).reshape(v["s"])
     raise ValueError(f"unknown tag {tag!r} on the engine seam")
+
+
+def _tensor(buf: memoryview, dtype: torch.dtype) -> torch.Tensor:
+    """A 1-d tensor over a received frame. A small frame is copied into writable memory (less
+    work than silencing torch's read-only warning); a large one is used in place (read-only:
+    the engine only reads pixels)."""
+    if not len(buf):
+        return torch.empty(0, dtype=dtype)
+    if buf.nbytes < SMALL_FRAME_BYTES:
+        raw = torch.frombuffer(bytearray(buf), dtype=torch.uint8)
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            raw = torch.frombuffer(buf, dtype=torch.uint8)
+    return raw.view(dtype)
 
 
 def _buffer(frame):
