@@ -20,6 +20,7 @@ drains its queue, writes its sessions and exits.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import multiprocessing as mp
 import os
@@ -68,6 +69,7 @@ def worker_main(settings_json: str, address: str, buckets, parent: int) -> None:
     logs.configure(settings.log_level, settings.log_format)
     sock = reuse_port_socket(settings.host, settings.port)
     app = create_worker_app(settings, address, buckets)
+    gc.freeze()  # the app lives as long as the process: full collections need not walk it
     config = uvicorn.Config(app, log_level=settings.log_level, log_config=None, access_log=False,
                             timeout_graceful_shutdown=settings.shutdown_grace())
     uvicorn.Server(config).run(sockets=[sock])
