@@ -78,7 +78,9 @@ def serve(argv: Sequence[str]) -> int:
         from server import workers
 
         return workers.serve(settings)
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
+    app = create_app(settings)
+    app.state.engine.owns_process = True
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                 log_config=None, access_log=False, timeout_graceful_shutdown=settings.shutdown_grace())
     return 0
 

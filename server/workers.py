@@ -69,6 +69,7 @@ def worker_main(settings_json: str, address: str, buckets, parent: int) -> None:
     logs.configure(settings.log_level, settings.log_format)
     sock = reuse_port_socket(settings.host, settings.port)
     app = create_worker_app(settings, address, buckets)
+    gc.collect()
     gc.freeze()  # the app lives as long as the process: full collections need not walk it
     config = uvicorn.Config(app, log_level=settings.log_level, log_config=None, access_log=False,
                             timeout_graceful_shutdown=settings.shutdown_grace())
@@ -165,4 +166,6 @@ class Supervisor:
 def serve(settings) -> int:
     from server.engine import Engine
 
-    return Supervisor(settings, Engine(settings)).run()
+    engine = Engine(settings)
+    engine.owns_process = True
+    return Supervisor(settings, engine).run()

@@ -83,6 +83,7 @@ class _Events(StoreEvents):
 class Engine:
     def __init__(self, settings: Settings, backbone=None) -> None:
         self.settings = settings
+        self.owns_process = False  # set by `fwserve serve`: the process exists to run this engine
         for module in settings.rule_module_list:
             importlib.import_module(module)  # registers its rules before anything is sized from the registry
         self.metrics = Metrics()
@@ -166,10 +167,12 @@ class Engine:
             log.info("head ops on %s: %s", device, ", ".join(f"{op} {impl}" for op, impl in impls.items()))
             self.metrics.set_build_info(s.backbone, device, kernels.dispatch.describe_implementations(device),
                                         bb.fingerprint[:16])
-            # What loading made lives as long as the process: out of the collector's sight, each
-            # full collection walks only what requests made since (a loaded server holds
-            # hundreds of thousands of objects; one full collection took ~0.1 s).
-            gc.freeze()
+            if self.owns_process:
+                # What loading made lives as long as the process: out of the collector's sight,
+                # each full collection walks only what requests made since (a loaded server holds
+                # hundreds of thousands of objects; one full collection took ~0.1 s).
+                gc.collect()
+                gc.freeze()
             self.metrics.ready.set(1)
             self.ready = True
             log.info("ready: backbone %s (d=%d) on %s", s.backbone, bb.embed_dim, device,

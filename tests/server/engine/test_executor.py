@@ -266,3 +266,21 @@ def export_head(store, key):
     from safetensors.torch import load
 
     return load(store.export(key))["W"]
+
+
+@pytest.mark.parametrize("owns_process", [False, True])
+def test_only_an_engine_that_owns_its_process_freezes_the_collector_once_loaded(backbone, tmp_path, owns_process):
+    import gc
+
+    from server.engine import Engine
+
+    gc.unfreeze()
+    engine = Engine(Settings(snapshot_dir=tmp_path, warmup=False), backbone=backbone)
+    engine.owns_process = owns_process
+    engine.start()
+    try:
+        assert engine.wait_loaded(60), engine.load_error
+        assert (gc.get_freeze_count() > 0) == owns_process
+    finally:
+        gc.unfreeze()
+        engine.stop()
