@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import inspect
 import itertools
 import logging
@@ -59,6 +60,7 @@ class Channel:
         self._out: collections.deque = collections.deque()
         self._fd = sock.getsockopt(zmq.FD)
         self._scheduled = False
+        self._retry: Optional[asyncio.TimerHandle] = None  # one pending retry of the queued sends
         self.loop.add_reader(self._fd, self._drain)
         self._schedule()
 
@@ -71,10 +73,10 @@ class Channel:
         self._schedule()
 
     def close(self) -> None:
-        try:
+        if self._retry is not None:
+            self._retry.cancel()
+        with contextlib.suppress(RuntimeError, ValueError):  # the loop is closed already
             self.loop.remove_reader(self._fd)
-        except (RuntimeError, ValueError):  # the loop is closed already
-            pass
         self.sock.close(0)
 
     def _try_send(self, frames: list) -> bool:
@@ -106,8 +108,12 @@ class Channel:
                 self.on_message(frames)
             except Exception:  # a handler's bug must not stop the channel
                 log.exception("engine channel: a message handler failed")
-        if self._out:  # the peer is not taking messages now: try again soon
-            self.loop.call_later(0.001, self._schedule)
+        if self._out and self._retry is None:  # the peer is not taking messages now: try again soon
+            self._retry = self.loop.call_later(0.001, self._retry_sends)
+
+    def _retry_sends(self) -> None:
+        self._retry = None
+        self._schedule()
 
 
 class EngineServer:

@@ -41,7 +41,7 @@ def test_values_cross_the_wire_unchanged():
     assert round_trip(res) == res
 
 
-def test_a_small_tensor_received_is_writable_and_owns_its_memory():
+def test_a_small_tensor_received_is_writable():
     t = round_trip(torch.arange(6, dtype=torch.float32).view(2, 3))
     t += 1  # no read-only frame underneath
     assert t.tolist() == [[1, 2, 3], [4, 5, 6]]
@@ -49,7 +49,7 @@ def test_a_small_tensor_received_is_writable_and_owns_its_memory():
 
 def test_what_cannot_cross_is_refused():
     class Other:
-        pass
+        """Not part of the engine's vocabulary."""
 
     with pytest.raises(TypeError, match="Other"):
         wire.encode(Other())
