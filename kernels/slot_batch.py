@@ -124,11 +124,6 @@ class SlotBatch:
         return cls(tensor, _host_counts=[counts[s] for s in sorted(counts)], _host_slots=slots)
 
     @property
-    def host_slots(self) -> list[int] | None:
-        """The slots as the host list the batch was built from (from_list), else None."""
-        return self._host_slots
-
-    @property
     def size(self) -> int:
         """B: the number of batch rows, skipped ones included."""
         return self.slots.shape[0]
@@ -180,6 +175,19 @@ class SlotBatch:
         seg = [u for u, c in enumerate(count) for _ in range(c)]
         pos = [p for c in count for p in range(c)]
         return [i for _, i in order], slot, count, seg, pos, [s for s, _ in order]
+
+    def host_groups(self) -> list[tuple[int, list[int]]] | None:
+        """[(slot, its batch rows in arrival order)], ascending slot, on the host; None unless the
+        batch is a CPU one built from_list (the grouping the torch view already made)."""
+        host = self._host_lists
+        if host is None:
+            return None
+        rows, slot, count = host[0], host[1], host[2]
+        out, at = [], 0
+        for s, c in zip(slot, count):
+            out.append((s, rows[at:at + c]))
+            at += c
+        return out
 
     def _host_tensor(self, field: int) -> torch.Tensor:
         made = self.__dict__.setdefault("_host_made", {})

@@ -154,9 +154,9 @@ class Transaction:
         pool (all found here) -> (what the rule reports: sessions reset by a label-free collapse
         guard, {key: why its rows were undone}). `logits`: this call's rows' logits from
         txn.forward, handed to rules that reuse them."""
-        host = batch.host_slots if batch is not None else None
-        copy = self._copy(rule, slots, state_rows, width, host)
-        self._wal.log_steps(x, y, slots, self._owner.get(width, {}), host)
+        groups = batch.host_groups() if batch is not None else None
+        copy = self._copy(rule, slots, state_rows, width, groups)
+        self._wal.log_steps(x, y, slots, self._owner.get(width, {}), groups)
         kw = {"logits": logits} if logits is not None and rule.reuses_logits else {}
         try:
             resets = rule.update(self.heads(width), x, y, slots, state_rows, batch=batch, **kw)
@@ -350,20 +350,16 @@ class Transaction:
     # ---- copies, checks and putting back ----------------------------------------------------
 
     def _copy(self, rule: Rule, slots: torch.Tensor, state_rows: Optional[torch.Tensor], width: int,
-              host: Optional[list[int]] = None) -> _Copy:
-        """The touched sessions' heads (and state rows) before the update. `host`: the slots as a
-        host list, when the caller has one (the distinct slots then cost no tensor ops)."""
+              groups: Optional[list[tuple[int, list[int]]]] = None) -> _Copy:
+        """The touched sessions' heads (and state rows) before the update. `groups`: the call's
+        rows grouped by slot on the host (SlotBatch.host_groups), when the caller has them."""
         pool = self._store.pool.pool(width)
-        if host is not None:
-            first_of: dict[int, int] = {}
-            for i, s in enumerate(host):
-                if s >= 0:
-                    first_of.setdefault(s, i)
-            touched_list = sorted(first_of)
+        if groups is not None:
+            touched_list = [s for s, _ in groups]
             touched = torch.tensor(touched_list, dtype=torch.int64, device=slots.device)
             rows = None
             if rule.state and state_rows is not None:
-                first = torch.tensor([first_of[s] for s in touched_list], dtype=torch.int64, device=slots.device)
+                first = torch.tensor([r[0] for _, r in groups], dtype=torch.int64, device=slots.device)
                 rows = state_rows.index_select(0, first)
         else:
             valid = slots >= 0
@@ -391,9 +387,9 @@ class Transaction:
         states = {name: t.index_select(0, copy.rows).flatten(1) for name, t in tensors.items()}
         # One sum per tensor first: it is finite only if every value is (NaN and inf propagate;
         # an overflow to inf just takes the exact path below), the common case.
-        sums = [W.sum(), b.sum()] + [v.sum() for name, v in states.items() if name not in rule.inf_state]
-        if len(states) == len(sums) - 2 and all(math.isfinite(float(t)) for t in sums):
-            return []
+        if not set(states) & set(rule.inf_state):  # (a state that may hold inf: checked row by row)
+            if all(math.isfinite(float(t.sum())) for t in (W, b, *states.values())):
+                return []
         ok = W.isfinite().flatten(1).all(1)
         ok &= b.isfinite().all(1)
         for name, v in states.items():

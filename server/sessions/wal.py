@@ -34,15 +34,18 @@ class WalBuffer:
         self.pending: dict[str, list[Record]] = {}  # committed, not yet logged
 
     def log_steps(self, x: torch.Tensor, y: torch.Tensor, slots: torch.Tensor, owner: dict[int, str],
-                  host: Optional[list[int]] = None) -> None:
+                  groups: Optional[list[tuple[int, list[int]]]] = None) -> None:
         """Keep each session's rows of one update call (its exact inputs) for its record.
-        `host`: the slots as a host list, when the caller has one."""
+        `groups`: the rows grouped by slot on the host (SlotBatch.host_groups), when the caller has them."""
         if not self.keep_steps:
             return
         rows: dict[int, list[int]] = {}
-        for i, slot in enumerate(slots.tolist() if host is None else host):
-            if slot >= 0:
-                rows.setdefault(slot, []).append(i)
+        if groups is None:
+            for i, slot in enumerate(slots.tolist()):
+                if slot >= 0:
+                    rows.setdefault(slot, []).append(i)
+        else:  # in order of first appearance, as the others' counts have always been logged
+            rows = dict(sorted(groups, key=lambda g: g[1][0]))
         for slot, at in rows.items():
             key = owner.get(slot)
             if key is None:

@@ -150,4 +150,8 @@ def test_a_batch_from_a_host_list_groups_its_rows_as_the_tensor_one_does(seed):
             assert got.dtype == want.dtype == torch.int64 and got.is_contiguous() and torch.equal(got, want), name
         assert a.rows_in_place == b.rows_in_place and a.counts_list == b.counts_list
     assert host.rows_in_place == (seed % 3 == 0)
+    at = ref.count.cumsum(0) - ref.count
+    assert host.host_groups() == [(s, ref.rows[a:a + c].tolist())
+                                  for s, a, c in zip(ref.slot.tolist(), at.tolist(), ref.count.tolist())]
+    assert ref.host_groups() is None and host.longest_first().host_groups() is None
     assert host.profile == ref.profile and host.torch_path == ref.torch_path

@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load as st_load
 
+from kernels import SlotBatch
 from server.config import Settings
 from server.errors import InvalidInput
 from server.rules import get_rule
@@ -113,7 +114,7 @@ def test_management_calls_wait_for_an_open_transaction(tmp_path):
 
 
 @pytest.mark.parametrize("rule_name", ["sgd", "rls"])
-def test_the_copy_before_an_update_is_the_same_from_a_host_list_of_slots(tmp_path, rule_name):
+def test_the_copy_before_an_update_is_the_same_from_host_groups(tmp_path, rule_name):
     st = store(tmp_path, "none")
     for sid in ("s", "t", "u"):
         st.create(rule_name, ["a", "b"], {}, session_id=sid)
@@ -122,8 +123,8 @@ def test_the_copy_before_an_update_is_the_same_from_a_host_list_of_slots(tmp_pat
         width = txn.width("s")
         host = [txn.slot("t"), -1, txn.slot("s"), txn.slot("t"), txn.slot("u")]
         state_rows = torch.tensor([(txn.state_row(k) or 0) if k else 0 for k in ("t", None, "s", "t", "u")])
-        copies = [txn._copy(rule, torch.tensor(host), state_rows if rule.state else None, width, h)
-                  for h in (None, host)]
+        copies = [txn._copy(rule, torch.tensor(host), state_rows if rule.state else None, width, g)
+                  for g in (None, SlotBatch.from_list(host).host_groups())]
     tensor_copy, host_copy = copies
     assert tensor_copy.keys == host_copy.keys and sorted(tensor_copy.keys) == ["s", "t", "u"]
     for name in ("slots", "W", "b", "rows"):

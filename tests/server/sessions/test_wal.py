@@ -5,18 +5,19 @@ from __future__ import annotations
 
 import torch
 
+from kernels import SlotBatch
 from server.sessions.wal import WalBuffer
 
 
-def test_each_session_keeps_its_own_rows_and_the_others_counts_with_or_without_a_host_list():
+def test_each_session_keeps_its_own_rows_and_the_others_counts_with_or_without_host_groups():
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(7, 5, generator=g), torch.arange(7)
     slots = [4, 4, -1, 2, 9, 2, 4]  # slot 2's rows are not consecutive; row 2 is skipped
     owner = {4: "a", 2: "b", 9: "c"}
     logs = []
-    for host in (None, slots):
+    for groups in (None, SlotBatch.from_list(slots).host_groups()):
         wal = WalBuffer()
-        wal.log_steps(x, y, torch.tensor(slots), owner, host)
+        wal.log_steps(x, y, torch.tensor(slots), owner, groups)
         logs.append(wal.steps)
     for steps in logs:
         assert set(steps) == {"a", "b", "c"}
@@ -30,5 +31,6 @@ def test_each_session_keeps_its_own_rows_and_the_others_counts_with_or_without_a
 
 def test_without_steps_nothing_is_kept():
     wal = WalBuffer(keep_steps=False)
-    wal.log_steps(torch.ones(2, 3), torch.zeros(2), torch.tensor([0, 1]), {0: "a", 1: "b"}, [0, 1])
+    wal.log_steps(torch.ones(2, 3), torch.zeros(2), torch.tensor([0, 1]), {0: "a", 1: "b"},
+                  SlotBatch.from_list([0, 1]).host_groups())
     assert wal.steps == {}
