@@ -66,6 +66,12 @@ class Settings(BaseSettings):
         2.0, ge=0, description="The longest the batcher waits to fill a micro-batch after its first request; "
         "it starts sooner once the event loop has caught up with the requests it had in hand."
     )
+    batch_runner: Literal["auto", "thread", "loop"] = Field(
+        "auto", description="What runs the micro-batches: thread (a worker thread, while the event loop goes on "
+        "reading requests) or loop (the event loop itself, between reads: no hand-offs between threads, and every "
+        "request that arrived during a batch joins the next; for a server on one core). auto: loop on a CPU with "
+        "one torch thread (or one core), a directory store and durability none or snapshot; thread otherwise.",
+    )
     max_queue_size: int = Field(
         1024, ge=1, description="Most requests waiting in the batch queue; beyond it requests get 503 + Retry-After."
     )
@@ -272,6 +278,20 @@ class Settings(BaseSettings):
     def store_url(self) -> str:
         """The store as given, or the snapshot directory."""
         return self.store or str(self.snapshot_dir)
+
+    def batches_on_loop(self, device: str) -> bool:
+        """batch_runner resolved for a backbone on `device`: True when the event loop runs the batches.
+        auto keeps the thread wherever a batch may wait on something other than this core: a GPU, a
+        shared store (a slow Redis would stall the loop), a log append per adapt, or more torch threads."""
+        if self.batch_runner != "auto":
+            return self.batch_runner == "loop"
+        import os
+
+        import torch
+
+        one_core = torch.get_num_threads() == 1 or len(os.sched_getaffinity(0)) == 1
+        shared = (self.store or "").startswith(("redis://", "rediss://", "unix://"))
+        return device.startswith("cpu") and one_core and not shared and self.durability != "wal"
 
     def resolved_device(self) -> str:
         if self.device != "auto":

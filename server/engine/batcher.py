@@ -20,10 +20,20 @@ therefore cannot starve the others.
 Each job's answer is a ``Reply`` (server/engine/reply.py): the worker claims a job with
 ``set_running_or_notify_cancel``, so a job cancelled by its timeout is never applied, and after
 every batch the answers reach their event loops with one wake-up per loop.
+
+Who runs the batches (``on_loop``): the worker thread, or the event loop itself. On one core the
+thread only competes with the loop that feeds it: every batch costs two thread hand-offs and a
+fight for the interpreter lock, and a batch starts with what the loop had submitted by then. Run
+on the loop, a batch starts when the last settle of what the loop had in hand comes round, so
+every request that arrived while the previous batch ran joins the next one, and nothing is handed
+between threads. The price is that the loop reads nothing while a batch runs, which a server on
+one core pays anyway. ``max_wait_ms`` still bounds how long a loop that never catches up holds a
+job back; no batch waits for more jobs than the loop has.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
@@ -66,8 +76,10 @@ class Pending:
 
 
 class Batcher:
-    def __init__(self, run_batch: Callable[[list[Pending]], None], metrics, settings, max_sessions: int) -> None:
+    def __init__(self, run_batch: Callable[[list[Pending]], None], metrics, settings, max_sessions: int,
+                 on_loop: bool = False) -> None:
         self.run_batch, self.metrics = run_batch, metrics
+        self.on_loop = on_loop  # batches run on the event loop that settles, not on a worker thread
         self.max_rows = settings.max_batch_size
         self.max_wait = settings.max_wait_ms / 1000.0
         self.max_queue = settings.max_queue_size
@@ -81,6 +93,7 @@ class Batcher:
         self.batches_started = 0  # micro-batches taken by the worker
         self._unsettled = 0  # submitted jobs whose loop has not caught up yet
         self._settling = False  # some submitter settles its jobs: the early start applies
+        self._running = threading.Lock()  # on_loop: held by the loop running a batch (one at a time)
 
     @property
     def depth(self) -> int:
@@ -112,6 +125,33 @@ class Batcher:
             self._unsettled -= 1
             if not self._unsettled:
                 self._cond.notify()
+        if self.on_loop:
+            self.run_on_loop()
+
+    def run_on_loop(self) -> None:
+        """on_loop: run what is queued as a micro-batch here, on the calling event loop, once every
+        submitted job is settled or the oldest has waited ``max_wait_ms`` (a loop that never catches
+        up still gets its batches). Jobs left over (beyond a batch's rows or slots) run after the
+        loop's next iteration, with what arrives in it. Another loop already running a batch takes
+        this loop's jobs too: it looks at the queue again when it is done."""
+        if not self._size or not self._running.acquire(blocking=False):
+            return
+        try:
+            with self._cond:
+                if self._unsettled and time.perf_counter() < self._oldest() + self.max_wait:
+                    return
+            items = self._collect(wait=False)
+            if items:
+                self.batches_started += 1
+                self._execute(items)
+        finally:
+            self._running.release()
+        if self._size and not self._stop:
+            loop = asyncio.get_running_loop()
+            loop.call_soon(loop.call_soon, self.run_on_loop)  # after the next poll for requests
+
+    def _oldest(self) -> float:
+        return min(line[0].enqueued for line in self._lines.values()) if self._lines else float("inf")
 
     def _make_room(self, tenant) -> None:
         """The queue is full: turn away the newest job of the longest line if that line is longer
@@ -137,6 +177,8 @@ class Batcher:
         return item
 
     def start(self) -> None:
+        if self.on_loop:
+            return
         self._thread = threading.Thread(target=self._run, name="fwserve-batcher", daemon=True)
         self._thread.start()
 
@@ -147,6 +189,13 @@ class Batcher:
             self._cond.notify_all()
         if self._thread is not None:
             self._thread.join(timeout)
+        elif self.on_loop and self._running.acquire(timeout=timeout):
+            try:  # what is still queued runs here: its loops are stopping
+                while items := self._collect(wait=False):
+                    self.batches_started += 1
+                    self._execute(items)
+            finally:
+                self._running.release()
         with self._cond:
             while self._lines:
                 item = self._pop(next(iter(self._lines)))
@@ -162,30 +211,42 @@ class Batcher:
             if not items:
                 continue
             self.batches_started += 1
-            try:
-                self.run_batch(items)
-            except Exception as e:  # a bug or a device error: fail this batch, keep serving
-                if not isinstance(e, DomainError):
-                    log.exception("micro-batch failed")
-                for item in items:
-                    if not item.future.done():
-                        item.future.set_exception(e)
-            deliver(item.future for item in items)
+            self._execute(items)
+
+    def _execute(self, items: list[Pending]) -> None:
+        try:
+            self.run_batch(items)
+        except Exception as e:  # a bug or a device error: fail this batch, keep serving
+            if not isinstance(e, DomainError):
+                log.exception("micro-batch failed")
+            for item in items:
+                if not item.future.done():
+                    item.future.set_exception(e)
+        deliver(item.future for item in items)
 
     def next_batch(self) -> Optional[list[Pending]]:
         """The next micro-batch (waiting for jobs); None once stopped and drained. The worker's step."""
+        return self._collect(wait=True)
+
+    def _collect(self, wait: bool) -> Optional[list[Pending]]:
+        """Jobs for one micro-batch. wait: for the first job, and for more until the deadline or
+        every submitted job is settled; else only what is queued now (possibly nothing)."""
         items: list[Pending] = []
         rows, sessions = 0, set()
         with self._cond:
-            while not self._size and not self._stop:
+            while wait and not self._size and not self._stop:
                 self._cond.wait()
             if self._stop and not self._size:  # stopping: the queue is drained first
                 return None
-            deadline = min(line[0].enqueued for line in self._lines.values()) + self.max_wait
+            if not self._size:
+                return items
+            deadline = self._oldest() + self.max_wait
             full: set = set()  # tenants whose next job does not fit this batch
             while True:
                 ready = [t for t in self._lines if t not in full]
                 if not ready:
+                    if not wait:
+                        break
                     left = deadline - time.perf_counter()
                     if left <= 0 or rows >= self.max_rows or full:
                         break

@@ -151,7 +151,8 @@ class Engine:
             log.info("sessions: durability %s, store %s", s.durability, self.store.backend.url,
                      extra={"event": "store_opened", "durability": s.durability, "store": self.store.backend.url})
             executor = Executor(bb, self.store, self.cache, self.metrics, s)
-            self.batcher = Batcher(executor.run, self.metrics, s, max_sessions=self.store.S)
+            on_loop = s.batches_on_loop(device)
+            self.batcher = Batcher(executor.run, self.metrics, s, max_sessions=self.store.S, on_loop=on_loop)
             if s.warmup:
                 t1 = time.perf_counter()
                 self._warmup(executor)  # on this thread, before the worker starts
@@ -175,8 +176,10 @@ class Engine:
                 gc.freeze()
             self.metrics.ready.set(1)
             self.ready = True
-            log.info("ready: backbone %s (d=%d) on %s", s.backbone, bb.embed_dim, device,
+            runner = "the event loop" if on_loop else "a worker thread"
+            log.info("ready: backbone %s (d=%d) on %s, batches on %s", s.backbone, bb.embed_dim, device, runner,
                      extra={"event": "ready", "backbone": s.backbone, "embed_dim": bb.embed_dim, "device": device,
+                            "batch_runner": "loop" if on_loop else "thread",
                             "load_seconds": round(time.perf_counter() - t0, 3)})
         except Exception as e:  # reported by readiness
             self.load_error = f"{type(e).__name__}: {e}"

@@ -102,7 +102,14 @@ def deliver(replies: Iterable[Reply]) -> None:
     for r in replies:
         if r._waiter is not None and r._state == DONE:
             by_loop[r._loop].append(r)
+    try:
+        here = asyncio.get_running_loop()  # batches run on the event loop (Batcher.on_loop)
+    except RuntimeError:
+        here = None
     for loop, rs in by_loop.items():
+        if loop is here:  # no need to wake a loop that is running this
+            loop.call_soon(_settle, rs)
+            continue
         try:
             loop.call_soon_threadsafe(_settle, rs)
         except RuntimeError:  # the loop is closed: nobody is waiting any more
