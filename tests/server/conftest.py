@@ -122,8 +122,10 @@ def _env_value(v) -> str:
 
 @contextmanager
 def live_server(backbone, tmp_path, api_workers: int = 1, **overrides):
-    """A real server on a free port: in this process (uvicorn in a thread, sharing `backbone`), or
-    with api_workers > 1 as `fwserve serve --api-workers N` in its own process tree."""
+    """A real server on a free port: in this process (uvicorn in a thread, sharing `backbone`; the
+    batches on a worker thread unless batch_runner says otherwise), or with api_workers > 1 as
+    `fwserve serve --api-workers N` in its own process tree (one torch thread: `auto` runs the
+    engine process's batches on its event loop)."""
     if api_workers > 1:
         srv = ProcessServer(tmp_path, api_workers=api_workers, snapshot_dir=tmp_path / "snapshots",
                             **{"max_wait_ms": 5.0, **overrides}).start()
@@ -132,7 +134,10 @@ def live_server(backbone, tmp_path, api_workers: int = 1, **overrides):
         finally:
             srv.stop()
         return
-    settings = Settings(snapshot_dir=tmp_path / "snapshots", **{"max_wait_ms": 5.0, **overrides})
+    # what runs the batches is fixed here: `auto` would follow the torch thread count, which in this
+    # process depends on the tests that ran before; suites that want the loop ask for it
+    settings = Settings(snapshot_dir=tmp_path / "snapshots",
+                        **{"max_wait_ms": 5.0, "batch_runner": "thread", **overrides})
     srv = LiveServer(create_app(settings, backbone=backbone)).start()
     try:
         yield srv

@@ -103,8 +103,9 @@ def small_server(backbone, tmp_path_factory, request):
 
 @pytest.fixture(scope="module")
 def stallable_server(backbone, tmp_path_factory):
-    """In this process: a test holds the engine's store to stall the batch worker."""
-    with live_server(backbone, tmp_path_factory.mktemp("stall"), **SMALL) as srv:
+    """In this process: a test holds the engine's store to stall the batch worker thread (batches
+    on the event loop would stall the loop itself, and nothing would answer)."""
+    with live_server(backbone, tmp_path_factory.mktemp("stall"), batch_runner="thread", **SMALL) as srv:
         yield srv
 
 
