@@ -124,8 +124,8 @@ def _env_value(v) -> str:
 def live_server(backbone, tmp_path, api_workers: int = 1, **overrides):
     """A real server on a free port: in this process (uvicorn in a thread, sharing `backbone`; the
     batches on a worker thread unless batch_runner says otherwise), or with api_workers > 1 as
-    `fwserve serve --api-workers N` in its own process tree (one torch thread: `auto` runs the
-    engine process's batches on its event loop)."""
+    `fwserve serve --api-workers N` in its own process tree (its engine process's batches on a
+    worker thread: what `auto` picks behind API workers)."""
     if api_workers > 1:
         srv = ProcessServer(tmp_path, api_workers=api_workers, snapshot_dir=tmp_path / "snapshots",
                             **{"max_wait_ms": 5.0, **overrides}).start()

@@ -248,6 +248,8 @@ def test_on_the_loop_stop_runs_what_is_queued():
     ({"store": "redis://127.0.0.1:6379/0", "durability": "wal"}, "cpu", False),
     ({"durability": "wal"}, "cpu", False),
     ({"durability": "snapshot"}, "cpu", True),
+    ({"api_workers": 2}, "cpu", False),
+    ({"api_workers": 2, "batch_runner": "loop"}, "cpu", True),
 ])
 def test_batch_runner_auto_takes_the_loop_only_for_one_cpu_core(kw, device, expected, monkeypatch):
     monkeypatch.setattr(torch, "get_num_threads", lambda: 1)

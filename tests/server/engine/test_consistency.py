@@ -16,8 +16,7 @@ N = 64
 @pytest.fixture(scope="module", params=[(1, "thread"), (1, "loop"), (2, "auto")],
                 ids=["one-process", "one-process-batches-on-loop", "api-workers-2"])
 def busy_server(backbone, tmp_path_factory, request):
-    # a longer batching window so concurrent requests reliably share micro-batches; with two API
-    # workers the engine process has one torch thread, so `auto` runs its batches on its loop
+    # a longer batching window so concurrent requests reliably share micro-batches
     workers, runner = request.param
     with live_server(backbone, tmp_path_factory.mktemp("busy"), api_workers=workers, max_wait_ms=20.0,
                      max_batch_size=32, batch_runner=runner) as srv:
