@@ -1,0 +1,88 @@
+"""SIGTERM with adapts in flight, in a served process whose micro-batches run on its event loop:
+every acknowledged adapt is applied and written, nothing else is (real process, real signal)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def serve(tmp_path: Path, name: str) -> tuple[subprocess.Popen, str, Path]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FWSERVE_")}
+    env.update({"PYTHONPATH": str(ROOT), "FWSERVE_LOG_LEVEL": "info"})
+    log = tmp_path / f"{name}.log"
+    proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve", "--port", str(port), "--torch-threads", "1",
+                             "--durability", "snapshot", "--snapshot-dir", str(tmp_path / "store")],
+                            env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        assert proc.poll() is None, log.read_text()[-3000:]
+        try:
+            if httpx.get(url + "/v2/health/ready", timeout=2).status_code == 200:
+                return proc, url, log
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, "server not ready:\n" + log.read_text()[-3000:]
+        time.sleep(0.2)
+
+
+def test_sigterm_keeps_every_acknowledged_adapt_and_only_those(tmp_path):
+    image = np.random.default_rng(0).integers(0, 256, size=(28, 28)).tolist()
+    proc, url, log = serve(tmp_path, "first")
+    try:
+        assert "batches on the event loop" in log.read_text()  # auto: one torch thread, a directory store
+        sid = httpx.post(url + "/v1/sessions", json={"rule": "sgd", "classes": ["a", "b"]}).json()["id"]
+        acked: list[int] = []
+
+        async def user(client: httpx.AsyncClient, label: str) -> None:
+            while True:
+                try:
+                    r = await client.post("/v1/adapt", json={"session_id": sid,
+                                                             "instances": [{"array": image, "label": label}]})
+                except httpx.TransportError:
+                    return  # the server stopped taking requests: this one was never read
+                if r.status_code != 200:
+                    assert r.status_code == 503, r.text  # shutting down: refused, not applied
+                    return
+                acked.append(r.json()["version"])
+
+        async def main() -> None:
+            limits = httpx.Limits(max_connections=8, max_keepalive_connections=0)  # a connection per request
+            async with httpx.AsyncClient(base_url=url, timeout=30, limits=limits) as client:
+                users = [asyncio.create_task(user(client, "ab"[i % 2])) for i in range(6)]
+                while len(acked) < 20:
+                    await asyncio.sleep(0.01)
+                    assert not all(u.done() for u in users)
+                proc.send_signal(signal.SIGTERM)
+                await asyncio.gather(*users)
+
+        asyncio.run(main())
+        assert proc.wait(60) in (0, -signal.SIGTERM)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    assert sorted(acked) == list(range(1, len(acked) + 1))  # each acknowledged adapt was one version
+
+    again, url, _ = serve(tmp_path, "second")
+    try:
+        info = httpx.get(f"{url}/v1/sessions/{sid}").json()
+        assert info["version"] == len(acked) and info["examples_seen"] == len(acked)
+    finally:
+        again.send_signal(signal.SIGTERM)
+        again.wait(60)
