@@ -291,6 +291,7 @@ class Level:
     cache_hit_rate: Optional[float] = None
     errors: int = 0
     wrapped: bool = False
+    repeat: int = 0
 
     @property
     def tps(self) -> float:
@@ -424,6 +425,7 @@ def run(duration: float, repeats: int, servers: Optional[list[str]] = None, log=
                     srv.create_sessions()
                     for images, conc in PLAN[spec.name]:
                         lv = run_level(srv, images, conc, duration, txs[(images, conc)])
+                        lv.repeat = rep
                         levels.append(lv)
                         log(f"rep {rep} {spec.name:17s} {images} img c={conc:2d}: {lv.tps:7.1f} tx/s "
                             f"{lv.cpu_ms:6.2f} ms CPU/tx (machine-check {1000 * lv.crosscheck_cpu / max(1, lv.transactions):6.2f})"
@@ -485,8 +487,22 @@ def summarize(levels: list[Level], floor: dict, duration: float, repeats: int) -
         "tps_vs_baseline_1img_c8": ratio(("fwserve", 1, 8), ("baseline", 1, 8), "tx_per_s"),
         "cpu_1img_c8_vs_http_floor": ratio(("fwserve", 1, 8), ("http-floor", 1, 8)),
     }
+    def paired(a, b):
+        """The ratio within each repeat where both levels are valid: a repeat runs every server
+        within minutes, so the machine's drift between repeats cancels -> (median, min, max)."""
+        by = {}
+        for lv in levels:
+            if lv.valid and (lv.server, lv.images, lv.concurrency) in (a, b):
+                by.setdefault(lv.repeat, {})[(lv.server, lv.images, lv.concurrency)] = lv.cpu_ms
+        return med([r[a] / r[b] for r in by.values() if a in r and b in r])
+
+    paired_ratios = {
+        "cpu_1img_c8_vs_baseline": paired(("fwserve", 1, 8), ("baseline", 1, 8)),
+        "cpu_8img_c8_vs_baseline": paired(("fwserve", 8, 8), ("baseline", 8, 8)),
+        "cpu_workers2_vs_workers1_1img_c8": paired(("fwserve-workers2", 1, 8), ("fwserve", 1, 8)),
+    }
     return {"duration_s": duration, "repeats": repeats, "backbone_ms_per_image": floor,
-            "backbone_best_ms_per_image": best, "levels": table, "ratios": ratios}
+            "backbone_best_ms_per_image": best, "levels": table, "ratios": ratios, "paired_ratios": paired_ratios}
 
 
 def markdown(res: dict) -> str:
@@ -509,6 +525,8 @@ def markdown(res: dict) -> str:
               + ", ".join(f"{k}: {v:.3f}" for k, v in res["backbone_ms_per_image"].items()), "",
               "| ratio | value |", "|---|---|"]
     lines += [f"| {k} | {f(v)} |" for k, v in res["ratios"].items()]
+    lines += ["", "| CPU ratio within each repeat | median (range) |", "|---|---|"]
+    lines += [f"| {k} | {spread(v)} |" for k, v in res.get("paired_ratios", {}).items()]
     return "\n".join(lines)
 
 

@@ -91,6 +91,19 @@ def test_summary_ratios_medians_and_invalid_rows():
     assert "| fwserve-bs1 | 1 | 32 |" in table and "| NO |" in table
 
 
+def test_paired_ratios_divide_within_each_repeat():
+    """The machine slows down from one repeat to the next: the ratio of medians moves with it, the
+    ratios within a repeat do not; a repeat where one side is invalid is left out."""
+    levels = [_level("fwserve", 1, 8, c, repeat=r) for r, c in enumerate((0.2, 0.4, 0.6, 0.3))]
+    levels += [_level("baseline", 1, 8, c, repeat=r) for r, c in enumerate((1.0, 2.0, 3.0, 1.0))]
+    levels[3].client_core_busy = 0.95  # the load generator's core was the limit in repeat 3
+    res = sb.summarize(levels, {1: 2.0}, 1.0, 4)
+    assert res["paired_ratios"]["cpu_1img_c8_vs_baseline"] == pytest.approx((0.2, 0.2, 0.2))
+    assert res["ratios"]["cpu_1img_c8_vs_baseline (target <= 0.3)"] == pytest.approx(0.4 / 1.5)
+    assert res["paired_ratios"]["cpu_8img_c8_vs_baseline"] == (None, None, None)
+    assert "| cpu_1img_c8_vs_baseline | 0.20 (0.20-0.20) |" in sb.markdown(res)
+
+
 def test_refuses_a_machine_without_two_cores(monkeypatch, capsys):
     monkeypatch.setattr(os, "cpu_count", lambda: 1)
     assert sb.main(["--duration", "0.1"]) == 2
