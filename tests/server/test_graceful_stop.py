@@ -4,48 +4,25 @@ every acknowledged adapt is applied and written, nothing else is (real process, 
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import socket
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import httpx
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.server.conftest import ProcessServer
 
 
-def serve(tmp_path: Path, name: str) -> tuple[subprocess.Popen, str, Path]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FWSERVE_")}
-    env.update({"PYTHONPATH": str(ROOT), "FWSERVE_LOG_LEVEL": "info"})
-    log = tmp_path / f"{name}.log"
-    proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve", "--port", str(port), "--torch-threads", "1",
-                             "--durability", "snapshot", "--snapshot-dir", str(tmp_path / "store")],
-                            env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        assert proc.poll() is None, log.read_text()[-3000:]
-        try:
-            if httpx.get(url + "/v2/health/ready", timeout=2).status_code == 200:
-                return proc, url, log
-        except httpx.TransportError:
-            pass
-        assert time.monotonic() < deadline, "server not ready:\n" + log.read_text()[-3000:]
-        time.sleep(0.2)
+def serve(tmp_path) -> ProcessServer:
+    """`fwserve serve` with one torch thread (ProcessServer's default) and durability snapshot."""
+    return ProcessServer(tmp_path, durability="snapshot", snapshot_dir=tmp_path / "store", log_level="info").start()
 
 
 def test_sigterm_keeps_every_acknowledged_adapt_and_only_those(tmp_path):
     image = np.random.default_rng(0).integers(0, 256, size=(28, 28)).tolist()
-    proc, url, log = serve(tmp_path, "first")
+    srv = serve(tmp_path)
+    proc, url = srv.proc, srv.url
     try:
-        assert "batches on the event loop" in log.read_text()  # auto: one torch thread, a directory store
+        assert "batches on the event loop" in srv.log.read_text()  # auto: one torch thread, a directory store
         sid = httpx.post(url + "/v1/sessions", json={"rule": "sgd", "classes": ["a", "b"]}).json()["id"]
         acked: list[int] = []
 
@@ -79,10 +56,9 @@ def test_sigterm_keeps_every_acknowledged_adapt_and_only_those(tmp_path):
             proc.wait(10)
     assert sorted(acked) == list(range(1, len(acked) + 1))  # each acknowledged adapt was one version
 
-    again, url, _ = serve(tmp_path, "second")
+    again = serve(tmp_path)
     try:
-        info = httpx.get(f"{url}/v1/sessions/{sid}").json()
+        info = httpx.get(f"{again.url}/v1/sessions/{sid}").json()
         assert info["version"] == len(acked) and info["examples_seen"] == len(acked)
     finally:
-        again.send_signal(signal.SIGTERM)
-        again.wait(60)
+        again.stop()
